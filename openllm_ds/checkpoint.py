@@ -1,0 +1,144 @@
+"""Find and load trained weights without DeepSpeed: training outputs and Hugging Face exports.
+
+A training output directory looks like::
+
+    models/NAME/
+      run_config.yaml            the resolved run config
+      tokenizer/                 a copy of the tokenizer files
+      tensorboard/
+      checkpoints/
+        latest                   the tag of the newest complete checkpoint (moved into place last)
+        step_00000100/           one DeepSpeed checkpoint tag, plus:
+          model.safetensors      consolidated fp32 weights under our parameter names
+          train_state.json       step, tokens seen, data position, last eval loss
+          run_config.yaml
+
+A Hugging Face export holds ``config.json`` (LlamaForCausalLM), ``model.safetensors`` and the
+tokenizer files. ``--model_dir`` accepts either.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from openllm_ds.config import ModelConfig, RunConfig, run_config_from_dict
+from openllm_ds.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+WEIGHTS = "model.safetensors"
+TRAIN_STATE = "train_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    model_config: ModelConfig
+    tokenizer_dir: Path
+    step: int | None  # training step of the weights, when known
+    kind: str  # "train" or "huggingface"
+    path: Path  # the checkpoint step dir or the export dir
+    run_config: RunConfig | None = None
+
+
+def is_hf_export(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / WEIGHTS).is_file()
+
+
+def list_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a training output, oldest first."""
+    ckpt = Path(model_dir) / CHECKPOINTS
+    out = []
+    if ckpt.is_dir():
+        for d in ckpt.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and (d / WEIGHTS).is_file() and (d / TRAIN_STATE).is_file():
+                out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def resolve_checkpoint(model_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint dir for ``step`` (default: the one named by ``latest``)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise UserError(f"--model_dir {root} does not exist; pass a training output (models/NAME) or an export dir")
+    ckpt = root / CHECKPOINTS
+    if step is not None:
+        d = ckpt / step_tag(step)
+        if not (d / WEIGHTS).is_file():
+            have = ", ".join(str(s) for s, _ in list_checkpoints(root)) or "none"
+            raise UserError(f"--model_dir {root} has no complete checkpoint for step {step} (have: {have})")
+        return d
+    latest = ckpt / LATEST
+    if latest.is_file():
+        d = ckpt / latest.read_text().strip()
+        if (d / WEIGHTS).is_file():
+            return d
+    found = list_checkpoints(root)
+    if not found:
+        raise UserError(
+            f"--model_dir {root} holds no checkpoint (no {CHECKPOINTS}/{LATEST}, no {CHECKPOINTS}/step_*/{WEIGHTS}) "
+            "and is not a Hugging Face export (config.json + model.safetensors); train first or point at an export"
+        )
+    return found[-1][1]
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    empty = [k for k, v in sd.items() if v.numel() == 0]
+    if empty:
+        raise UserError(f"{path} holds empty tensors ({', '.join(empty[:3])}...); the checkpoint is incomplete")
+    return sd
+
+
+def load_model(model_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load our Transformer from a training output or an HF export, in eval mode."""
+    from openllm_ds.model import Transformer
+
+    root = Path(model_dir)
+    if is_hf_export(root):
+        from openllm_ds.export.hf_map import from_hf_config, hf_weight_map
+
+        cfg = from_hf_config(json.loads((root / "config.json").read_text()))
+        hf_sd = load_state_dict(root / WEIGHTS)
+        sd = {}
+        for ours, hf in hf_weight_map(cfg).items():
+            if hf not in hf_sd:
+                raise UserError(f"{root / WEIGHTS} lacks tensor {hf}; re-export the model")
+            sd[ours] = hf_sd[hf]
+        card = root / "openllm_ds.json"
+        step_ = json.loads(card.read_text()).get("step") if card.is_file() else None
+        kind, path, tok_dir, run_cfg = "huggingface", root, root, None
+    else:
+        path = resolve_checkpoint(root, step)
+        raw = yaml.safe_load((path / "run_config.yaml").read_text()) if (path / "run_config.yaml").is_file() \
+            else yaml.safe_load((root / "run_config.yaml").read_text())
+        run_cfg = run_config_from_dict(raw)
+        cfg = run_cfg.model
+        sd = load_state_dict(path / WEIGHTS)
+        step_ = json.loads((path / TRAIN_STATE).read_text())["step"]
+        kind = "train"
+        tok_dir = root / "tokenizer"
+        if not tok_dir.is_dir():
+            tok_dir = Path(run_cfg.train.tokenizer_dir)
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise UserError(f"weights in {path} do not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, cfg, Path(tok_dir), step_, kind, path, run_cfg)

@@ -1,0 +1,302 @@
+"""One CLI: `openllm-ds <stage>`. Each subcommand builds a config and calls one library function.
+
+Flags are written ``--snake_case`` as in the user guide; ``--kebab-case`` spellings work too.
+Any config value can also be set as a trailing ``section.key=value`` override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from openllm_ds.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Accepts --kebab-case spellings of --snake_case flags."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        fixed = []
+        for a in args:
+            if a.startswith("--") and "-" in a[2:].split("=", 1)[0]:
+                name, eq, val = a[2:].partition("=")
+                a = "--" + name.replace("-", "_") + eq + val
+            fixed.append(a)
+        return super().parse_known_args(fixed, namespace)
+
+
+# Flags shared by the stages that build a RunConfig: (flag, config key, type, help)
+CONFIG_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
+    "prepare": [
+        ("--squad_dir", "data.squad_dir", str, "directory of SQuAD JSON files to use instead of downloading (files named *dev* are validation)"),
+        ("--source", "data.source", str, "download (official URLs, sha256-checked) | dir (--squad_dir) | hub (Hugging Face datasets)"),
+        ("--output_dir", "data.output_dir", str, "where training_data.txt, validation_data.txt and stats.json go (default data/clean)"),
+        ("--min_words", "data.min_words", int, "drop passages with fewer words (default 10)"),
+        ("--num_workers", "data.num_workers", int, "Ray workers for cleaning (default 2)"),
+        ("--cache_dir", "data.cache_dir", str, "download cache (default ~/.cache/openllm-ds/squad)"),
+    ],
+    "train-tokenizer": [
+        ("--input", "tokenizer.input", str, "training text, one passage a line (default data/clean/training_data.txt)"),
+        ("--vocab_size", "tokenizer.vocab_size", int, "vocabulary size, exact (default 32000)"),
+        ("--model_type", "tokenizer.model_type", str, "bpe (default) or unigram"),
+        ("--output_dir", "tokenizer.output_dir", str, "where the tokenizer files go (default data/tokenizer)"),
+        ("--character_coverage", "tokenizer.character_coverage", float, "SentencePiece character coverage (default 0.9995)"),
+        ("--max_sentence_length", "tokenizer.max_sentence_length", int, "longest input line in bytes (default 4192)"),
+    ],
+    "train": [
+        ("--ds_config", "train.ds_config", str, "DeepSpeed JSON (ds_configs/zero0..3, *_offload); 'auto' values come from the run config"),
+        ("--tokenizer_dir", "train.tokenizer_dir", str, "tokenizer directory (default data/tokenizer)"),
+        ("--data_file", "train.data_file", str, "training text; token shards are built beside it when missing"),
+        ("--eval_data", "train.eval_data", str, "validation text (default: validation_data.txt beside --data_file)"),
+        ("--output_dir", "train.output_dir", str, "run directory (default models/NAME)"),
+        ("--batch_size", "train.micro_batch_size", int, "micro batch per rank"),
+        ("--gradient_accumulation_steps", "train.gradient_accumulation_steps", int, "micro batches per optimizer step"),
+        ("--learning_rate", "train.learning_rate", float, "peak learning rate (warmup then cosine)"),
+        ("--max_steps", "train.max_steps", int, "optimizer steps"),
+        ("--save_every", "train.save_every", int, "checkpoint every N steps"),
+        ("--eval_every", "train.eval_every", int, "validate every N steps"),
+        ("--precision", "train.precision", str, "auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16"),
+        ("--resume", "train.resume", str, "auto (latest checkpoint in --output_dir) | none | a checkpoint dir"),
+        ("--num_workers", "train.num_workers", int, "N > 0: N DeepSpeed workers under Ray Train; 0: this process (or the deepspeed launcher's)"),
+        ("--seed", "train.seed", int, "random seed"),
+    ],
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser, stage: str, with_config: bool = True) -> None:
+    if with_config:
+        p.add_argument("--config", help="run preset YAML (configs/tiny.yaml, small.yaml, ...)")
+    for flag, key, typ, help_ in CONFIG_FLAGS.get(stage, []):
+        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper(), help=f"{help_} [{key}]")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="any config value, e.g. train.warmup_steps=10")
+
+
+def run_config_from_args(args: argparse.Namespace, stage: str):
+    """defaults < --config YAML < --model_config JSON < flags < section.key=value."""
+    from openllm_ds.config import load_run_config, parse_overrides
+
+    overrides = {}
+    for _, key, _, _ in CONFIG_FLAGS.get(stage, []):
+        val = getattr(args, key, None)
+        if val is not None:
+            overrides[key] = val
+    overrides.update(parse_overrides(getattr(args, "overrides", []) or []))
+    return load_run_config(getattr(args, "config", None), overrides, getattr(args, "model_config", None))
+
+
+def build_train_parser(prog: str = "openllm-ds train") -> argparse.ArgumentParser:
+    """The train flags; shared by `openllm-ds train`, `python -m openllm_ds.train` and ray_jobs/train.py."""
+    p = _Parser(prog=prog, description="Train the model with DeepSpeed (one process, the deepspeed launcher, or Ray Train).")
+    _add_config_flags(p, "train")
+    p.add_argument("--model_config", help="model JSON (configs/medium_model.json): vocab_size, d_model, n_layers, n_heads, d_ff, max_seq_len, dropout")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("--dry_run", action="store_true", help="resolve and validate the config, print it, and exit")
+    return p
+
+
+# ---- subcommands -----------------------------------------------------------------------------
+
+def cmd_prepare(args):
+    from openllm_ds.data import prepare
+
+    cfg = run_config_from_args(args, "prepare")
+    return prepare(cfg.data)
+
+
+def cmd_train_tokenizer(args):
+    from pathlib import Path
+
+    from openllm_ds.tokenizer import train_tokenizer
+
+    cfg = run_config_from_args(args, "train-tokenizer")
+    val = args.validation_file or str(Path(cfg.tokenizer.input).with_name("validation_data.txt"))
+    return train_tokenizer(cfg.tokenizer, validation_file=val if Path(val).is_file() else None)
+
+
+def cmd_tokenize(args):
+    from openllm_ds.tokenizer import tokenize_file
+
+    metas = [tokenize_file(f, args.tokenizer_dir, output_dir=args.output_dir if len(args.input) == 1 else None,
+                           num_workers=args.num_workers) for f in args.input]
+    return metas[0] if len(metas) == 1 else metas
+
+
+def cmd_train(args):
+    cfg = run_config_from_args(args, "train")
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return None
+    from openllm_ds.train import launch
+
+    return launch(cfg)
+
+
+def cmd_evaluate(args):
+    from openllm_ds.evaluation import evaluate
+
+    return evaluate(
+        model_dir=args.model_dir, eval_data=args.eval_data, metrics=_csv(args.metrics), stride=args.stride,
+        batch_size=args.batch_size, checkpoint=args.checkpoint, tasks=_csv(args.tasks), checkpoints=args.checkpoints,
+        num_workers=args.num_workers, output=args.output,
+    )
+
+
+def cmd_generate(args):
+    from openllm_ds.evaluation import generate_text
+
+    generate_text(
+        model_dir=args.model_dir, prompt=args.prompt, max_length=args.max_length, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        num_samples=args.num_samples, checkpoint=args.checkpoint, stream=True,
+    )
+    return None
+
+
+def cmd_score_squad(args):
+    from openllm_ds.evaluation import score_squad
+
+    return score_squad(args.dataset, args.predictions, na_prob_file=args.na_prob_file)
+
+
+def cmd_export(args):
+    from openllm_ds.config import ExportConfig
+    from openllm_ds.export import export
+
+    cfg = ExportConfig(
+        model_dir=args.model_dir, format=args.format, output_dir=args.output_dir, dtype=args.dtype,
+        verify=args.verify, optimize_for_inference=args.optimize_for_inference, quantize_int8=args.quantize_int8,
+        overwrite=args.overwrite,
+    )
+    return export(cfg, checkpoint=args.checkpoint)
+
+
+def cmd_serve(args):
+    from openllm_ds.serve import serve
+
+    serve(model_path=args.model_path, host=args.host, port=args.port, max_length=args.max_length,
+          engine=args.engine, backend=args.backend, api_key=args.api_key or os.environ.get("OPENLLM_API_KEY"),
+          model_name=args.model_name)
+    return None
+
+
+def cmd_pipeline(args):
+    from openllm_ds.pipeline import run_pipeline
+
+    cfg = run_config_from_args(args, "pipeline")
+    return run_pipeline(cfg, squad_dir=args.squad_dir, force=args.force)
+
+
+def _csv(v):
+    if v is None:
+        return ()
+    return tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="openllm-ds", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("prepare", cmd_prepare, "Stage 1: SQuAD -> cleaned, deduplicated passages (training/validation split), on Ray Data.")
+    _add_config_flags(sp, "prepare")
+
+    sp = add("train-tokenizer", cmd_train_tokenizer, "Stage 2: train a SentencePiece BPE tokenizer and write Hugging Face tokenizer files.")
+    _add_config_flags(sp, "train-tokenizer")
+    sp.add_argument("--validation_file", help="text for the tokens-per-word report (default: validation_data.txt beside --input)")
+
+    sp = add("tokenize", cmd_tokenize, "Encode text files into binary token shards (EOS after each line), across Ray workers.")
+    sp.add_argument("--input", nargs="+", required=True, help="text file(s), one document a line")
+    sp.add_argument("--tokenizer_dir", default="data/tokenizer", help="tokenizer directory (default data/tokenizer)")
+    sp.add_argument("--output_dir", help="shard directory (default: FILE.tokens/ beside the input; one input only)")
+    sp.add_argument("--num_workers", type=int, default=2, help="Ray workers (default 2)")
+
+    sp = add("train", cmd_train, "Stages 3-4: train the transformer with DeepSpeed ZeRO (locally, or Ray Train with --num_workers).")
+    for action in build_train_parser()._actions:
+        if action.dest != "help":
+            sp._add_action(action)
+
+    sp = add("evaluate", cmd_evaluate, "Stage 5: perplexity/loss/bits-per-byte on a text file, or harness tasks over checkpoints.")
+    sp.add_argument("--model_dir", required=True, help="training output (models/NAME) or Hugging Face export dir")
+    sp.add_argument("--eval_data", help="text file, one document a line (e.g. data/clean/validation_data.txt)")
+    sp.add_argument("--metrics", default="perplexity,loss", help="comma list: perplexity, loss, bits_per_byte, word_perplexity")
+    sp.add_argument("--stride", type=int, default=None, help="sliding-window stride in tokens (default: half the context)")
+    sp.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    sp.add_argument("--checkpoint", type=int, default=None, help="training step to evaluate (default: latest)")
+    sp.add_argument("--tasks", default=None, help="comma list of harness task YAMLs (eval/*.yaml) or task names")
+    sp.add_argument("--checkpoints", default=None, help="'all', 'latest' or a comma list of steps (with --tasks)")
+    sp.add_argument("--num_workers", type=int, default=2, help="Ray workers for tasks x checkpoints")
+    sp.add_argument("--output", default=None, help="JSON report path (also printed to stdout)")
+
+    sp = add("generate", cmd_generate, "Stage 5: generate text from a prompt (streams to the terminal).")
+    sp.add_argument("--model_dir", required=True, help="training output or Hugging Face export dir")
+    sp.add_argument("--prompt", required=True, help="text to continue")
+    sp.add_argument("--max_length", type=int, default=256, help="new tokens at most")
+    sp.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    sp.add_argument("--top_k", type=int, default=None)
+    sp.add_argument("--top_p", type=float, default=None)
+    sp.add_argument("--repetition_penalty", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    sp.add_argument("--num_samples", type=int, default=1)
+    sp.add_argument("--checkpoint", type=int, default=None, help="training step (default: latest)")
+
+    sp = add("score-squad", cmd_score_squad, "Stage 5: official SQuAD v1.1/v2.0 exact match and F1 of a predictions file.")
+    sp.add_argument("--dataset", required=True, help="SQuAD JSON (dev-v1.1.json, dev-v2.0.json)")
+    sp.add_argument("--predictions", required=True, help="JSON object {question_id: answer text}")
+    sp.add_argument("--na_prob_file", default=None, help="v2.0: JSON {question_id: no-answer probability}")
+
+    sp = add("export", cmd_export, "Stage 6: export to Hugging Face (transformers/vLLM), PyTorch or ONNX.")
+    sp.add_argument("--model_dir", required=True, help="training output (latest checkpoint) or export dir")
+    sp.add_argument("--format", required=True, help="huggingface | pytorch | onnx")
+    sp.add_argument("--output_dir", default=None, help="default exports/FORMAT")
+    sp.add_argument("--checkpoint", type=int, default=None, help="training step (default: latest)")
+    sp.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (huggingface, pytorch)")
+    sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="load the export back and compare logits (default on)")
+    sp.add_argument("--optimize_for_inference", action="store_true", help="onnx: apply onnxruntime graph optimisations")
+    sp.add_argument("--quantize_int8", action="store_true", help="onnx: int8 dynamic quantisation")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+
+    sp = add("serve", cmd_serve, "Serve an export with an OpenAI-compatible API (vLLM on a GPU, else the built-in server).")
+    sp.add_argument("--model_path", default="exports/huggingface", help="Hugging Face export dir")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--max_length", type=int, default=512, help="context length served (prompt + completion)")
+    sp.add_argument("--engine", default="auto", help="auto | vllm | builtin")
+    sp.add_argument("--backend", default="torch", help="builtin engine backend: torch | onnx")
+    sp.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' (or set OPENLLM_API_KEY)")
+    sp.add_argument("--model_name", default=None, help="model id reported by /v1/models (default: the export dir name)")
+
+    sp = add("pipeline", cmd_pipeline, "All stages: prepare, tokenizer, tokenize, train, evaluate, export; skips completed stages.")
+    sp.add_argument("--config", default="configs/tiny.yaml", help="run preset YAML")
+    sp.add_argument("--squad_dir", default=None, help="SQuAD JSON directory instead of downloading")
+    sp.add_argument("--force", action="store_true", help="rerun every stage")
+    sp.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, (dict, list)):
+        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

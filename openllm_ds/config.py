@@ -1,0 +1,384 @@
+"""Typed configs, one per concern, composed into one RunConfig.
+
+Precedence: dataclass defaults < YAML preset (``--config``) < model JSON (``--model_config``)
+< CLI flags and ``section.key=value`` overrides. Unknown keys and wrong types are errors that
+name the key and the file before any work starts. Configs are never mutated at run time:
+runtime state lives in the trainer's state object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from openllm_ds.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "download"  # download | dir | hub ("dir" is implied by squad_dir)
+    squad_dir: str | None = None
+    output_dir: str = "data/clean"
+    cache_dir: str = "~/.cache/openllm-ds/squad"
+    min_words: int = 10
+    num_workers: int = 2
+
+    def __post_init__(self):
+        if self.source not in ("download", "dir", "hub"):
+            raise ConfigError(f"data.source must be download, dir or hub, got {self.source!r}")
+        if self.min_words < 0:
+            raise ConfigError(f"data.min_words must be >= 0, got {self.min_words}")
+        if self.num_workers < 1:
+            raise ConfigError(f"data.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    input: str = "data/clean/training_data.txt"
+    output_dir: str = "data/tokenizer"
+    vocab_size: int = 32000
+    model_type: str = "bpe"
+    character_coverage: float = 0.9995
+    max_sentence_length: int = 4192
+    num_workers: int = 2  # Ray workers for corpus -> token shards
+
+    def __post_init__(self):
+        if self.model_type not in ("bpe", "unigram"):
+            raise ConfigError(f"tokenizer.model_type must be bpe or unigram, got {self.model_type!r}")
+        if self.vocab_size < 260:
+            # 256 byte-fallback pieces + <unk> <s> </s> <pad>
+            raise ConfigError(f"tokenizer.vocab_size must be >= 260 (byte fallback needs 256 + 4 specials), got {self.vocab_size}")
+        if not 0.0 < self.character_coverage <= 1.0:
+            raise ConfigError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    d_ff: int = 3072  # SwiGLU hidden size
+    max_seq_len: int = 1024
+    dropout: float = 0.1
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"model.d_model / model.n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.num_kv_heads:
+            raise ConfigError(f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"model.{k} must be >= 1, got {getattr(self, k)}")
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str | None = None  # default: models/<name>
+    data_file: str = "data/clean/training_data.txt"
+    eval_data: str | None = None  # default: validation_data.txt beside data_file
+    tokenizer_dir: str = "data/tokenizer"
+    ds_config: str = "ds_configs/zero2.json"
+    micro_batch_size: int = 8  # per rank (CLI: --batch_size)
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    resume: str = "auto"  # auto | none | <checkpoint step dir>
+    num_workers: int = 0  # >0: Ray Train TorchTrainer with this many DeepSpeed workers
+    max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
+    eval_tasks: tuple[str, ...] = ()  # harness task YAMLs run at each evaluation
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "save_every", "log_every", "keep_last"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.warmup_steps < 0 or self.num_workers < 0:
+            raise ConfigError("train.warmup_steps and train.num_workers must be >= 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model_dir: str | None = None
+    eval_data: str | None = None
+    metrics: tuple[str, ...] = ("perplexity", "loss")
+    stride: int | None = None  # sliding-window stride; None = max_seq_len // 2
+    batch_size: int = 8
+    tasks: tuple[str, ...] = ()
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model_dir: str | None = None
+    format: str = "huggingface"  # huggingface | pytorch | onnx
+    output_dir: str | None = None  # default: exports/<format>
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    verify: bool = True
+    optimize_for_inference: bool = False
+    quantize_int8: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.format not in ("huggingface", "pytorch", "onnx"):
+            raise ConfigError(f"export.format must be huggingface, pytorch or onnx, got {self.format!r}")
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"export.dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def output_dir(self) -> str:
+        return self.train.output_dir or f"models/{self.name}"
+
+    @property
+    def eval_data(self) -> str:
+        return self.train.eval_data or str(Path(self.train.data_file).with_name("validation_data.txt"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        from openllm_ds.utils import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "name"}
+_SECTION_CLASSES = {
+    "data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig,
+    "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig,
+}
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check/convert one value to the annotated type; strings from the CLI are parsed."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} in {source}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key, source) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key} in {source}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} in {source}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    f = None
+                if f is not None and f.is_integer():
+                    return int(f)
+        raise ConfigError(f"{key} in {source}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} in {source}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} in {source}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} in {source}: expected a string, got {value!r}")
+    return value
+
+
+def _section_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _merge_section(values: dict, section: str, updates: dict, source: str) -> None:
+    cls = _SECTION_CLASSES[section]
+    types_ = _section_types(cls)
+    for k, v in updates.items():
+        if k not in types_:
+            raise ConfigError(
+                f"unknown key '{section}.{k}' in {source}; valid keys of '{section}': {', '.join(sorted(types_))}"
+            )
+        values[section][k] = _coerce(v, types_[k], f"'{section}.{k}'", source)
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see configs/)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}".splitlines()[0]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (data, tokenizer, model, train, eval, export)")
+    return raw
+
+
+def read_model_json(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model config {p} does not exist; pass a JSON file such as configs/medium_model.json")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model config {p} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model config {p} must be a JSON object of model fields")
+    return raw
+
+
+def load_run_config(
+    config_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    model_config_path: str | Path | None = None,
+    base: dict | None = None,
+) -> RunConfig:
+    """Compose a RunConfig: defaults < ``base`` dict < YAML < model JSON < ``overrides``.
+
+    ``overrides`` maps dotted keys (``train.max_steps``) to values; CLI strings are parsed by type.
+    """
+    values: dict[str, dict] = {s: {} for s in _SECTION_CLASSES}
+    name = "run"
+
+    def apply(raw: dict, source: str):
+        nonlocal name
+        for sec, sub in raw.items():
+            if sec == "name":
+                name = _coerce(sub, str, "'name'", source)
+                continue
+            if sec not in _SECTION_CLASSES:
+                raise ConfigError(
+                    f"unknown section '{sec}' in {source}; valid sections: name, {', '.join(_SECTION_CLASSES)}"
+                )
+            if not isinstance(sub, dict):
+                raise ConfigError(f"section '{sec}' in {source} must be a mapping of keys")
+            _merge_section(values, sec, sub, source)
+
+    if base:
+        apply(base, "the built-in defaults")
+    if config_path is not None:
+        raw = read_yaml(config_path)
+        apply(raw, str(config_path))
+        if "name" not in raw:
+            name = Path(config_path).stem
+    if model_config_path is not None:
+        _merge_section(values, "model", read_model_json(model_config_path), str(model_config_path))
+    for key, v in (overrides or {}).items():
+        if key == "name":
+            name = str(v)
+            continue
+        sec, _, k = key.partition(".")
+        if not k:
+            raise ConfigError(f"override '{key}' must look like section.key=value (e.g. train.max_steps=100)")
+        if sec not in _SECTION_CLASSES:
+            raise ConfigError(f"unknown section '{sec}' in command-line override '{key}'; valid: {', '.join(_SECTION_CLASSES)}")
+        _merge_section(values, sec, {k: v}, "the command line")
+
+    sections = {}
+    for sec, cls in _SECTION_CLASSES.items():
+        try:
+            sections[sec] = cls(**values[sec])
+        except ConfigError as e:
+            where = str(config_path) if config_path else "the command line"
+            raise ConfigError(f"{e} (from {where})") from None
+    return RunConfig(name=name, **sections)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["train.max_steps=10", ...]`` -> ``{"train.max_steps": "10"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"cannot read override '{item}': write section.key=value, e.g. train.max_steps=100")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def run_config_from_dict(raw: dict, source: str = "a saved run config") -> RunConfig:
+    """Rebuild a RunConfig saved by ``RunConfig.save`` (checkpoints, exports)."""
+    return load_run_config(base=raw) if raw else RunConfig()

@@ -1,0 +1,13 @@
+"""Errors a user can fix. The CLI prints them as one line and exits non-zero (2)."""
+
+
+class UserError(Exception):
+    """Bad input: the message names the file, field or flag, and the fix."""
+
+
+class ConfigError(UserError):
+    """A config key, type or combination is wrong."""
+
+
+class DataError(UserError):
+    """An input file is missing, empty or not in the expected format."""
