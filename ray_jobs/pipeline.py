@@ -1,0 +1,15 @@
+"""`ray job submit --working-dir . -- python ray_jobs/pipeline.py --config configs/tiny.yaml [--squad_dir DIR]`
+
+Runs the whole pipeline as a Ray job: data and tokenization across the cluster's workers,
+training through Ray Train (train.num_workers defaults to 1 here).
+"""
+
+import sys
+
+from openllm_ds.cli import main
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if not any(a.startswith("train.num_workers=") for a in argv):
+        argv.append("train.num_workers=1")
+    sys.exit(main(["pipeline", *argv]))
