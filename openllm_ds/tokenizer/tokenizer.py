@@ -1,0 +1,77 @@
+"""The SentencePiece tokenizer every stage uses: a thin wrapper with the ids the model sees."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import sentencepiece as spm
+
+from openllm_ds.errors import UserError
+from openllm_ds.utils import sha256_file
+
+MODEL_FILE = "tokenizer.model"
+
+
+class Tokenizer:
+    """`encode` adds no BOS/EOS: the token shards append one EOS after each document."""
+
+    def __init__(self, model_file: str | Path):
+        self.model_file = Path(model_file)
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def pieces(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    @cached_property
+    def sha256(self) -> str:
+        return sha256_file(self.model_file)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.model_file)!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
+    d = Path(tokenizer_dir)
+    if not d.is_dir():
+        raise UserError(
+            f"tokenizer dir {d} does not exist; train one first: openllm-ds train-tokenizer --output_dir {d}"
+        )
+    model_file = d / MODEL_FILE
+    if not model_file.is_file():
+        raise UserError(
+            f"tokenizer dir {d} has no {MODEL_FILE}; pass the --output_dir of train-tokenizer (e.g. data/tokenizer)"
+        )
+    try:
+        return Tokenizer(model_file)
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"{model_file} is not a SentencePiece model ({e}); re-run train-tokenizer") from None
