@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
         args = sys.argv[1:] if args is None else list(args)
         fixed = []
         for a in args:
-            if a.startswith("--") and "-" in a[2:].split("=", 1)[0]:
+            if a.startswith("--") and not a.startswith("--no-") and "-" in a[2:].split("=", 1)[0]:
                 name, eq, val = a[2:].partition("=")
                 a = "--" + name.replace("-", "_") + eq + val
             fixed.append(a)

@@ -95,3 +95,8 @@ def test_every_stage_documents_its_flags(stage):
     r = _cli(stage, "--help")
     assert r.returncode == 0, r.stderr
     assert "--" in r.stdout and "usage: openllm-ds " + stage in r.stdout
+
+
+def test_kebab_case_and_negated_flags():
+    args = build_parser().parse_args(["export", "--model-dir", "m", "--format", "onnx", "--no-verify", "--optimize-for-inference"])
+    assert (args.model_dir, args.verify, args.optimize_for_inference) == ("m", False, True)

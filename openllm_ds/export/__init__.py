@@ -1,0 +1,82 @@
+"""Stage 6, export: Hugging Face (transformers, vLLM), PyTorch and ONNX (onnxruntime) writers.
+
+``export(ExportConfig(...))`` loads the weights (see source.py for what ``--model_dir`` may be),
+writes the chosen format into a temporary sibling of the output dir, verifies it there, and only
+then moves it into place: a failed export leaves no directory a later stage would take for
+complete.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from openllm_ds.config import ExportConfig
+from openllm_ds.errors import UserError
+from openllm_ds.export.huggingface import VerificationError, export_huggingface
+from openllm_ds.export.source import ExportSource, check_output_dir, load_export_source
+from openllm_ds.utils import atomic_dir
+
+FORMATS = ("huggingface", "pytorch", "onnx")
+
+__all__ = ["export", "ExportSource", "load_export_source", "FORMATS", "VerificationError"]
+
+
+def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
+    """Export ``cfg.model_dir`` (step ``checkpoint``, default latest) to ``cfg.format``; return a report."""
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if not cfg.model_dir:
+        raise UserError("--model_dir is required: a training output (models/NAME) or an export dir")
+    out = Path(cfg.output_dir or f"exports/{cfg.format}")
+    model_dir = Path(cfg.model_dir)
+    check_output_dir(out, model_dir, cfg.overwrite)
+    if cfg.format != "onnx" and (cfg.optimize_for_inference or cfg.quantize_int8):
+        raise UserError("--optimize_for_inference and --quantize_int8 apply to --format onnx only")
+    if cfg.format == "onnx" and cfg.dtype != "fp32":
+        raise UserError(f"--dtype {cfg.dtype} applies to huggingface and pytorch exports; ONNX export is fp32 "
+                        "(add --quantize_int8 for a smaller model)")
+
+    start = time.perf_counter()
+    stages = ["load", "write + verify" if cfg.verify else "write", "move into place"]
+    with tqdm(total=len(stages), desc=f"export {cfg.format}", unit="stage") as bar:
+        bar.set_postfix_str(stages[0])
+        src = load_export_source(model_dir, checkpoint)
+        bar.update()
+        bar.set_postfix_str(stages[1])
+        try:
+            with atomic_dir(out) as tmp:
+                report = _write(cfg, src, tmp)
+                files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+                sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+                bar.update()
+                bar.set_postfix_str(stages[2])
+        except VerificationError as e:
+            raise VerificationError(f"{e}; nothing was written to {out}") from None
+        bar.update()
+    return {
+        "format": cfg.format,
+        "output_dir": str(out),
+        "files": files,
+        "bytes": sum(sizes.values()),
+        "num_params": src.model.num_params(),
+        "step": src.step,
+        "source": str(src.path),
+        **report,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _write(cfg: ExportConfig, src: ExportSource, tmp: Path) -> dict:
+    if cfg.format == "huggingface":
+        return export_huggingface(src, tmp, cfg.dtype, cfg.verify)
+    if cfg.format == "pytorch":
+        from openllm_ds.export.pytorch import export_pytorch
+
+        return export_pytorch(src, tmp, cfg.dtype, cfg.verify)
+    from openllm_ds.export.onnx import export_onnx
+
+    return export_onnx(src, tmp, cfg.dtype, cfg.verify, optimize=cfg.optimize_for_inference,
+                       quantize_int8=cfg.quantize_int8)

@@ -1,0 +1,185 @@
+"""Hugging Face export: a plain LlamaForCausalLM directory that transformers and vLLM load as is.
+
+Files: config.json, model.safetensors (HF parameter names, through the explicit map in hf_map.py;
+a tied embedding is stored once as model.embed_tokens.weight with tie_word_embeddings true),
+generation_config.json, the tokenizer files, README.md (model card) and openllm_ds.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from openllm_ds.export.hf_map import hf_weight_map, to_hf_config
+from openllm_ds.export.source import (
+    EXPORT_INFO, HF_DTYPE_NAMES, TORCH_DTYPES, ExportSource, copy_tokenizer_files, encode_for_verification,
+    verification_texts,
+)
+from openllm_ds.errors import UserError
+from openllm_ds.utils import atomic_write_json, atomic_write_text
+
+# Largest max|logits difference| accepted by --verify, per export dtype. fp32 must match to float
+# rounding; fp16/bf16 exports are compared with our model cast to the same dtype, and both sides
+# round differently in their reductions.
+VERIFY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1.5e-1}
+
+
+class VerificationError(UserError):
+    """The export does not reproduce the source model; nothing was written."""
+
+
+def hf_state_dict(src: ExportSource, dtype: str) -> dict[str, torch.Tensor]:
+    sd = src.model.state_dict()
+    return {hf: sd[ours].detach().to(TORCH_DTYPES[dtype]).contiguous() for ours, hf in hf_weight_map(src.model_config).items()}
+
+
+def hf_config(src: ExportSource, dtype: str) -> dict:
+    tok = src.tokenizer
+    cfg = to_hf_config(src.model_config, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                       pad_id=tok.pad_id if tok.pad_id >= 0 else None, dtype=HF_DTYPE_NAMES[dtype])
+    cfg["dtype"] = cfg["torch_dtype"]  # transformers 5 reads "dtype", older readers "torch_dtype"
+    return cfg
+
+
+def export_huggingface(src: ExportSource, out: Path, dtype: str = "fp32", verify: bool = True) -> dict:
+    from safetensors.torch import save_file
+
+    if src.model_config.vocab_size != src.tokenizer.vocab_size:  # check_vocab ran; keep config.json honest
+        raise ValueError("vocab size of the tokenizer and the model differ")
+    save_file(hf_state_dict(src, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_json(out / "config.json", hf_config(src, dtype))
+    tok = src.tokenizer
+    atomic_write_json(out / "generation_config.json", {
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id if tok.pad_id >= 0 else None,
+    })
+    copy_tokenizer_files(src, out)
+    _set_tokenizer_max_length(out, src.model_config.max_seq_len)
+    atomic_write_json(out / EXPORT_INFO, {**src.info(), "format": "huggingface", "dtype": dtype})
+    atomic_write_text(out / "README.md", model_card(src, dtype))
+    report = {"dtype": dtype}
+    report["verification"] = verify_huggingface(out, src, dtype) if verify else {"skipped": "--no-verify"}
+    return report
+
+
+def _set_tokenizer_max_length(out: Path, max_len: int) -> None:
+    """tokenizer_config.json's model_max_length becomes the model's context (the tokenizer has no limit)."""
+    f = out / "tokenizer_config.json"
+    if f.is_file():
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+        cfg["model_max_length"] = max_len
+        atomic_write_json(f, cfg)
+
+
+def verify_huggingface(out: Path, src: ExportSource, dtype: str = "fp32") -> dict:
+    """Load the export with transformers; token ids and logits must match ours on real text."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        print("verification skipped: transformers is not installed (pip install 'openllm-ds[test]')")
+        return {"skipped": "transformers is not installed"}
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(out), dtype=TORCH_DTYPES[dtype]).eval()
+    ours = src.model if dtype == "fp32" else _cast_copy(src.model, TORCH_DTYPES[dtype])
+    texts = verification_texts(src)
+    max_diff = 0.0
+    num_tokens = 0
+    for text in texts:
+        want = src.tokenizer.encode(text)
+        got = hf_tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if got != want:
+            raise VerificationError(f"AutoTokenizer on {out} gives other ids than SentencePiece for {text[:60]!r}: "
+                                    f"{got[:8]}... vs {want[:8]}...")
+        if hf_tok.decode(want) != src.tokenizer.decode(want):
+            raise VerificationError(f"AutoTokenizer on {out} decodes {text[:60]!r} differently from SentencePiece")
+        ids = torch.tensor([encode_for_verification(src, text)])
+        with torch.no_grad():
+            ref = ours(ids)[0].float()
+            got_logits = hf_model(ids).logits.float()
+        max_diff = max(max_diff, (ref - got_logits).abs().max().item())
+        num_tokens += ids.numel()
+    for name in ("bos", "eos", "pad"):
+        if getattr(hf_tok, f"{name}_token_id") != getattr(src.tokenizer, f"{name}_id"):
+            raise VerificationError(f"AutoTokenizer on {out}: {name}_token_id differs from the SentencePiece model")
+    tol = VERIFY_TOLERANCE[dtype]
+    if not max_diff < tol:
+        raise VerificationError(f"transformers' logits differ from ours by {max_diff:.3g} (> {tol}) on {out}")
+    return {"verified": True, "max_abs_diff": max_diff, "tolerance": tol, "num_texts": len(texts),
+            "num_tokens": num_tokens, "tokenizer_ids_match": True}
+
+
+def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(dtype).eval()
+
+
+def model_card(src: ExportSource, dtype: str) -> str:
+    cfg, tok, info = src.model_config, src.tokenizer, src.info()
+    run = src.run_config
+    name = src.run_name or "openllm-ds model"
+    ppl = f"{info['val_perplexity']:.2f}" if info["val_perplexity"] is not None else "not recorded"
+    loss = f"{info['val_loss']:.4f}" if info["val_loss"] is not None else "not recorded"
+    data_file = run.train.data_file if run else "see the training run"
+    tok_type = run.tokenizer.model_type if run else "bpe"
+    steps = f"{src.step:,}" if src.step is not None else "unknown"
+    tokens = f"{info['tokens_seen']:,}" if isinstance(info.get("tokens_seen"), int) else "not recorded"
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+language: [en]
+datasets: [rajpurkar/squad]
+tags: [llama, causal-lm, openllm-ds]
+---
+
+# {name}
+
+A GPT-style (Llama-architecture) language model trained from scratch with openllm-ds
+(DeepSpeed + Ray) on the Wikipedia passages of SQuAD.
+It is a small base model for experiments: it continues text, it is not instruction-tuned.
+
+## Model
+
+| | |
+|---|---|
+| architecture | `LlamaForCausalLM` (RoPE, RMSNorm, SwiGLU) |
+| parameters | {info['num_params']:,} |
+| layers / hidden size / heads / KV heads | {cfg.n_layers} / {cfg.d_model} / {cfg.n_heads} / {cfg.num_kv_heads} |
+| feed-forward size | {cfg.d_ff} |
+| context length | {cfg.max_seq_len} tokens |
+| vocabulary | {cfg.vocab_size:,} |
+| tied input/output embeddings | {str(cfg.tie_embeddings).lower()} |
+| weights dtype | {HF_DTYPE_NAMES[dtype]} |
+
+## Training
+
+| | |
+|---|---|
+| data | Wikipedia passages of SQuAD v1.1 (CC BY-SA 4.0), `{data_file}` |
+| training steps | {steps} |
+| tokens seen | {tokens} |
+| validation loss | {loss} |
+| validation perplexity | {ppl} |
+| source checkpoint | `{src.path}` |
+
+## Tokenizer
+
+SentencePiece {tok_type.upper()} with byte fallback, {tok.vocab_size:,} tokens; `<unk>`={tok.unk_id},
+`<s>`={tok.bos_id}, `</s>`={tok.eos_id}, `<pad>`={tok.pad_id}. Text is encoded without a BOS token;
+documents end with `</s>`. `tokenizer.json` gives the same ids as `tokenizer.model`.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("path/to/this/dir")
+model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+ids = tok("The Normans were", return_tensors="pt").input_ids
+print(tok.decode(model.generate(ids, max_new_tokens=30, do_sample=False)[0]))
+```
+
+Serve it with an OpenAI-compatible API: `vllm serve path/to/this/dir` on a GPU, or
+`openllm-ds serve --model_path path/to/this/dir` anywhere.
+"""

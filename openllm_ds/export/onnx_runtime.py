@@ -1,0 +1,138 @@
+"""Run an ONNX export with onnxruntime: full-sequence logits and KV-cache generation.
+
+The export holds two graphs (see onnx.py):
+
+- ``model.onnx``: ``input_ids`` (batch, sequence) -> ``logits`` (batch, sequence, vocab)
+- ``decoder_with_past.onnx``: ``input_ids`` (batch, sequence) and ``past_key_values.{i}.key|value``
+  (batch, kv_heads, past_sequence, head_dim) -> ``logits`` and ``present.{i}.key|value``
+  (batch, kv_heads, past_sequence + sequence, head_dim). A past of length 0 is the prefill step.
+
+``OnnxCausalLM`` is called like our ``Transformer`` (``lm(idx, kv_cache=..., start_pos=...)``), so
+generation runs ``Transformer.generate``'s own loop and sampling code on onnxruntime's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openllm_ds.config import ModelConfig
+from openllm_ds.errors import UserError
+from openllm_ds.model import Transformer
+
+MODEL_FILE = "model.onnx"
+DECODER_FILE = "decoder_with_past.onnx"
+VARIANTS = {  # variant -> (model file, decoder file)
+    "fp32": (MODEL_FILE, DECODER_FILE),
+    "optimized": ("model.optimized.onnx", "decoder_with_past.optimized.onnx"),
+    "int8": ("model.int8.onnx", "decoder_with_past.int8.onnx"),
+}
+
+
+def past_names(n_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def present_names(n_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def is_onnx_export(path: Path) -> bool:
+    return (Path(path) / DECODER_FILE).is_file() and (Path(path) / "config.json").is_file()
+
+
+def session_options(num_threads: int | None = None, spinning: bool = False):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if num_threads:
+        so.intra_op_num_threads = num_threads
+    # Busy-waiting worker threads steal the CPU from concurrent requests and from PyTorch.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return so
+
+
+class OnnxCausalLM:
+    """An ONNX export on onnxruntime with the calling convention of ``Transformer``."""
+
+    training = False
+
+    def __init__(self, export_dir: str | Path, variant: str = "auto", num_threads: int | None = None,
+                 spinning: bool = False):
+        import onnxruntime as ort
+
+        self.dir = Path(export_dir)
+        if not is_onnx_export(self.dir):
+            raise UserError(f"{self.dir} is not an ONNX export (needs {DECODER_FILE} and config.json); "
+                            "run `openllm-ds export --format onnx` first")
+        if variant == "auto":
+            variant = "optimized" if (self.dir / VARIANTS["optimized"][1]).is_file() else "fp32"
+        if variant not in VARIANTS:
+            raise UserError(f"ONNX variant must be auto, {', '.join(VARIANTS)}; got {variant!r}")
+        missing = [f for f in VARIANTS[variant] if not (self.dir / f).is_file()]
+        if missing:
+            raise UserError(f"{self.dir} has no {missing[0]}; export with --optimize_for_inference / --quantize_int8")
+        self.variant = variant
+        self.cfg = ModelConfig(**json.loads((self.dir / "config.json").read_text()))
+        self._options = session_options(num_threads, spinning)
+        self._ort = ort
+        self._sessions: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._past_names = past_names(self.cfg.n_layers)
+        self._present_names = present_names(self.cfg.n_layers)
+
+    def _session(self, which: str):
+        with self._lock:  # created once, on first use; InferenceSession.run itself is thread-safe
+            if which not in self._sessions:
+                file = self.dir / VARIANTS[self.variant][0 if which == "model" else 1]
+                self._sessions[which] = self._ort.InferenceSession(str(file), self._options,
+                                                                   providers=["CPUExecutionProvider"])
+            return self._sessions[which]
+
+    def logits(self, input_ids) -> np.ndarray:
+        """(B, T) ids -> (B, T, V) logits from model.onnx."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        return self._session("model").run(["logits"], {"input_ids": ids})[0]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.cfg.num_kv_heads, 0, self.cfg.head_dim)
+        return [np.zeros(shape, dtype=np.float32) for _ in self._past_names]
+
+    def decode(self, input_ids, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder_with_past call: (logits (B, T, V), present key/values, flat per layer)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        feeds = {"input_ids": ids, **dict(zip(self._past_names, past))}
+        out = self._session("decoder").run(["logits", *self._present_names], feeds)
+        return out[0], out[1:]
+
+    # --- the Transformer calling convention, for Transformer.generate -----------------------------
+    def __call__(self, idx: torch.Tensor, targets=None, kv_cache: list | None = None, start_pos: int = 0):
+        if targets is not None:
+            raise ValueError("OnnxCausalLM computes no loss")
+        if kv_cache is None:
+            return torch.from_numpy(self.logits(idx.numpy())), None
+        past = [t for kv in kv_cache for t in kv] if kv_cache else self.empty_past(idx.size(0))
+        if past[0].shape[2] != start_pos:
+            raise ValueError(f"past length {past[0].shape[2]} != start_pos {start_pos}")
+        logits, present = self.decode(idx.numpy(), past)
+        cache = [(present[2 * i], present[2 * i + 1]) for i in range(self.cfg.n_layers)]
+        return torch.from_numpy(logits), None, cache
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise ValueError("an ONNX model cannot be trained")
+        return self
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None, repetition_penalty: float = 1.0,
+                 generator: torch.Generator | None = None):
+        """Yield (B,) tensors of new tokens, exactly as ``Transformer.generate`` does."""
+        return Transformer.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    eos_id=eos_id, repetition_penalty=repetition_penalty, generator=generator)

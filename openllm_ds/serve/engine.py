@@ -1,0 +1,259 @@
+"""The built-in server's generation engine: prompt -> tokens -> KV-cache generation -> text.
+
+Concurrency design: lock-free per request. Every HTTP request runs its own generation in its own
+handler thread (ThreadingHTTPServer). The model is read-only in eval mode, each generation owns
+its KV cache and its seeded ``torch.Generator``, and PyTorch and onnxruntime release the GIL inside
+their kernels, so requests proceed side by side without sharing state. A semaphore bounds how many
+generations run at once (``max_concurrency``); further requests wait for a slot. Prompts of
+different lengths are not batched together: the model has no padding mask, and per-request
+generation keeps every answer identical to a sequential one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from openllm_ds.errors import UserError
+from openllm_ds.serve.chat import ChatTemplate, load_chat_template
+from openllm_ds.tokenizer import Tokenizer, load_tokenizer
+
+PROMPT_CONTEXT_TOKENS = 8  # prompt tokens decoded ahead of the completion, so its first space survives
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Choice:
+    """One completion of one prompt, assembled token by token."""
+
+    index: int
+    tokenizer: Tokenizer
+    prompt_ids: list[int]
+    stop: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already handed out
+    finish_reason: str | None = None
+    num_tokens: int = 0
+
+    def __post_init__(self):
+        self._context = self.prompt_ids[-PROMPT_CONTEXT_TOKENS:]
+        self._context_text = self.tokenizer.decode(self._context)
+
+    def add(self, token: int, eos_id: int) -> str:
+        """Append a generated token; return the text that is now safe to hand out."""
+        self.num_tokens += 1
+        if token == eos_id:
+            return self.finish("stop")
+        self.ids.append(token)
+        full = self.tokenizer.decode(self._context + self.ids)
+        self.text = full[len(self._context_text):] if full.startswith(self._context_text) else self.tokenizer.decode(self.ids)
+        hits = [k for k in (self.text.find(s) for s in self.stop) if k >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self.finish("stop")
+        safe = len(self.text) - self._holdback()
+        if safe <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent:safe], safe
+        return delta
+
+    def _holdback(self) -> int:
+        """Trailing characters that may still change: an incomplete UTF-8 sequence, a partial stop string."""
+        text = self.text
+        hold = len(text) - len(text.rstrip("\ufffd"))
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+    def finish(self, reason: str) -> str:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+
+@dataclass
+class StepUpdate:
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class CompletionEngine:
+    """Tokenizer + language model (``Transformer`` or ``OnnxCausalLM``) + chat template."""
+
+    def __init__(self, lm, tokenizer: Tokenizer, model_name: str, max_length: int,
+                 chat_template: ChatTemplate | None = None, max_concurrency: int = 4, backend: str = "torch"):
+        if max_length < 2:
+            raise UserError(f"--max_length must be >= 2, got {max_length}")
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_length = min(max_length, lm.cfg.max_seq_len)
+        self.chat_template = chat_template
+        self.backend = backend
+        self.max_concurrency = max_concurrency
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)
+        self._special = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}  # "<s>" -> 1, "</s>" -> 2, ...
+        self.cleanup: list = []  # temporary dirs owned by the engine (an on-the-fly ONNX export)
+
+    # --- prompts -----------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """SentencePiece ids, with special-token text ("</s>") mapped to its id as transformers and vLLM do."""
+        ids: list[int] = []
+        rest = text
+        while rest:
+            hits = [(rest.find(t), t) for t in self._special if t in rest]
+            if not hits:
+                ids += self.tokenizer.encode(rest)
+                break
+            pos, tok = min(hits)
+            if pos:
+                ids += self.tokenizer.encode(rest[:pos])
+            ids.append(self._special[tok])
+            rest = rest[pos + len(tok):]
+        return ids
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self.chat_template is None:
+            raise UserError("this model's tokenizer_config.json has no chat_template; use /v1/completions")
+        return self.chat_template.render(messages)
+
+    # --- generation --------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> "Generation":
+        return Generation(self, prompt_ids, params)
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[str], list[str], int]:
+        """Run to the end: (texts, finish_reasons, completion tokens over all choices)."""
+        texts = [""] * params.n
+        reasons = ["length"] * params.n
+        run = self.generate(prompt_ids, params)
+        for updates in run:
+            for u in updates:
+                texts[u.index] += u.text
+                if u.finish_reason:
+                    reasons[u.index] = u.finish_reason
+        return texts, reasons, run.completion_tokens
+
+
+class Generation:
+    """Iterate to get, step by step, the text each choice adds; finished choices carry a finish_reason.
+
+    Choices end on EOS or a stop string ("stop"), or after max_tokens / at the context end ("length").
+    """
+
+    def __init__(self, engine: CompletionEngine, prompt_ids: list[int], params: SamplingParams):
+        self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.choices = [Choice(i, engine.tokenizer, prompt_ids, params.stop) for i in range(params.n)]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+    def __iter__(self) -> Iterator[list[StepUpdate]]:
+        p, choices = self.params, self.choices
+        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        generator = torch.Generator().manual_seed(seed)
+        idx = torch.tensor([self.prompt_ids] * p.n, dtype=torch.long)
+        eos = self.engine.tokenizer.eos_id
+        with self.engine._slots:
+            steps = self.engine.lm.generate(idx, p.max_tokens, temperature=p.temperature,
+                                            top_p=p.top_p if p.top_p < 1.0 else None, eos_id=eos, generator=generator)
+            try:
+                for tokens in steps:
+                    updates = []
+                    for c, tok in zip(choices, tokens.tolist()):
+                        if c.finish_reason is not None:
+                            continue
+                        delta = c.add(tok, eos)
+                        if c.finish_reason is None and c.num_tokens >= p.max_tokens:
+                            delta += c.finish("length")
+                        if delta or c.finish_reason is not None:
+                            updates.append(StepUpdate(c.index, delta, c.finish_reason))
+                    if updates:
+                        yield updates
+                    if all(c.finish_reason is not None for c in choices):
+                        break
+            finally:
+                steps.close()
+        tail = [StepUpdate(c.index, c.finish("length"), "length") for c in choices if c.finish_reason is None]
+        if tail:  # the context filled up before max_tokens
+            yield tail
+
+
+def load_engine(model_path: str | Path, backend: str = "torch", max_length: int = 512, model_name: str | None = None,
+                max_concurrency: int = 4) -> CompletionEngine:
+    """Load an export or training output for the built-in server.
+
+    backend torch: a Hugging Face export, a training output or a PyTorch export.
+    backend onnx: an ONNX export, or any of the above exported to ONNX on the fly (a temporary dir).
+    """
+    from openllm_ds.checkpoint import is_hf_export, load_model
+    from openllm_ds.export.onnx_runtime import OnnxCausalLM, is_onnx_export
+    from openllm_ds.export.pytorch import is_pytorch_export, load_pytorch_export
+
+    path = Path(model_path)
+    if not path.exists():
+        raise UserError(f"--model_path {path} does not exist; export a model first (openllm-ds export --format huggingface)")
+    name = model_name or path.resolve().name
+    cleanup = []
+    if backend == "torch":
+        if is_onnx_export(path) and not is_hf_export(path):
+            raise UserError(f"--model_path {path} is an ONNX export; serve it with --backend onnx")
+        if is_pytorch_export(path) and not is_hf_export(path):
+            lm, tok_dir = load_pytorch_export(path), path
+        else:
+            loaded = load_model(path)
+            lm, tok_dir = loaded.model, loaded.tokenizer_dir
+    elif backend == "onnx":
+        if is_onnx_export(path):
+            tok_dir = path
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="openllm-ds-onnx-"))
+            cleanup.append(tmp)
+            _export_onnx_to(path, tmp)
+            tok_dir = path = tmp
+        lm = OnnxCausalLM(path)
+    else:
+        raise UserError(f"--backend must be torch or onnx, got {backend!r}")
+    tokenizer = load_tokenizer(tok_dir)
+    if tokenizer.vocab_size != lm.cfg.vocab_size:
+        raise UserError(f"tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model has vocab_size "
+                        f"{lm.cfg.vocab_size}; serve an export made by `openllm-ds export`")
+    engine = CompletionEngine(lm, tokenizer, name, max_length, load_chat_template(tok_dir, tokenizer),
+                              max_concurrency=max_concurrency, backend=backend)
+    engine.cleanup = cleanup
+    return engine
+
+
+def _export_onnx_to(model_path: Path, out: Path) -> None:
+    from openllm_ds.export.onnx import export_onnx
+    from openllm_ds.export.source import load_export_source
+
+    print(f"exporting {model_path} to ONNX in {out} for --backend onnx")
+    export_onnx(load_export_source(model_path), out, verify=True)
+
+
+def model_card(engine: CompletionEngine) -> dict:
+    return {"id": engine.model_name, "object": "model", "owned_by": "openllm-ds", "max_model_len": engine.max_length,
+            "backend": engine.backend}
