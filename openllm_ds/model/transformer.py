@@ -27,9 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 as Llama does, then cast back
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +69,8 @@ class Attention(nn.Module):
         S = k.size(2)
         if T == S:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        elif T == 1:  # one new query attends to every cached key: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v)
         else:  # T new queries attend to all S cached keys up to their own position
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -206,7 +206,8 @@ class Transformer(nn.Module):
                 if eos_id is not None and bool(done.all()):
                     break
                 step_in = nxt[:, None]
-                seen = torch.cat((seen, step_in), dim=1)
+                if repetition_penalty != 1.0:
+                    seen = torch.cat((seen, step_in), dim=1)
         finally:
             self.train(was_training)
 
