@@ -1,0 +1,99 @@
+"""Text generation from a prompt, streamed to the terminal as it is produced."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from openllm_ds.checkpoint import load_model
+from openllm_ds.errors import UserError
+from openllm_ds.tokenizer import load_tokenizer
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: float = 0.7, top_k: int | None = None,
+                  top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
+                  num_samples: int = 1, checkpoint: int | None = None, stream: bool = True) -> list[str]:
+    """Continue ``prompt`` ``num_samples`` times; returns the continuations (prompt not included).
+
+    The model sees EOS (the document boundary it learned) + the prompt's tokens and samples until EOS or ``max_length`` new tokens
+    (or until its context is full). With ``stream`` the prompt and each continuation are printed
+    to stdout as the tokens come. ``seed`` makes sampling reproducible (one torch.Generator drives
+    all samples, drawn one after another); temperature 0 is greedy.
+    """
+    if max_length < 1:
+        raise UserError(f"--max_length must be >= 1, got {max_length}")
+    if num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top_k must be >= 1, got {top_k}")
+    if repetition_penalty <= 0:
+        raise UserError(f"--repetition_penalty must be > 0, got {repetition_penalty}")
+
+    device = pick_device()
+    loaded = load_model(model_dir, step=checkpoint, device=device)
+    tokenizer = load_tokenizer(loaded.tokenizer_dir)
+    model = loaded.model
+    # training documents follow the previous document's EOS: start a prompt the same way
+    prompt_ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    if len(prompt_ids) >= model.cfg.max_seq_len:
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {model.cfg.max_seq_len}: "
+                        "shorten the prompt")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    out = []
+    for i in range(num_samples):
+        if stream:
+            header = f"--- sample {i + 1}/{num_samples} ---\n" if num_samples > 1 else ""
+            sys.stdout.write(header + prompt)
+            sys.stdout.flush()
+        ids = sample_ids(model, prompt_ids, max_length, temperature, top_k, top_p, repetition_penalty,
+                         tokenizer.eos_id, generator, tokenizer if stream else None)
+        if stream:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        out.append(continuation_text(tokenizer, prompt_ids, ids))
+    return out
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text the new tokens add after the prompt, with the space a word piece starts with
+    (decoding the new ids alone would drop it)."""
+    base = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return full[len(base):] if full.startswith(base) else tokenizer.decode(new_ids)
+
+
+@torch.no_grad()
+def sample_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k, top_p,
+               repetition_penalty: float, eos_id: int | None, generator=None, stream_tokenizer=None) -> list[int]:
+    """New token ids after ``prompt_ids`` (EOS not included); prints decoded text when given a tokenizer."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    ids: list[int] = []
+    shown = ""
+    for nxt in model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              eos_id=eos_id, repetition_penalty=repetition_penalty, generator=generator):
+        token = int(nxt[0])
+        if token == eos_id:
+            break
+        ids.append(token)
+        if stream_tokenizer is not None:
+            # decode the whole continuation: a multi-byte character may span several tokens
+            text = continuation_text(stream_tokenizer, prompt_ids, ids)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    return ids

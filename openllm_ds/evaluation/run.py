@@ -1,0 +1,72 @@
+"""`openllm-ds evaluate`: perplexity of a text file, or harness tasks over checkpoints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from openllm_ds.checkpoint import load_model
+from openllm_ds.errors import UserError
+from openllm_ds.evaluation.generate import pick_device
+from openllm_ds.evaluation.harness import run_harness
+from openllm_ds.evaluation.sliding_window import check_metrics, evaluate_text, read_documents
+from openllm_ds.evaluation.tasks import TaskSpec
+from openllm_ds.utils import atomic_write_json
+
+
+def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=None, batch_size=8, checkpoint=None,
+             tasks=(), checkpoints=None, num_workers=2, output=None) -> dict:
+    """Without ``tasks``: the requested perplexity metrics of ``eval_data`` (default: the run's
+    validation file) under the checkpoint at step ``checkpoint`` (default latest) or an export.
+
+    With ``tasks`` (names in eval/ or YAML paths): every task on every checkpoint in
+    ``checkpoints`` ("all" | "latest" | "10,20"; default: ``checkpoint`` or latest), across
+    ``num_workers`` Ray workers (0: in this process); ``eval_data`` then adds a perplexity task
+    on that file. Returns the report; ``output`` also receives it as JSON.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+    if stride is not None and stride < 1:
+        raise UserError(f"--stride must be >= 1, got {stride}")
+    tasks = tuple(tasks or ())
+    if tasks:
+        if checkpoints is None and checkpoint is not None:
+            checkpoints = str(checkpoint)
+        extra = []
+        if eval_data:
+            read_documents(eval_data, limit=1)  # missing or empty file: fail now
+            extra.append(TaskSpec(name=f"{Path(eval_data).stem}_ppl", kind="perplexity", data=str(Path(eval_data).resolve()),
+                                  stride=stride, batch_size=batch_size, source="--eval_data"))
+        return run_harness(model_dir, tasks, checkpoints, num_workers, output, extra_specs=extra)
+    if checkpoints is not None:
+        raise UserError("--checkpoints selects checkpoints for --tasks; for one perplexity evaluation use --checkpoint STEP")
+
+    metrics = check_metrics(metrics)
+    docs = read_documents(eval_data) if eval_data else None
+    loaded = load_model(model_dir, step=checkpoint, device=pick_device())
+    if docs is None:
+        default = Path(loaded.run_config.eval_data) if loaded.run_config else None
+        if default is None or not default.is_file():
+            raise UserError(f"pass --eval_data (a text file, one document a line); the run's validation file "
+                            f"{default or '(unknown for an export)'} is not there")
+        eval_data, docs = str(default), read_documents(default)
+
+    from openllm_ds.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(loaded.tokenizer_dir)
+    start = time.perf_counter()
+    result = evaluate_text(loaded.model, tokenizer, docs, stride=stride, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    report = {
+        "model_dir": str(model_dir),
+        "checkpoint": str(loaded.path),
+        "step": loaded.step,
+        "eval_data": str(eval_data),
+        **{m: result[m] for m in metrics},
+        **{k: result[k] for k in ("num_tokens", "num_words", "num_bytes", "num_documents", "stride", "max_seq_len")},
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(result["num_tokens"] / seconds, 1) if seconds > 0 else None,
+    }
+    if output:
+        atomic_write_json(output, report)
+    return report

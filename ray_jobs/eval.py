@@ -1,0 +1,18 @@
+"""Evaluate on a Ray cluster: harness tasks x checkpoints, one Ray task per pair.
+
+    ray job submit --working-dir . -- python ray_jobs/eval.py \
+        --model_dir models/tiny --tasks squad_v1_qa,wikitext2_ppl --checkpoints all
+
+Takes the flags of `openllm-ds evaluate` (see `python ray_jobs/eval.py --help`); inside a Ray job
+the library connects to the job's cluster (RAY_ADDRESS) instead of starting a local one.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds openllm_ds/
+
+from openllm_ds.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
