@@ -1,0 +1,198 @@
+"""Save and resume training checkpoints in the layout openllm_ds/checkpoint.py reads.
+
+A save, in order (a crash at any point leaves ``latest`` on the previous complete checkpoint):
+1. every rank: ``engine.save_checkpoint(<output>/checkpoints, tag=step_XXXXXXXX, save_latest=False)``
+   (model, optimizer, scheduler, loss scaler; our client state: train state, data position and the
+   RNG states of every rank);
+2. rank 0: ``model.safetensors`` (consolidated fp32 weights under our parameter names; for ZeRO
+   stages 1-3 DeepSpeed's zero_to_fp32 reads them back from the files just written),
+   ``train_state.json`` and ``run_config.yaml`` into the tag dir;
+3. rank 0: ``checkpoints/latest`` replaced atomically, then checkpoints beyond ``keep_last`` deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from openllm_ds.checkpoint import CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, list_checkpoints, step_tag
+from openllm_ds.config import RunConfig
+from openllm_ds.errors import ConfigError
+from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier
+from openllm_ds.utils import atomic_write_json, atomic_write_text
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Runtime state of a run (never in the config): saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    epoch: int = 0  # data position: epoch of the window order ...
+    index: int = 0  # ... and windows of it consumed
+    last_eval_loss: float | None = None
+    nonfinite_skipped: int = 0  # steps whose update was dropped for non-finite gradients
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, cfg: RunConfig, state: TrainState, env: DistEnv, zero_stage: int) -> Path:
+    """Write checkpoint ``step_tag(state.step)``; all ranks call this. Returns the tag dir."""
+    ckpt_dir = Path(cfg.output_dir) / CHECKPOINTS
+    tag = step_tag(state.step)
+    tag_dir = ckpt_dir / tag
+    client_state = {"train_state": dataclasses.asdict(state), "rng": all_gather_object(rng_state(), env)}
+    if env.is_rank_zero and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # an interrupted save of this step (``latest`` never named it)
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    barrier()
+    if env.is_rank_zero:
+        weights = consolidated_state_dict(engine, ckpt_dir, tag, zero_stage, cfg)
+        write_safetensors(weights, tag_dir / WEIGHTS)
+        atomic_write_json(tag_dir / TRAIN_STATE, dataclasses.asdict(state))
+        cfg.save(tag_dir / "run_config.yaml")
+        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+        prune_checkpoints(Path(cfg.output_dir), cfg.train.keep_last, state.step)
+    barrier()
+    return tag_dir
+
+
+def consolidated_state_dict(engine, ckpt_dir: Path, tag: str, zero_stage: int, cfg: RunConfig) -> dict:
+    """fp32 weights under the model's own names (a tied head is stored once, as the embedding)."""
+    if zero_stage == 0:
+        sd = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    expected = set(engine.module.state_dict())
+    if cfg.model.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    if set(sd) != expected:
+        raise RuntimeError(f"consolidated weights of {tag} do not match the model: missing "
+                           f"{sorted(expected - set(sd))[:3]}, unexpected {sorted(set(sd) - expected)[:3]}")
+    empty = [k for k, v in sd.items() if v.numel() == 0]
+    if empty:
+        raise RuntimeError(f"consolidated weights of {tag} hold empty tensors: {empty[:3]}")
+    return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def prune_checkpoints(output_dir: Path, keep_last: int, current_step: int) -> list[Path]:
+    """Keep the newest ``keep_last`` complete checkpoints up to ``current_step``; delete older step dirs.
+
+    Step dirs beyond ``current_step`` (left by a run resumed from an earlier checkpoint) are kept
+    until this run reaches and rewrites them.
+    """
+    complete = [(s, d) for s, d in list_checkpoints(output_dir) if s <= current_step]
+    keep = {d.name for _, d in complete[-keep_last:]}
+    removed = []
+    for d in (output_dir / CHECKPOINTS).iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and int(m.group(1)) <= current_step and d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
+    """The tag dir ``train.resume`` names: ``auto`` = the one ``<output>/checkpoints/latest`` names
+    (none yet: start fresh), ``none``, or an explicit ``checkpoints/step_*`` dir."""
+    resume = cfg.train.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        latest = Path(cfg.output_dir) / CHECKPOINTS / LATEST
+        if latest.is_file():
+            tag_dir = latest.parent / latest.read_text().strip()
+            what = f"{latest} names {tag_dir.name}, but"
+        else:  # a crash between train_state.json and latest: the newest complete checkpoint
+            found = list_checkpoints(cfg.output_dir)
+            if not found:
+                return None
+            tag_dir, what = found[-1][1], "resume:"
+    else:
+        tag_dir = Path(resume)
+        what = f"train.resume {tag_dir}:"
+    if not (tag_dir / TRAIN_STATE).is_file() or not (tag_dir / WEIGHTS).is_file():
+        raise ConfigError(f"{what} {tag_dir} is not a complete checkpoint (no {TRAIN_STATE} / {WEIGHTS}); "
+                          "pass a checkpoints/step_* dir, --resume auto, or --resume none to start over")
+    saved = tag_dir / "run_config.yaml"
+    if saved.is_file():
+        model = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model", {})
+        mine = dataclasses.asdict(cfg.model)
+        diff = sorted(k for k in mine if k in model and model[k] != mine[k])
+        if diff:
+            raise ConfigError(f"checkpoint {tag_dir} was trained with a different model ("
+                              + ", ".join(f"model.{k}: {model[k]} vs {mine[k]}" for k in diff)
+                              + "); resume with the same model config or pass --resume none and a new --output_dir")
+    return tag_dir
+
+
+def load_checkpoint(engine, tag_dir: Path, env: DistEnv) -> TrainState:
+    """Restore engine state (model, optimizer, scheduler, scaler), RNG and the train state."""
+    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None or not client_state or "train_state" not in client_state:
+        raise ConfigError(f"could not load the DeepSpeed checkpoint {tag_dir}; pass --resume none to start over")
+    rngs = client_state.get("rng") or []
+    if len(rngs) == env.world_size:
+        set_rng_state(rngs[env.rank])
+    return TrainState(**client_state["train_state"])
+
+
+def check_fresh_output_dir(cfg: RunConfig) -> None:
+    """A fresh run (resume none) must not interleave its checkpoints with another run's."""
+    found = list_checkpoints(cfg.output_dir)
+    if cfg.train.resume == "none" and found:
+        raise ConfigError(f"output dir {cfg.output_dir} already holds checkpoints (up to step {found[-1][0]}); "
+                          "pass --resume auto to continue that run, or choose another --output_dir")

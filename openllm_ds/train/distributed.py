@@ -1,0 +1,128 @@
+"""The one place that sets up the process group, for every way ``train()`` is started.
+
+- ``deepspeed --num_gpus N --module openllm_ds.train``: the launcher sets RANK, WORLD_SIZE,
+  LOCAL_RANK, MASTER_ADDR and MASTER_PORT; each rank joins with ``deepspeed.init_distributed``.
+- Ray Train (TorchTrainer): the worker group has already initialised torch.distributed;
+  DeepSpeed wraps that group.
+- One plain process (no launcher variables): a world of size 1 on a free loopback port.
+
+gloo on CPU (DeepSpeed's CPU accelerator), nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str  # "cpu" | "cuda"
+
+    @property
+    def is_rank_zero(self) -> bool:
+        """Whether this process logs, writes shared files and prints: decided here only."""
+        return self.rank == 0
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.device == "cuda" else torch.device("cpu")
+
+
+def select_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def import_deepspeed(device: str):
+    """Import DeepSpeed with the accelerator named explicitly (no auto-detection warning on CPU)."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def init_distributed() -> DistEnv:
+    """Join (or create) the process group; idempotent within a process."""
+    device = select_device()
+    deepspeed = import_deepspeed(device)
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if device == "cpu":
+        _skip_shm_comm_build(deepspeed)
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    env = DistEnv(rank=dist.get_rank(), local_rank=int(os.environ["LOCAL_RANK"]), world_size=dist.get_world_size(),
+                  device=device)
+    if device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # ranks on one machine share its cores; oversubscribing them slows every rank down
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or env.world_size)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+    return env
+
+
+def _skip_shm_comm_build(deepspeed) -> None:
+    """DeepSpeed's TorchBackend JIT-compiles a shared-memory C++ op on CPU (~40 s the first time).
+
+    The op serves only ``inference_all_reduce`` (tensor-parallel inference), which training never
+    calls; marking it incompatible makes DeepSpeed use plain gloo collectives without the build.
+    """
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(values: list[float], env: DistEnv) -> list[float]:
+    """Mean of each value over the ranks (float64, so one rank's value comes back unchanged)."""
+    if env.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.torch_device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / env.world_size).tolist()
+
+
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    if env.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.torch_device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
+    if env.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. an error found by rank 0 alone)."""
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,230 @@
+"""``train(cfg)``: the one training loop, whichever launcher started the process.
+
+    set up  -> process group, checks, token shards, output dir, DeepSpeed engine, resume
+    loop    -> step (grad-accumulated through the engine) -> log -> maybe validate -> maybe save
+    finish  -> final validation and checkpoint, summary
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openllm_ds.config import RunConfig
+from openllm_ds.errors import UserError
+from openllm_ds.model import Transformer
+from openllm_ds.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from openllm_ds.train.data import DataPosition, EvalWindows, TrainBatches, ensure_token_shards
+from openllm_ds.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, import_deepspeed, init_distributed
+from openllm_ds.train.ds_config import zero_stage
+from openllm_ds.train.metrics import RunLog, flops_per_token, measure_matmul_peak, memory_mb, perplexity
+from openllm_ds.train.optim import build_lr_scheduler, param_groups
+from openllm_ds.train.preflight import RunInputs, check_lengths, check_run_inputs
+from openllm_ds.utils import atomic_dir
+
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last complete checkpoint is intact."""
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train ``cfg.model`` on ``cfg.train.data_file`` with DeepSpeed; returns a summary of the run."""
+    env = init_distributed()
+    inputs = check_run_inputs(cfg, env)
+    out = Path(cfg.output_dir).resolve()
+    log = RunLog(env, out)
+    if env.is_rank_zero:
+        prepare_output_dir(cfg, out)
+
+    t = cfg.train
+    train_tokens = ensure_token_shards(t.data_file, t.tokenizer_dir, inputs.tokenizer.sha256, env, cfg.tokenizer.num_workers)
+    val_tokens = ensure_token_shards(cfg.eval_data, t.tokenizer_dir, inputs.tokenizer.sha256, env, cfg.tokenizer.num_workers)
+    check_lengths(cfg, len(train_tokens), len(val_tokens), env.world_size)
+    T = cfg.model.max_seq_len
+    batches = TrainBatches(train_tokens, T, t.micro_batch_size, t.gradient_accumulation_steps, env, t.seed)
+    eval_windows = EvalWindows(val_tokens, T, t.eval_batches * t.micro_batch_size, t.micro_batch_size, env)
+
+    engine = build_engine(cfg, inputs, env)
+    num_params = engine.module.num_params()
+    stage = zero_stage(inputs.ds_config)
+    state = TrainState()
+    if inputs.resume_from is not None:
+        state = load_checkpoint(engine, inputs.resume_from, env)
+        log.info(f"resumed from {inputs.resume_from} at step {state.step} (epoch {state.epoch}, window {state.index})")
+    resumed_step = state.step
+
+    peak = measure_matmul_peak(env.torch_device, PRECISION_DTYPES[inputs.precision])
+    flops_tok = flops_per_token(cfg.model, num_params)
+    tokens_per_step = batches.global_batch * T
+    log.info(f"model: {num_params:,} parameters ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
+             f"{cfg.model.n_heads} heads, context {T}); {env.world_size} rank(s) on {env.device}, {inputs.precision}, "
+             f"ZeRO-{stage}; global batch {batches.global_batch} x {T} tokens; "
+             f"{batches.steps_per_epoch} steps per epoch; output {out}")
+
+    last_ckpt = inputs.resume_from
+    loss = None
+    consecutive_nonfinite = 0
+    run_start, run_tokens = time.perf_counter(), 0
+    log.start(engine, state.step, t.max_steps, t.log_every)
+    try:
+        while state.step < t.max_steps:
+            t0 = time.perf_counter()
+            micro_batches, pos = batches.next_batch(DataPosition(state.epoch, state.index))
+            lr = engine.get_lr()[0]
+            loss, grad_norm, skipped = train_step(engine, micro_batches, env, stage, inputs.precision)
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.epoch, state.index = pos.epoch, pos.index
+            state.tokens_seen += tokens_per_step
+            state.nonfinite_skipped += skipped
+            run_tokens += tokens_per_step
+            tokens_per_sec = tokens_per_step / dt
+            log.step(state.step, loss, tokens_per_sec)
+
+            consecutive_nonfinite = 0 if math.isfinite(loss) else consecutive_nonfinite + 1
+            if consecutive_nonfinite >= max(1, t.max_nonfinite_steps):
+                raise TrainingError(
+                    f"the training loss was non-finite ({loss}) for {consecutive_nonfinite} consecutive steps "
+                    f"(steps {state.step - consecutive_nonfinite + 1}-{state.step}, train.max_nonfinite_steps="
+                    f"{t.max_nonfinite_steps}); the last good checkpoint is {last_ckpt or 'none (no checkpoint yet)'}; "
+                    "lower train.learning_rate, raise train.warmup_steps, or check the data")
+
+            if state.step % t.log_every == 0 or state.step == t.max_steps:
+                log.scalars(state.step, {
+                    "train/loss": loss, "train/perplexity": perplexity(loss), "train/lr": lr,
+                    "train/grad_norm": grad_norm, "train/loss_scale": loss_scale(engine),
+                    "train/tokens_per_sec": tokens_per_sec,
+                    "train/mfu": flops_tok * tokens_per_sec / (peak * env.world_size),
+                    "train/memory": memory_mb(env.torch_device),
+                })
+            if state.step % t.eval_every == 0 or state.step == t.max_steps:
+                state.last_eval_loss = evaluate(engine, eval_windows, env)
+                log.scalars(state.step, {"eval/loss": state.last_eval_loss,
+                                         "eval/perplexity": perplexity(state.last_eval_loss)})
+                log.info(f"step {state.step}: train loss {loss:.4f}, val loss {state.last_eval_loss:.4f}, "
+                         f"val perplexity {perplexity(state.last_eval_loss):.2f}")
+            if state.step % t.save_every == 0 or state.step == t.max_steps:
+                if consecutive_nonfinite:
+                    log.info(f"step {state.step}: not saving a checkpoint after a non-finite loss")
+                else:
+                    last_ckpt = save_checkpoint(engine, cfg, state, env, stage)
+    finally:
+        log.close()
+
+    elapsed = time.perf_counter() - run_start
+    summary = {
+        "final_step": state.step,
+        "train_loss": loss,
+        "val_loss": state.last_eval_loss,
+        "val_perplexity": perplexity(state.last_eval_loss) if state.last_eval_loss is not None else None,
+        "tokens_seen": state.tokens_seen,
+        "num_params": num_params,
+        "output_dir": str(out),
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "nonfinite_skipped": state.nonfinite_skipped,
+        "resumed_from_step": resumed_step if inputs.resume_from is not None else None,
+        "world_size": env.world_size,
+        "precision": inputs.precision,
+        "zero_stage": stage,
+        "elapsed_s": round(elapsed, 2),
+        "tokens_per_sec": run_tokens / elapsed if elapsed > 0 else None,
+    }
+    return summary
+
+
+def prepare_output_dir(cfg: RunConfig, out: Path) -> None:
+    """The resolved config and a copy of the tokenizer, beside the checkpoints (rank 0)."""
+    cfg.save(out / "run_config.yaml")
+    dst = out / "tokenizer"
+    if not dst.is_dir():
+        with atomic_dir(dst) as tmp:
+            for f in Path(cfg.train.tokenizer_dir).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+
+
+def build_engine(cfg: RunConfig, inputs: RunInputs, env: DistEnv):
+    """The model wrapped by ``deepspeed.initialize`` with AdamW and the warmup-cosine schedule."""
+    deepspeed = import_deepspeed(env.device)
+    t = cfg.train
+    seed_everything(t.seed)  # identical initial weights on every rank
+    model = Transformer(cfg.model)
+    if t.gradient_checkpointing:
+        deepspeed.checkpointing.configure(None, deepspeed_config=inputs.ds_config)
+        model.gradient_checkpointing = True
+        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+    scheduler = None
+    if "scheduler" not in inputs.ds_config:  # a scheduler block in the base JSON takes precedence
+        scheduler = build_lr_scheduler(t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
+                                           lr_scheduler=scheduler, config=inputs.ds_config)
+    seed_everything(t.seed + env.rank)  # dropout differs between ranks, reproducibly
+    return engine
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_step(engine, micro_batches, env: DistEnv, stage: int, precision: str) -> tuple[float, float, int]:
+    """One optimizer step over this rank's micro batches. Returns (mean loss over all ranks, grad norm,
+    1 if the update was dropped for non-finite gradients else 0)."""
+    engine.train()
+    skipped_before = engine.skipped_steps
+    losses, own_norm = [], None
+    for x, y in micro_batches:
+        _, loss = engine(x, y)
+        engine.backward(loss)
+        if stage == 0 and precision == "fp32" and engine.is_gradient_accumulation_boundary():
+            own_norm = skip_nonfinite_update(engine)
+        engine.step()
+        losses.append(loss.detach().float())
+    mean_loss = all_reduce_mean([torch.stack(losses).mean().item()], env)[0]
+    if own_norm is not None:  # fp32 without ZeRO: plain torch optimizer, no overflow check of its own
+        return mean_loss, own_norm, int(not math.isfinite(own_norm))
+    norm = engine.get_global_grad_norm()
+    norm = float(norm) if norm is not None else math.nan
+    return mean_loss, norm, engine.skipped_steps - skipped_before
+
+
+def skip_nonfinite_update(engine) -> float:
+    """Global grad norm at the boundary (grads are already averaged over ranks). If it is not finite,
+    the grads are zeroed and this step runs with lr 0, so every parameter stays as it was (AdamW's
+    moments decay by one step); the scheduler sets the lr again for the next step."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    if not math.isfinite(norm):
+        for g in grads:
+            g.zero_()
+        for group in engine.optimizer.param_groups:
+            group["lr"] = 0.0
+    return norm
+
+
+@torch.no_grad()
+def evaluate(engine, windows: EvalWindows, env: DistEnv) -> float:
+    """Mean next-token loss over the fixed validation windows (all ranks)."""
+    engine.eval()
+    total, count = 0.0, 0
+    for x, y in windows.batches():
+        _, loss = engine(x, y)
+        total += float(loss) * y.numel()
+        count += y.numel()
+    total, count = all_reduce_sum([total, count], env)
+    engine.train()
+    return total / count
+
+
+def loss_scale(engine) -> float:
+    scale = getattr(engine.optimizer, "loss_scale", None)
+    return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else 1.0

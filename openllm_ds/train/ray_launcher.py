@@ -1,0 +1,114 @@
+"""Ray Train launcher: ``train.num_workers`` DeepSpeed workers started by a TorchTrainer.
+
+Each worker runs the same ``train(cfg)`` as the other launchers; the TorchTrainer has already set up
+torch.distributed (gloo on CPU, nccl with GPUs) and RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR, and
+DeepSpeed joins that group. Before any worker starts, the driver checks the config and builds the
+token shards, so a bad config fails in the first seconds and no worker competes with tokenization
+for CPUs.
+
+Paths: every path in the config is made absolute on the driver. Workers on one machine (the local
+Ray instance) see the same files. On a multi-node cluster the data, tokenizer and output dir must
+be on storage every node mounts at the same path (NFS, a shared volume); Ray Train's own run
+records go to ``<output>/ray``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from openllm_ds.config import RunConfig
+from openllm_ds.errors import UserError
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The same run with file paths made absolute (workers may run in another directory)."""
+    t = cfg.train
+    absolute = {k: str(Path(getattr(t, k)).resolve()) for k in ("data_file", "tokenizer_dir", "ds_config")}
+    absolute["output_dir"] = str(Path(cfg.output_dir).resolve())
+    absolute["eval_data"] = str(Path(cfg.eval_data).resolve())
+    if t.resume not in ("auto", "none"):
+        absolute["resume"] = str(Path(t.resume).resolve())
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, **absolute))
+
+
+def train_with_ray(cfg: RunConfig) -> dict:
+    import torch
+
+    from openllm_ds.train.data import ensure_token_shards
+    from openllm_ds.train.distributed import DistEnv
+    from openllm_ds.train.preflight import check_lengths, check_run_inputs
+
+    cfg = absolute_paths(cfg)
+    n = cfg.train.num_workers
+    use_gpu = torch.cuda.is_available()
+    device = "cuda" if use_gpu else "cpu"
+    inputs = check_run_inputs(cfg, DistEnv(rank=0, local_rank=0, world_size=n, device=device))
+    driver = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
+    shards = [ensure_token_shards(f, cfg.train.tokenizer_dir, inputs.tokenizer.sha256, driver, cfg.tokenizer.num_workers)
+              for f in (cfg.train.data_file, cfg.eval_data)]
+    check_lengths(cfg, len(shards[0]), len(shards[1]), n)
+
+    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    start_ray(n)
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_worker,
+        train_loop_config={"run_config": cfg},
+        scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu),
+        run_config=RayRunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "ray"),
+                                failure_config=FailureConfig(max_failures=0)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; a user error keeps its one-line message
+        raise _user_error_in(e) or e
+    if result.error is not None:
+        raise _user_error_in(result.error) or result.error
+    if not result.metrics:
+        raise RuntimeError("Ray Train finished without the training summary of rank 0")
+    return dict(result.metrics)
+
+
+def start_ray(num_workers: int) -> None:
+    """Connect to ``RAY_ADDRESS`` or start a local instance, with the workers' output shown here.
+
+    A local instance gets a CPU slot per worker even on a smaller machine (they share the cores).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+
+
+def _train_worker(config: dict) -> None:
+    """Every worker trains; rank 0 reports the summary (Ray Train keeps metrics that come with a checkpoint)."""
+    import tempfile
+
+    import ray.train
+
+    from openllm_ds.train.loop import train
+
+    summary = train(config["run_config"])
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report({})
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "summary.json").write_text(json.dumps(summary, default=str), encoding="utf-8")
+        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError a worker raised: Ray Train's WorkerGroupError keeps each rank's exception."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        if isinstance(failures[rank], UserError):
+            return failures[rank]
+    return exc if isinstance(exc, UserError) else None

@@ -1,0 +1,285 @@
+"""Training in this process (one rank, DeepSpeed's CPU accelerator) on the real SQuAD token shards.
+
+One shared 60-step run serves several checks (loss, TensorBoard, checkpoints, pruning); resume,
+non-finite handling and config errors get short runs of their own.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from openllm_ds.checkpoint import list_checkpoints, load_model
+from openllm_ds.config import load_run_config
+from openllm_ds.errors import ConfigError, DataError, UserError
+from openllm_ds.model import Transformer
+from openllm_ds.tokenizer import TokenShards
+from openllm_ds.train import TrainingError, train
+from openllm_ds.train import checkpointing, loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(prepared_data, tokenizer_dir, output_dir, **overrides):
+    values = {
+        "name": "tiny-test",
+        "model.vocab_size": 8000, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.d_ff": 192,
+        "model.max_seq_len": 64, "model.dropout": 0.0,
+        "train.data_file": str(prepared_data / "training_data.txt"), "train.tokenizer_dir": str(tokenizer_dir),
+        "train.ds_config": str(ROOT / "ds_configs/zero2.json"), "train.output_dir": str(output_dir),
+        "train.micro_batch_size": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 10, "train.max_steps": 60,
+        "train.eval_every": 20, "train.eval_batches": 4, "train.save_every": 20, "train.keep_last": 2,
+        "train.log_every": 1,
+    }
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_run_config(None, values)
+
+
+def logged(output_dir, key="train/loss"):
+    """{step: value} from train_log.jsonl (the last line for a step wins, as after a resume)."""
+    out = {}
+    for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            out[row["step"]] = float(row[key])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(token_shards, prepared_data, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-run")
+    cfg = tiny_cfg(prepared_data, tokenizer_dir, out)
+    return cfg, train(cfg)
+
+
+def test_loss_falls_on_real_data(tiny_run):
+    cfg, summary = tiny_run
+    losses = logged(cfg.output_dir)
+    assert sorted(losses) == list(range(1, 61))
+    assert losses[1] == pytest.approx(math.log(8000), abs=0.05)  # untrained: uniform over the vocabulary
+    assert np.mean([losses[s] for s in range(51, 61)]) < losses[1] - 1.5
+    assert summary["val_loss"] < math.log(8000) - 1.5
+    assert summary["val_perplexity"] == pytest.approx(math.exp(summary["val_loss"]))
+    assert summary["final_step"] == 60 and summary["nonfinite_skipped"] == 0
+    assert summary["tokens_seen"] == 60 * 8 * 64
+    assert summary["num_params"] == Transformer(cfg.model).num_params()
+    assert summary["train_loss"] == losses[60]
+
+
+def test_tensorboard_scalars(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, summary = tiny_run
+    acc = EventAccumulator(str(Path(cfg.output_dir) / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {f"train/{k}" for k in ("loss", "perplexity", "lr", "grad_norm", "loss_scale", "tokens_per_sec",
+                                       "mfu", "memory")} | {"eval/loss", "eval/perplexity"}
+    assert expected <= tags
+    evals = acc.Scalars("eval/loss")
+    assert [e.step for e in evals] == [20, 40, 60]
+    assert evals[-1].value == pytest.approx(summary["val_loss"], rel=1e-6)
+    train_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert train_loss[60] == pytest.approx(summary["train_loss"], rel=1e-6)
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    assert lr[1] == pytest.approx(3e-3 / 10) and lr[10] == pytest.approx(3e-3)
+    assert lr[60] == pytest.approx(3e-3 * 0.1)  # cosine down to learning_rate * min_lr_ratio
+    assert all(e.value == 1.0 for e in acc.Scalars("train/loss_scale"))  # fp32: no loss scaling
+    assert all(0 < e.value < 1 for e in acc.Scalars("train/mfu"))
+    assert all(e.value > 50 for e in acc.Scalars("train/memory"))  # MB of resident memory
+    assert all(0 < e.value < 100 for e in acc.Scalars("train/grad_norm"))
+
+
+def test_checkpoints_layout_pruning_and_weights(tiny_run, prepared_data):
+    cfg, summary = tiny_run
+    out = Path(cfg.output_dir)
+    assert (out / "run_config.yaml").is_file()
+    assert (out / "tokenizer/tokenizer.model").read_bytes() == (Path(cfg.train.tokenizer_dir) / "tokenizer.model").read_bytes()
+    assert (out / "checkpoints/latest").read_text().strip() == "step_00000060"
+    assert [s for s, _ in list_checkpoints(out)] == [40, 60]  # keep_last 2: step 20 deleted
+    assert not (out / "checkpoints/step_00000020").exists()
+    state = json.loads((out / "checkpoints/step_00000060/train_state.json").read_text())
+    assert state["step"] == 60 and state["tokens_seen"] == 60 * 8 * 64
+    assert (state["epoch"], state["index"]) == (0, 60 * 8)
+    assert state["last_eval_loss"] == summary["val_loss"]
+
+    # The consolidated weights, loaded without DeepSpeed, give the validation loss the run reported,
+    # on windows chosen here from the documented rule (evenly spaced, eval_batches x micro of them).
+    loaded = load_model(out)
+    assert loaded.step == 60 and loaded.kind == "train"
+    val = TokenShards(Path(prepared_data / "validation_data.tokens"))
+    T, n = 64, 4 * 8
+    available = (len(val) - 1) // T
+    rows = torch.from_numpy(np.stack([val[w * T : w * T + T + 1] for w in (np.arange(n) * available) // n]))
+    with torch.no_grad():
+        _, loss = loaded.model(rows[:, :-1], rows[:, 1:])
+    assert float(loss) == pytest.approx(summary["val_loss"], rel=1e-5)
+
+
+def test_stop_and_resume_repeats_the_uninterrupted_losses(token_shards, prepared_data, tokenizer_dir, tmp_path,
+                                                          monkeypatch, capsys):
+    common = dict(model__dropout=0.1, train__max_steps=12, train__save_every=3, train__eval_every=6,
+                  train__micro_batch_size=4, train__gradient_accumulation_steps=2, train__keep_last=5)
+    straight = train(tiny_cfg(prepared_data, tokenizer_dir, tmp_path / "straight", **common))
+    assert f"model: {straight['num_params']:,} parameters" in capsys.readouterr().out
+
+    cfg = tiny_cfg(prepared_data, tokenizer_dir, tmp_path / "resumed", **common)
+    real_save = checkpointing.save_checkpoint
+
+    def save_then_die_at_6(engine, cfg_, state, env, stage):
+        path = real_save(engine, cfg_, state, env, stage)
+        if state.step == 6:
+            raise KeyboardInterrupt  # the process is killed right after the step-6 checkpoint
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    ckpt = Path(cfg.output_dir) / "checkpoints"
+    # a save of step 9 that died half-way: DeepSpeed files but no latest pointing at it
+    partial = ckpt / "step_00000009"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
+
+    resumed = train(cfg)
+    assert resumed["resumed_from_step"] == 6 and resumed["final_step"] == 12
+    a, b = logged(tmp_path / "straight"), logged(cfg.output_dir)
+    assert [b[s] for s in range(7, 13)] == [a[s] for s in range(7, 13)]  # bit-exact
+    assert logged(cfg.output_dir, "eval/loss")[12] == logged(tmp_path / "straight", "eval/loss")[12]
+    assert resumed["val_loss"] == straight["val_loss"]
+    assert (partial / "train_state.json").is_file()  # rewritten by the resumed run when it got there
+    assert [s for s, _ in list_checkpoints(cfg.output_dir)] == [3, 6, 9, 12]
+
+
+def nan_loss_from(monkeypatch, bad_calls):
+    """Make the model's loss NaN on the forward calls numbered in ``bad_calls`` (training calls only)."""
+    real_forward = Transformer.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if self.training and loss is not None:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
+@pytest.mark.parametrize("ds_config", ["zero0", "zero2"])
+def test_a_nonfinite_step_is_skipped(token_shards, prepared_data, tokenizer_dir, tmp_path, monkeypatch, ds_config):
+    nan_loss_from(monkeypatch, bad_calls={3})  # step 3 (one micro batch per step)
+    cfg = tiny_cfg(prepared_data, tokenizer_dir, tmp_path, train__max_steps=6, train__eval_every=6,
+                   train__save_every=6, train__ds_config=str(ROOT / f"ds_configs/{ds_config}.json"))
+    summary = train(cfg)
+    assert summary["nonfinite_skipped"] == 1
+    losses = logged(tmp_path)
+    assert math.isnan(losses[3]) and all(math.isfinite(losses[s]) for s in (1, 2, 4, 5, 6))
+    weights = load_model(tmp_path).model.state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_persistent_nonfinite_loss_stops_with_the_last_checkpoint_intact(token_shards, prepared_data, tokenizer_dir,
+                                                                          tmp_path, monkeypatch, capsys):
+    from openllm_ds.train.__main__ import main
+
+    nan_loss_from(monkeypatch, bad_calls=set(range(5, 100)))  # from step 5 on
+    argv = ["--data_file", str(prepared_data / "training_data.txt"), "--tokenizer_dir", str(tokenizer_dir),
+            "--output_dir", str(tmp_path), "--max_steps", "30", "--save_every", "2", "--batch_size", "8",
+            "model.vocab_size=8000", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
+            "model.max_seq_len=64", "train.eval_batches=2", "train.max_nonfinite_steps=3", "train.warmup_steps=2",
+            f"train.ds_config={ROOT / 'ds_configs/zero2.json'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "non-finite (nan) for 3 consecutive steps (steps 5-7" in err
+    assert "step_00000004" in err and "train.max_nonfinite_steps=3" in err
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000004"
+    loaded = load_model(tmp_path)
+    assert loaded.step == 4
+    assert all(torch.isfinite(v).all() for v in loaded.model.state_dict().values())
+    assert issubclass(TrainingError, UserError)
+
+
+def test_activation_checkpointing_gives_the_same_losses(token_shards, prepared_data, tokenizer_dir, tmp_path):
+    runs = {}
+    for on in (False, True):
+        cfg = tiny_cfg(prepared_data, tokenizer_dir, tmp_path / str(on), model__dropout=0.1, train__max_steps=3,
+                       train__eval_every=3, train__save_every=3, train__gradient_checkpointing=on)
+        runs[on] = train(cfg)
+        assert logged(cfg.output_dir)
+    assert logged(tmp_path / "True") == pytest.approx(logged(tmp_path / "False"), rel=1e-6)
+
+
+@pytest.fixture()
+def no_engine(monkeypatch):
+    """Config errors must come before any compute: building the engine fails the test."""
+    def fail(*a, **k):
+        raise AssertionError("the engine was built before the config error was found")
+
+    monkeypatch.setattr(loop, "build_engine", fail)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"model__vocab_size": 7999}, ConfigError, r"model.vocab_size=7999 but the tokenizer .* has 8000 tokens; set model.vocab_size=8000"),
+    ({"train__tokenizer_dir": "/nonexistent/tok"}, ConfigError, r"train.tokenizer_dir .*/nonexistent/tok does not exist"),
+    ({"train__data_file": "/nonexistent/train.txt"}, DataError, r"train.data_file \(--data_file\) /nonexistent/train.txt does not exist"),
+    ({"train__eval_data": "/nonexistent/val.txt"}, DataError, r"train.eval_data \(--eval_data\) /nonexistent/val.txt does not exist"),
+    ({"train__ds_config": "/nonexistent/ds.json"}, ConfigError, r"train.ds_config /nonexistent/ds.json does not exist"),
+    ({"model__max_seq_len": 4096, "train__micro_batch_size": 128}, DataError,
+     r"train.data_file .* windows of model.max_seq_len\+1 = 4097 tokens, fewer than one global batch of 128"),
+    ({"train__resume": "/nonexistent/step_00000005"}, ConfigError, r"train.resume .* is not a complete checkpoint"),
+    ({"train__eval_batches": 0}, ConfigError, r"train.eval_batches must be >= 1"),
+])
+def test_config_errors_before_any_compute(token_shards, prepared_data, tokenizer_dir, tmp_path, no_engine,
+                                          overrides, error, message):
+    with pytest.raises(error, match=message):
+        train(tiny_cfg(prepared_data, tokenizer_dir, tmp_path, **overrides))
+
+
+def test_invalid_ds_config_json(token_shards, prepared_data, tokenizer_dir, tmp_path, no_engine):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"train.ds_config .*bad.json is not valid JSON"):
+        train(tiny_cfg(prepared_data, tokenizer_dir, tmp_path / "out", train__ds_config=str(bad)))
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_run, prepared_data, tokenizer_dir, no_engine):
+    cfg, _ = tiny_run
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \(up to step 60\); pass --resume auto"):
+        train(tiny_cfg(prepared_data, tokenizer_dir, cfg.output_dir, train__resume="none"))
+    with pytest.raises(ConfigError, match=r"different model \(model.d_model: 64 vs 128"):
+        train(tiny_cfg(prepared_data, tokenizer_dir, cfg.output_dir, model__d_model=128))
+
+
+def test_module_help_runs():
+    r = subprocess.run([sys.executable, "-m", "openllm_ds.train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--ds_config" in r.stdout and "--num_workers" in r.stdout and "section.key=value" in r.stdout
+
+
+def test_output_dir_of_another_tokenizer_is_refused(token_shards, prepared_data, tokenizer_dir, tmp_path, no_engine):
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer/tokenizer.model").write_bytes(b"another model")
+    with pytest.raises(ConfigError, match=r"holds a run trained with another tokenizer"):
+        train(tiny_cfg(prepared_data, tokenizer_dir, tmp_path))
+
+
+def test_ray_job_entry_point_defaults_to_one_worker(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_job_train", ROOT / "ray_jobs/train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--dry_run"]) == 0
+    assert "num_workers: 1" in capsys.readouterr().out.split("train:", 1)[1]
+    assert job.main(["--dry_run", "--num_workers", "0"]) == 0
+    assert "num_workers: 0" in capsys.readouterr().out.split("train:", 1)[1]
