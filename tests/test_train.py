@@ -218,6 +218,27 @@ def test_activation_checkpointing_gives_the_same_losses(token_shards, prepared_d
     assert logged(tmp_path / "True") == pytest.approx(logged(tmp_path / "False"), rel=1e-6)
 
 
+def test_harness_tasks_run_at_each_evaluation(token_shards, prepared_data, tokenizer_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from openllm_ds.evaluation.tasks import run_task
+
+    task = tmp_path / "val_ppl.yaml"
+    task.write_text(f"kind: perplexity\ndata: {prepared_data / 'validation_data.txt'}\nlimit: 20\n")
+    out = tmp_path / "run"
+    cfg = tiny_cfg(prepared_data, tokenizer_dir, out, train__max_steps=4, train__eval_every=2, train__save_every=4,
+                   train__eval_tasks=[str(task), "squad_cloze"])
+    train(cfg)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    for tag in ("harness/val_ppl/perplexity", "harness/squad_cloze/accuracy"):
+        assert [p.step for p in acc.Scalars(tag)] == [2, 4], tag
+    ppl = {p.step: p.value for p in acc.Scalars("harness/val_ppl/perplexity")}
+    assert ppl[4] < ppl[2] < 8000  # training lowers it from the uniform model's vocabulary size
+    # the value logged at step 4 is what the harness gives on the step-4 checkpoint
+    assert ppl[4] == pytest.approx(run_task(str(task), out, step=4, progress=False)["value"], rel=1e-5)
+
+
 @pytest.fixture()
 def no_engine(monkeypatch):
     """Config errors must come before any compute: building the engine fails the test."""
@@ -237,6 +258,7 @@ def no_engine(monkeypatch):
      r"train.data_file .* windows of model.max_seq_len\+1 = 4097 tokens, fewer than one global batch of 128"),
     ({"train__resume": "/nonexistent/step_00000005"}, ConfigError, r"train.resume .* is not a complete checkpoint"),
     ({"train__eval_batches": 0}, ConfigError, r"train.eval_batches must be >= 1"),
+    ({"train__eval_tasks": ["no_such_task"]}, ConfigError, r"train.eval_tasks: .*no_such_task"),
 ])
 def test_config_errors_before_any_compute(token_shards, prepared_data, tokenizer_dir, tmp_path, no_engine,
                                           overrides, error, message):

@@ -111,6 +111,11 @@ def train(cfg: RunConfig) -> dict:
                                          "eval/perplexity": perplexity(state.last_eval_loss)})
                 log.info(f"step {state.step}: train loss {loss:.4f}, val loss {state.last_eval_loss:.4f}, "
                          f"val perplexity {perplexity(state.last_eval_loss):.2f}")
+                if inputs.eval_tasks:
+                    results = run_eval_tasks(engine, inputs, env, stage)
+                    log.scalars(state.step, {f"harness/{r['task']}/{r['metric']}": r["value"] for r in results})
+                    log.info(f"step {state.step}: " + ", ".join(f"{r['task']} {r['metric']} {r['value']:.4g} "
+                                                                f"(baseline {r['baseline']:.4g})" for r in results))
             if state.step % t.save_every == 0 or state.step == t.max_steps:
                 if consecutive_nonfinite:
                     log.info(f"step {state.step}: not saving a checkpoint after a non-finite loss")
@@ -223,6 +228,18 @@ def evaluate(engine, windows: EvalWindows, env: DistEnv) -> float:
     total, count = all_reduce_sum([total, count], env)
     engine.train()
     return total / count
+
+
+def run_eval_tasks(engine, inputs: RunInputs, env: DistEnv, stage: int) -> list[dict]:
+    """train.eval_tasks on the model being trained: rank 0 alone, or every rank under ZeRO-3 (whose
+    forward passes gather partitioned weights collectively; greedy decoding keeps the ranks in step)."""
+    from openllm_ds.evaluation.tasks import run_task_on_model
+
+    if not (env.is_rank_zero or stage == 3):
+        return []
+    results = [run_task_on_model(spec, engine.module, inputs.tokenizer, progress=False) for spec in inputs.eval_tasks]
+    engine.train()
+    return results
 
 
 def loss_scale(engine) -> float:

@@ -20,6 +20,7 @@ class RunInputs:
     ds_config: dict
     precision: str  # fp32 | fp16 | bf16, resolved for the device
     resume_from: Path | None
+    eval_tasks: tuple = ()  # openllm_ds.evaluation.tasks.TaskSpec, run at each evaluation
 
 
 def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
@@ -41,11 +42,24 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
         if not Path(path).is_file():
             raise DataError(f"{key} {path} does not exist; run `openllm-ds prepare` first or pass an existing "
                             "text file (one document a line)")
+    eval_tasks = load_eval_tasks(t.eval_tasks)
     check_output_dir(cfg, tokenizer.model_file)
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is None:
         check_fresh_output_dir(cfg)
-    return RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from)
+    return RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from, eval_tasks)
+
+
+def load_eval_tasks(names) -> tuple:
+    """train.eval_tasks: harness task YAMLs or names (eval/*.yaml), parsed and their data checked now."""
+    if not names:
+        return ()
+    from openllm_ds.evaluation.tasks import load_task
+
+    try:
+        return tuple(load_task(n) for n in names)
+    except UserError as e:
+        raise ConfigError(f"train.eval_tasks: {e}") from None
 
 
 def check_output_dir(cfg: RunConfig, tokenizer_model: Path) -> None:
