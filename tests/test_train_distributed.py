@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,22 +53,32 @@ def assert_same_losses(out, reference):
     assert logged(out, "eval/loss") == pytest.approx(logged(reference, "eval/loss"), rel=RTOL)
 
 
+def train_flags(prepared_data, tokenizer_dir, out, ds_config="zero2", max_steps=STEPS) -> list[str]:
+    """The flags of the tiny test run (as COMMON and test_train.tiny_cfg) for the command-line launchers."""
+    return ["--data_file", str(prepared_data / "training_data.txt"), "--tokenizer_dir", str(tokenizer_dir),
+            "--output_dir", str(out), "--ds_config", str(ROOT / f"ds_configs/{ds_config}.json"),
+            "--batch_size", "8", "--max_steps", str(max_steps), "--save_every", "3", "--eval_every", "3",
+            "--learning_rate", "3e-3", "train.warmup_steps=2", "train.eval_batches=4", "train.log_every=1",
+            "model.vocab_size=8000", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
+            "model.max_seq_len=64", "model.dropout=0.0"]
+
+
+def printed_summary(stdout: str) -> dict:
+    """The JSON summary a launcher prints last (an indented object that starts a line)."""
+    text = "\n" + stdout
+    return json.loads(text[text.rindex("\n{\n") + 1: text.rindex("}") + 1])
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_under_the_deepspeed_launcher_match_one_rank(one_rank, prepared_data, tokenizer_dir, tmp_path, stage):
     reference, ref_summary = one_rank
     out = tmp_path / "out"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "openllm_ds.train",
-           "--data_file", str(prepared_data / "training_data.txt"), "--tokenizer_dir", str(tokenizer_dir),
-           "--output_dir", str(out), "--ds_config", str(ROOT / f"ds_configs/zero{stage}.json"),
-           "--batch_size", "8", "--max_steps", str(STEPS), "--save_every", "3", "--eval_every", "3",
-           "--learning_rate", "3e-3", "train.warmup_steps=2", "train.eval_batches=4", "train.log_every=1",
-           "model.vocab_size=8000", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
-           "model.max_seq_len=64", "model.dropout=0.0"]
+           "--module", "openllm_ds.train", *train_flags(prepared_data, tokenizer_dir, out, f"zero{stage}")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    summary = json.loads(r.stdout[r.stdout.index("{\n"): r.stdout.rindex("}") + 1])
+    summary = printed_summary(r.stdout)
     assert summary["world_size"] == 2 and summary["zero_stage"] == stage and summary["final_step"] == STEPS
     assert summary["tokens_seen"] == ref_summary["tokens_seen"]
     assert_same_losses(out, reference)
@@ -110,3 +121,78 @@ def test_zero2_offload_matches_zero2(one_rank, prepared_data, tokenizer_dir, tmp
                    train__ds_config=str(ROOT / "ds_configs/zero2_offload.json"), **COMMON)
     train(cfg)
     assert_same_losses(tmp_path, reference)
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A real Ray head started with `ray start --head` (2 CPUs, job server on a free port); stopped after."""
+    import ray
+
+    ray.shutdown()  # an instance this test process started earlier; `ray stop` below would kill it anyway
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs, dashboard = free_port(), free_port()
+    start = [str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+             "--disable-usage-stats"]
+    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        # the head's job agent comes up some seconds after `ray start` returns: wait for a first job
+        deadline = time.monotonic() + 120
+        while True:
+            r = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "python", "-c", "0"],
+                               env=env, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        yield env, address
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_trains_on_a_real_head_and_resumes(one_rank, prepared_data, tokenizer_dir, tmp_path, ray_head):
+    """`ray job submit --working-dir . -- python ray_jobs/train.py ...` as the README gives it, twice:
+    the second job (more steps, same --output_dir) continues from the first one's latest checkpoint."""
+    env, address = ray_head
+    reference, _ = one_rank
+    out = tmp_path / "job"
+    for max_steps in (STEPS, STEPS + 2):
+        cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+               "--", "python", "ray_jobs/train.py", "--num_workers", "2",
+               *train_flags(prepared_data, tokenizer_dir, out, max_steps=max_steps)]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert "succeeded" in r.stdout
+        summary = printed_summary(r.stdout)
+        assert summary["world_size"] == 2 and summary["final_step"] == max_steps
+    assert summary["resumed_from_step"] == STEPS
+    got, want = logged(out), logged(reference)
+    assert sorted(got) == list(range(1, STEPS + 3))
+    assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx([want[s] for s in range(1, STEPS + 1)], rel=RTOL)
+    assert load_model(out).step == STEPS + 2
+
+
+def test_ray_train_across_two_nodes(one_rank, prepared_data, tokenizer_dir, tmp_path, monkeypatch):
+    """Two Ray nodes on this machine (Ray's own cluster utilities), one CPU each: the two 1-CPU workers
+    cannot share a node, so the run spans both, and still matches one rank."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        reference, _ = one_rank
+        summary = launch(tiny_cfg(prepared_data, tokenizer_dir, tmp_path, train__num_workers=2, **COMMON))
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
+        assert summary["world_size"] == 2 and summary["final_step"] == STEPS
+        assert_same_losses(tmp_path, reference)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
