@@ -189,7 +189,7 @@ def cmd_pipeline(args):
     from openllm_ds.pipeline import run_pipeline
 
     cfg = run_config_from_args(args, "pipeline")
-    return run_pipeline(cfg, squad_dir=args.squad_dir, force=args.force)
+    return run_pipeline(cfg, squad_dir=args.squad_dir, force=args.force, work_dir=args.work_dir)
 
 
 def _csv(v):
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", default="configs/tiny.yaml", help="run preset YAML")
     sp.add_argument("--squad_dir", default=None, help="SQuAD JSON directory instead of downloading")
     sp.add_argument("--force", action="store_true", help="rerun every stage")
+    sp.add_argument("--work_dir", default=None, help="where data/, models/, exports/ and runs/ go (default: the current "
+                    "directory; under `ray job submit`, a path every node sees)")
     sp.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
 

@@ -10,6 +10,7 @@ checkpoint (``train.resume=auto``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from openllm_ds.config import RunConfig
-from openllm_ds.utils import atomic_write_json, atomic_write_text, sha256_file
+from openllm_ds.utils import atomic_write_json, atomic_write_text, ensure_writable_dir, sha256_file
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -36,11 +37,13 @@ class _State:
     def __init__(self, path: Path):
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.skipped: set[str] = set()  # stages this invocation skipped
 
     def run(self, name: str, fingerprint: str, complete: Callable[[], bool], fn: Callable[[], Any], force: bool):
         entry = self.data.get(name, {})
         if not force and entry.get("fingerprint") == fingerprint and complete():
             print(f"[pipeline] {name}: outputs complete and inputs unchanged, skipped")
+            self.skipped.add(name)
             return entry.get("result")
         print(f"[pipeline] {name}: running")
         t0 = time.perf_counter()
@@ -50,15 +53,31 @@ class _State:
         return result
 
 
-def run_pipeline(cfg: RunConfig, squad_dir: str | None = None, force: bool = False) -> dict:
+def run_pipeline(cfg: RunConfig, squad_dir: str | None = None, force: bool = False, work_dir: str | None = None) -> dict:
+    """Run the pipeline with its relative paths (data/, models/, exports/, runs/) under ``work_dir``
+    (default: the current directory). Input paths given relative to the current directory (the
+    DeepSpeed JSON, --squad_dir) are resolved before moving there."""
+    if squad_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, squad_dir=squad_dir, source="dir"))
+    if work_dir is None:
+        return _run_stages(cfg, force)
+    if cfg.data.squad_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, squad_dir=str(Path(cfg.data.squad_dir).resolve())))
+    if Path(cfg.train.ds_config).is_file():
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ds_config=str(Path(cfg.train.ds_config).resolve())))
+    root = ensure_writable_dir(work_dir, "--work_dir")
+    with contextlib.chdir(root):
+        return _run_stages(cfg, force)
+
+
+def _run_stages(cfg: RunConfig, force: bool) -> dict:
     from openllm_ds.data import prepare
     from openllm_ds.evaluation import evaluate, generate_text
+    from openllm_ds.evaluation.harness import run_harness
     from openllm_ds.export import export
     from openllm_ds.tokenizer import shards_dir_for, tokenize_file, train_tokenizer
     from openllm_ds.train import launch
 
-    if squad_dir:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, squad_dir=squad_dir, source="dir"))
     run_dir = Path("runs") / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     state = _State(run_dir / "state.json")
@@ -93,9 +112,19 @@ def run_pipeline(cfg: RunConfig, squad_dir: str | None = None, force: bool = Fal
     latest = out_dir / "checkpoints" / "latest"
     ckpt_fp = _fingerprint(latest.read_text() if latest.is_file() else None)
     evaluation = state.run(
-        "evaluate", _fingerprint(ckpt_fp, val_txt),
+        "evaluate", _fingerprint(ckpt_fp, val_txt, cfg.eval.stride),
         lambda: True,
-        lambda: evaluate(model_dir=str(out_dir), eval_data=str(val_txt), metrics=("perplexity", "loss", "bits_per_byte", "word_perplexity")),
+        lambda: evaluate(model_dir=str(out_dir), eval_data=str(val_txt), stride=cfg.eval.stride,
+                         batch_size=cfg.eval.batch_size,
+                         metrics=("perplexity", "loss", "bits_per_byte", "word_perplexity")),
+        force,
+    )
+    harness_specs = pipeline_tasks(cfg, stats, val_txt)
+    harness = state.run(
+        "harness", _fingerprint(ckpt_fp, [s.to_dict() for s in harness_specs]),
+        lambda: (out_dir / "eval" / "report.json").is_file(),
+        lambda: _harness_results(run_harness(out_dir, (), checkpoints="all", num_workers=cfg.eval.num_workers,
+                                             extra_specs=harness_specs)),
         force,
     )
     exported = {}
@@ -113,8 +142,31 @@ def run_pipeline(cfg: RunConfig, squad_dir: str | None = None, force: bool = Fal
         generate_text(str(out_dir), p, max_length=40, temperature=0.0, stream=False)[0]
         for p in ("The university", "In 1905, the")
     ]
-    report = _write_report(run_dir, cfg, state.data, stats, tok_report, train_summary, evaluation, samples, out_dir)
-    return {"report": str(report), "evaluation": evaluation, "exports": {k: str(exports / k) for k in exported}}
+    report = _write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluation, harness, samples,
+                           out_dir)
+    return {"report": str(report.resolve()), "evaluation": evaluation, "harness": harness,
+            "exports": {k: str((exports / k).resolve()) for k in exported}}
+
+
+def pipeline_tasks(cfg: RunConfig, stats: dict, val_txt: Path) -> list:
+    """The harness tasks of the run: ``eval.tasks`` when set; else a cloze task on the validation
+    passages, plus SQuAD QA and answer ranking on the dev-v1.1 file the data came from (if any)."""
+    from openllm_ds.evaluation.tasks import TaskSpec, load_task
+
+    if cfg.eval.tasks:
+        return [load_task(t) for t in cfg.eval.tasks]
+    specs = [TaskSpec(name="validation_cloze", kind="cloze", data=str(val_txt.resolve()), metric="accuracy", limit=100,
+                      max_new_tokens=6, description="last word of held-out validation passages")]
+    dev = Path(stats.get("location", "")) / "dev-v1.1.json"
+    if dev.is_file() and "dev-v1.1.json" in stats.get("files", {}):
+        for name in ("squad_v1_qa", "squad_answer_ranking"):
+            specs.append(dataclasses.replace(load_task(name, check_data=False), data=str(dev)))
+    return specs
+
+
+def _harness_results(report: dict) -> list[dict]:
+    keep = ("task", "step", "metric", "value", "baseline", "baseline_kind", "num_examples", "higher_is_better")
+    return [{k: r.get(k) for k in keep} for r in report["results"]]
 
 
 def unigram_perplexity(train_shards: Path, val_shards: Path) -> float:
@@ -129,15 +181,50 @@ def unigram_perplexity(train_shards: Path, val_shards: Path) -> float:
     return float(np.exp(-logp[val[0 : len(val)]].mean()))
 
 
-def _write_report(run_dir, cfg, stages, stats, tok_report, train_summary, evaluation, samples, out_dir) -> Path:
+def _write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluation, harness, samples,
+                  out_dir) -> Path:
     import yaml
 
-    lines = [f"# Run report: {cfg.name}", "", "## Stages", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v.get('seconds', '-')} |" for k, v in stages.items()]
-    lines += ["", "## Data", "", "```json", json.dumps(stats.get("totals", stats) if isinstance(stats, dict) else stats, indent=2), "```"]
-    lines += ["", "## Tokenizer", "", "```json", json.dumps(tok_report, indent=2, default=str), "```"]
-    lines += ["", "## Training", "", "```json", json.dumps(train_summary, indent=2, default=str), "```"]
-    lines += ["", "## Validation", "", "```json", json.dumps(evaluation, indent=2, default=str), "```"]
+    ev, tr = evaluation, train_summary
+    lines = [f"# Run report: {cfg.name}", "", "| | |", "|---|---|",
+             f"| parameters | {tr['num_params']:,} |",
+             f"| training | {tr['final_step']} steps, {tr['tokens_seen']:,} tokens, {tr['world_size']} rank(s), "
+             f"{tr['precision']}, ZeRO-{tr['zero_stage']} |",
+             f"| final train loss | {tr['train_loss']:.4f} |",
+             f"| validation perplexity (per token) | {ev['perplexity']:.2f} |",
+             f"| validation bits per byte | {ev['bits_per_byte']:.4f} |",
+             f"| validation word perplexity | {ev['word_perplexity']:.1f} |",
+             f"| unigram baseline perplexity (same tokenizer) | {ev['unigram_baseline_perplexity']:.2f} |",
+             f"| uniform baseline perplexity (vocabulary) | {cfg.model.vocab_size:,} |",
+             "", f"Validation: `{ev['eval_data']}`, {ev['num_tokens']:,} tokens, {ev['num_words']:,} words, "
+             f"{ev['num_bytes']:,} bytes, sliding window of {ev['max_seq_len']} with stride {ev['stride']}; "
+             f"checkpoint `{ev['checkpoint']}`.", ""]
+
+    lines += ["## Stages", "", "| stage | seconds | this invocation |", "|---|---:|---|"]
+    lines += [f"| {k} | {v.get('seconds', '-')} | {'skipped (complete, inputs unchanged)' if k in state.skipped else 'ran'} |"
+              for k, v in state.data.items()]
+
+    lines += ["", "## Data", "", f"Source: {stats['source']} ({stats['location']}), min_words {stats['min_words']}.", "",
+              "| file | split | paragraphs | kept | too short | duplicates | words |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, f in sorted(stats["files"].items()):
+        lines.append(f"| {name} | {f['split']} | {f['paragraphs']:,} | {f['kept']:,} | {f['too_short']:,} | "
+                     f"{f['duplicates']:,} | {f['words']:,} |")
+    for split, f in stats["splits"].items():
+        lines.append(f"| **{f['output']}** | {split} | {f['paragraphs']:,} | {f['kept']:,} | {f['too_short']:,} | "
+                     f"{f['duplicates']:,} | {f['words']:,} |")
+
+    ex = tok_report.get("examples", {})
+    lines += ["", "## Tokenizer", "", f"SentencePiece {tok_report['model_type']}, vocabulary {tok_report['vocab_size']:,}, "
+              f"{tok_report['tokens_per_word']} tokens per word on `{tok_report['tokens_per_word_file']}`."]
+    for kind, e in ex.items():
+        lines.append(f"- {kind} word `{e['word']}` ({e['count']}x): {' '.join(e['pieces'])}")
+
+    lines += ["", "## Harness", "", "| task | step | metric | value | baseline | examples |", "|---|---:|---|---:|---:|---:|"]
+    lines += [f"| {r['task']} | {r['step']} | {r['metric']} | {r['value']:.4g} | {r['baseline']:.4g} | {r['num_examples']} |"
+              for r in harness]
+    baselines = sorted({f"{r['task']}: {r['baseline_kind']}" for r in harness})
+    if baselines:
+        lines += ["", "Baselines: " + "; ".join(baselines) + "."]
     lines += ["", "## Sample generations (greedy)", ""] + [f"- {s!r}" for s in samples]
     plot = _plot_losses(out_dir / "tensorboard", run_dir / "loss.png")
     if plot:

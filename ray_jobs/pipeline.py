@@ -5,8 +5,11 @@ training through Ray Train (train.num_workers defaults to 1 here).
 """
 
 import sys
+from pathlib import Path
 
-from openllm_ds.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds openllm_ds/
+
+from openllm_ds.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +97,42 @@ def token_shards(prepared_data, tokenizer_dir) -> dict[str, Path]:
         meta = tokenize_file(prepared_data / name, tokenizer_dir, num_workers=2)
         out[split] = Path(meta["shards_dir"])
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A real Ray head started with `ray start --head` (2 CPUs, job server on a free port); stopped after."""
+    import ray
+
+    ray.shutdown()  # an instance this test process started earlier; `ray stop` below would kill it anyway
+    bin_dir = Path(sys.executable).parent
+    # token authentication on, with one token for the head and every client (a head started with
+    # auth and a client without it, or the reverse, refuse each other)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    gcs, dashboard = free_port(), free_port()
+    start = [str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+             "--disable-usage-stats"]
+    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        # the head's job agent comes up some seconds after `ray start` returns: wait for a first job
+        deadline = time.monotonic() + 120
+        while True:
+            r = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "python", "-c", "0"],
+                               env=env, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        yield env, address
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -8,10 +8,8 @@ stays far inside rtol 1e-5 over these few steps.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 from openllm_ds.checkpoint import load_model
 from openllm_ds.train import launch, train
 
+from conftest import free_port
 from test_train import logged, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +36,6 @@ def one_rank(token_shards, prepared_data, tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("one-rank")
     summary = train(tiny_cfg(prepared_data, tokenizer_dir, out, train__gradient_accumulation_steps=2, **COMMON))
     return out, summary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_same_losses(out, reference):
@@ -121,36 +114,6 @@ def test_zero2_offload_matches_zero2(one_rank, prepared_data, tokenizer_dir, tmp
                    train__ds_config=str(ROOT / "ds_configs/zero2_offload.json"), **COMMON)
     train(cfg)
     assert_same_losses(tmp_path, reference)
-
-
-@pytest.fixture()
-def ray_head(tmp_path):
-    """A real Ray head started with `ray start --head` (2 CPUs, job server on a free port); stopped after."""
-    import ray
-
-    ray.shutdown()  # an instance this test process started earlier; `ray stop` below would kill it anyway
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
-    gcs, dashboard = free_port(), free_port()
-    start = [str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-             "--disable-usage-stats"]
-    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        # the head's job agent comes up some seconds after `ray start` returns: wait for a first job
-        deadline = time.monotonic() + 120
-        while True:
-            r = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "python", "-c", "0"],
-                               env=env, capture_output=True, text=True, timeout=120)
-            if r.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        yield env, address
-    finally:
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_ray_job_submit_trains_on_a_real_head_and_resumes(one_rank, prepared_data, tokenizer_dir, tmp_path, ray_head):

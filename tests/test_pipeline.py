@@ -1,0 +1,102 @@
+"""`openllm-ds pipeline` end to end on the real SQuAD files, with a smaller model and few steps.
+
+One pipeline is interrupted at its last stage, rerun (it picks up there) and run a third time (every
+stage skipped); the same pipeline then runs as a Ray job on a real head.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from openllm_ds.cli import main
+from openllm_ds.config import load_run_config
+from openllm_ds.errors import UserError
+from openllm_ds.model import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["prepare", "train-tokenizer", "tokenize", "train", "evaluate", "harness", "export-huggingface", "export-onnx"]
+OVERRIDES = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192", "model.max_seq_len=64",
+             "train.micro_batch_size=8", "train.max_steps=20", "train.warmup_steps=5", "train.eval_every=10",
+             "train.save_every=10", "train.eval_batches=4", f"train.ds_config={ROOT / 'ds_configs/zero2.json'}"]
+
+pytestmark = pytest.mark.slow
+
+
+def pipeline_argv(squad_dir, work_dir):
+    return ["pipeline", "--config", str(ROOT / "configs/tiny.yaml"), "--squad_dir", str(squad_dir),
+            "--work_dir", str(work_dir), *OVERRIDES]
+
+
+def stage_lines(out: str) -> dict[str, str]:
+    """{stage: 'running' | 'skipped'} from the pipeline's [pipeline] lines."""
+    found = {}
+    for line in out.splitlines():
+        if line.startswith("[pipeline] "):
+            name, _, what = line[len("[pipeline] "):].partition(": ")
+            found[name] = "skipped" if what.endswith("skipped") else what
+    return found
+
+
+def test_pipeline_end_to_end_resumes_and_skips(squad_dir, tmp_path, capsys, monkeypatch):
+    import openllm_ds.export as export_mod
+
+    work = tmp_path / "work"
+    real_export = export_mod.export
+
+    def onnx_fails(cfg, **kw):
+        if cfg.format == "onnx":
+            raise UserError("disk full (injected)")
+        return real_export(cfg, **kw)
+
+    monkeypatch.setattr(export_mod, "export", onnx_fails)
+    assert main(pipeline_argv(squad_dir, work)) == 2  # stops in its last stage
+    first = capsys.readouterr()
+    assert "disk full (injected)" in first.err
+    assert stage_lines(first.out) == {s: "running" for s in STAGES}
+    assert not (work / "runs/tiny/report.md").exists()
+
+    monkeypatch.setattr(export_mod, "export", real_export)
+    assert main(pipeline_argv(squad_dir, work)) == 0  # picks up where it stopped
+    second = capsys.readouterr()
+    assert stage_lines(second.out) == {**{s: "skipped" for s in STAGES[:-1]}, "export-onnx": "running"}
+    result = json.loads(second.out[second.out.index("\n{\n") + 1:])
+
+    cfg = load_run_config(ROOT / "configs/tiny.yaml", dict(o.split("=", 1) for o in OVERRIDES))
+    ev = result["evaluation"]
+    assert ev["step"] == 20 and ev["num_documents"] == 2067  # every validation passage (the dev-v1.1 file)
+    assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
+    assert ev["perplexity"] < 8000 / 3  # well below the uniform model; 20 steps do not reach the unigram one
+    assert ev["unigram_baseline_perplexity"] > 100
+    assert {r["task"] for r in result["harness"]} == {"validation_cloze", "squad_v1_qa", "squad_answer_ranking"}
+    assert sorted({r["step"] for r in result["harness"]}) == [10, 20]
+    assert (work / "exports/huggingface/config.json").is_file() and (work / "exports/onnx/model.onnx").is_file()
+
+    report = (work / "runs/tiny/report.md").read_text()
+    assert f"| parameters | {Transformer(cfg.model).num_params():,} |" in report
+    assert f"| validation perplexity (per token) | {ev['perplexity']:.2f} |" in report
+    assert f"| validation bits per byte | {ev['bits_per_byte']:.4f} |" in report
+    assert "| dev-v2.0-part.json | validation | 646 | 0 | 0 | 646 | 0 |" in report  # cross-file dedupe
+    assert "| squad_answer_ranking | 20 | accuracy |" in report
+    assert "| export-onnx |" in report and "## Sample generations (greedy)" in report
+    assert (work / "runs/tiny/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(pipeline_argv(squad_dir, work)) == 0
+    assert stage_lines(capsys.readouterr().out) == {s: "skipped" for s in STAGES}
+
+
+def test_pipeline_as_a_ray_job_on_a_real_head(squad_dir, tmp_path, ray_head):
+    env, address = ray_head
+    work = tmp_path / "job"
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+           "--", "python", "ray_jobs/pipeline.py", *pipeline_argv(squad_dir, work)[1:]]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert stage_lines(r.stdout) == {s: "running" for s in STAGES}
+    state = json.loads((work / "runs/tiny/state.json").read_text())
+    assert state["train"]["result"]["world_size"] == 1  # one Ray Train worker: the job's default
+    assert state["train"]["result"]["final_step"] == 20
+    assert (work / "runs/tiny/report.md").is_file() and (work / "exports/huggingface/model.safetensors").is_file()
