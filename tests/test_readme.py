@@ -1,0 +1,69 @@
+"""Every command in the README's ```bash blocks parses: the openllm-ds CLI, the deepspeed and Ray job
+entry points (their argv through the same parsers, and their run config resolved, so a preset or a
+config key named there exists). What they do is tested by the stage tests; GPU and cluster commands
+are checked this far."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from openllm_ds.cli import build_parser, build_train_parser, run_config_from_args
+
+ROOT = Path(__file__).resolve().parents[1]
+# commands of other tools, not ours to parse
+OTHER_TOOLS = ("scripts/setup.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm",
+               "pip install")
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands += [part.strip() for part in line.split("&&")]
+    return commands
+
+
+def ours(argv: list[str]) -> tuple[str, list[str]] | None:
+    """('cli' | 'train', args) for a command line that runs this project's code; None for another tool's."""
+    if argv[0] in ("openllm-ds", ".venv/bin/openllm-ds"):
+        return "cli", argv[1:]
+    if argv[0] == "deepspeed":
+        return "train", argv[argv.index("openllm_ds.train") + 1:]
+    if argv[:3] == ["ray", "job", "submit"]:
+        job = argv[argv.index("--") + 1:]
+        assert job[0] == "python" and (ROOT / job[1]).is_file(), job
+        script = Path(job[1]).stem
+        return ("train", job[2:]) if script == "train" else ("cli", [{"eval": "evaluate"}.get(script, script), *job[2:]])
+    return None
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_has_its_two_fresh_machine_commands():
+    assert "scripts/setup.sh" in COMMANDS and ".venv/bin/python -m pytest -q" in COMMANDS
+    assert ".venv/bin/openllm-ds pipeline --config configs/tiny.yaml" in COMMANDS
+    assert "scripts/setup.sh && .venv/bin/python -m pytest -q" in (ROOT / ".ci/run").read_text()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_parses(command, monkeypatch):
+    monkeypatch.chdir(ROOT)  # README commands run from the repo root
+    argv = shlex.split(command)
+    kind = ours(argv)
+    if kind is None:
+        assert command.startswith(OTHER_TOOLS), f"README command of an unknown tool: {command}"
+        return
+    which, args = kind
+    if which == "train":
+        parsed = build_train_parser().parse_args(args)
+        run_config_from_args(parsed, "train")
+        return
+    parsed = build_parser().parse_args(args)
+    if parsed.command in ("train", "pipeline", "prepare", "train-tokenizer"):
+        run_config_from_args(parsed, parsed.command)
