@@ -94,6 +94,8 @@ class RunLog:
         """A progress bar on a terminal; elsewhere (Ray workers, CI logs) one line every ``log_every`` steps."""
         self.monitor = engine.monitor
         self.first_step, self.max_steps, self.log_every = first_step, max_steps, log_every
+        if self.enabled:
+            drop_partial_last_line(self.output_dir / LOG_FILE)
         self.started = time.perf_counter()
         if self.enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -129,6 +131,16 @@ class RunLog:
             writer.flush()
             writer.close()
             tb.summary_writer = None
+
+
+def drop_partial_last_line(path: Path) -> None:
+    """A process killed while appending leaves half a line; the run that resumes cuts it off."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _json_float(v: float):
