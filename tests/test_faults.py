@@ -116,3 +116,48 @@ def test_kill_9_at_random_moments_resumes_exactly(token_shards, prepared_data, t
     print(f"\n{len(kills)} kills, {sum(bool(k['partial']) for k in kills)} during a checkpoint write; steps lost per "
           f"kill: median {statistics.median(lost)}, worst {max(lost)}; {kills}")
     assert max(lost) <= 1  # a checkpoint every step: at most the step in flight is lost
+
+
+@pytest.mark.parametrize("where", ["engine", "weights"])
+def test_a_failed_checkpoint_write_stops_clearly_and_the_previous_one_loads(
+        token_shards, prepared_data, tokenizer_dir, tmp_path, monkeypatch, capsys, where):
+    """A full disk during the step-4 checkpoint (in DeepSpeed's files or in our consolidated weights):
+    the run stops with one clear message, leaves no partial step dir, and resumes from step 2."""
+    import errno
+
+    from openllm_ds.checkpoint import load_model
+    from openllm_ds.train import checkpointing
+    from openllm_ds.train.__main__ import main
+
+    argv = [*train_flags(prepared_data, tokenizer_dir, tmp_path, max_steps=6), "train.save_every=2"]
+    real_save, real_write = checkpointing.save_checkpoint, checkpointing.write_safetensors
+
+    def no_space(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "engine":
+        def engine_save(engine, cfg, state, env, stage):
+            if state.step == 4:
+                monkeypatch.setattr(engine, "save_checkpoint", no_space)
+            return real_save(engine, cfg, state, env, stage)
+
+        monkeypatch.setattr("openllm_ds.train.loop.save_checkpoint", engine_save)
+    else:
+        def write(tensors, path):
+            if path.parent.name == "step_00000004":
+                no_space()
+            return real_write(tensors, path)
+
+        monkeypatch.setattr(checkpointing, "write_safetensors", write)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "step_00000004 (OSError: [Errno 28] No space left on device)" in err
+    assert "the previous checkpoint step_00000002 is intact" in err and "--resume auto" in err
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000002"
+    assert not (tmp_path / "checkpoints/step_00000004").exists()
+    assert load_model(tmp_path).step == 2
+
+    monkeypatch.undo()
+    assert main(argv) == 0  # space again: the run resumes from step 2 and finishes
+    assert printed_summary(capsys.readouterr().out)["resumed_from_step"] == 2
+    assert load_model(tmp_path).step == 6

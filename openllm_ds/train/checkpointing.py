@@ -29,11 +29,15 @@ import yaml
 
 from openllm_ds.checkpoint import CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, list_checkpoints, step_tag
 from openllm_ds.config import RunConfig
-from openllm_ds.errors import ConfigError
-from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier
+from openllm_ds.errors import ConfigError, UserError
+from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 from openllm_ds.utils import atomic_write_json, atomic_write_text
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
 
 
 @dataclass
@@ -72,14 +76,31 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, env: DistEnv, zer
     if env.is_rank_zero and tag_dir.exists():
         shutil.rmtree(tag_dir)  # an interrupted save of this step (``latest`` never named it)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as e:  # full disk, lost permissions: every rank must learn of it, not wait at a barrier
+        error = f"{type(e).__name__}: {e}"
+    error = next((e for e in all_gather_object(error, env) if e), None)
+    if env.is_rank_zero and error is None:
+        try:
+            weights = consolidated_state_dict(engine, ckpt_dir, tag, zero_stage, cfg)
+            write_safetensors(weights, tag_dir / WEIGHTS)
+            atomic_write_json(tag_dir / TRAIN_STATE, dataclasses.asdict(state))
+            cfg.save(tag_dir / "run_config.yaml")
+            atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    error = broadcast_object(error, env)  # rank 0 knows of every failure now
+    if error is not None:
+        if env.is_rank_zero:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # the partial files of this step (latest never named them)
+        latest = ckpt_dir / LATEST
+        previous = latest.read_text().strip() if latest.is_file() else "none (no checkpoint yet)"
+        raise CheckpointWriteError(f"could not write checkpoint {tag_dir} ({error}); the previous checkpoint "
+                                   f"{previous} is intact: free disk space or fix the permissions of {ckpt_dir}, "
+                                   "then rerun with --resume auto")
     if env.is_rank_zero:
-        weights = consolidated_state_dict(engine, ckpt_dir, tag, zero_stage, cfg)
-        write_safetensors(weights, tag_dir / WEIGHTS)
-        atomic_write_json(tag_dir / TRAIN_STATE, dataclasses.asdict(state))
-        cfg.save(tag_dir / "run_config.yaml")
-        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
         prune_checkpoints(Path(cfg.output_dir), cfg.train.keep_last, state.step)
     barrier()
     return tag_dir
