@@ -13,7 +13,7 @@ from openllm_ds.cli import build_parser, build_train_parser, run_config_from_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 # commands of other tools, not ours to parse
-OTHER_TOOLS = ("scripts/setup.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm",
+OTHER_TOOLS = ("scripts/setup.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm", "lm_eval",
                "pip install")
 
 
