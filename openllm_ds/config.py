@@ -123,7 +123,12 @@ class TrainConfig:
     log_every: int = 10
     resume: str = "auto"  # auto | none | <checkpoint step dir>
     num_workers: int = 0  # >0: Ray Train TorchTrainer with this many DeepSpeed workers
-    max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
+    # loss spikes: spike_steps consecutive steps whose loss is non-finite or above spike_factor x its
+    # running average roll the run back to the last good checkpoint and skip the batches since it;
+    # after max_rollbacks rollbacks the run stops instead. spike_factor 0 watches non-finite losses only.
+    spike_factor: float = 2.0
+    spike_steps: int = 3
+    max_rollbacks: int = 3
     eval_tasks: tuple[str, ...] = ()  # harness task YAMLs run at each evaluation
 
     def __post_init__(self):
@@ -132,6 +137,11 @@ class TrainConfig:
         for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "save_every", "log_every", "keep_last"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.spike_steps < 1:
+            raise ConfigError(f"train.spike_steps must be >= 1, got {self.spike_steps}")
+        if self.max_rollbacks < 0 or not (self.spike_factor == 0 or self.spike_factor > 1):
+            raise ConfigError(f"train.max_rollbacks must be >= 0 and train.spike_factor 0 (off) or > 1, got "
+                              f"{self.max_rollbacks} and {self.spike_factor}")
         if self.warmup_steps < 0 or self.num_workers < 0:
             raise ConfigError("train.warmup_steps and train.num_workers must be >= 0")
         if self.learning_rate <= 0:

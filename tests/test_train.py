@@ -191,21 +191,79 @@ def test_persistent_nonfinite_loss_stops_with_the_last_checkpoint_intact(token_s
                                                                           tmp_path, monkeypatch, capsys):
     from openllm_ds.train.__main__ import main
 
-    nan_loss_from(monkeypatch, bad_calls=set(range(5, 100)))  # from step 5 on
+    nan_loss_from(monkeypatch, bad_calls=set(range(5, 100)))  # from step 5 on, after the rollback too
     argv = ["--data_file", str(prepared_data / "training_data.txt"), "--tokenizer_dir", str(tokenizer_dir),
             "--output_dir", str(tmp_path), "--max_steps", "30", "--save_every", "2", "--batch_size", "8",
             "model.vocab_size=8000", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
-            "model.max_seq_len=64", "train.eval_batches=2", "train.max_nonfinite_steps=3", "train.warmup_steps=2",
-            f"train.ds_config={ROOT / 'ds_configs/zero2.json'}"]
+            "model.max_seq_len=64", "train.eval_batches=2", "train.spike_steps=3", "train.max_rollbacks=1",
+            "train.warmup_steps=2", f"train.ds_config={ROOT / 'ds_configs/zero2.json'}"]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "non-finite (nan) for 3 consecutive steps (steps 5-7" in err
-    assert "step_00000004" in err and "train.max_nonfinite_steps=3" in err
+    captured = capsys.readouterr()
+    # first time: steps 5-7 bad -> back to step 4, batches 5-7 skipped; the loss stays NaN -> stop
+    assert "step 7: steps 5-7 had non-finite or spiking losses (nan, nan, nan" in captured.out
+    assert "rolled back to step_00000004 and skipped the 3 batch(es) since it (rollback 1 of at most 1)" in captured.out
+    assert "steps 5-7 had non-finite or spiking losses" in captured.err
+    assert "1 rollback(s) made already, train.max_rollbacks=1" in captured.err and "step_00000004" in captured.err
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000004"
     loaded = load_model(tmp_path)
     assert loaded.step == 4
     assert all(torch.isfinite(v).all() for v in loaded.model.state_dict().values())
     assert issubclass(TrainingError, UserError)
+    assert logged(tmp_path, "train/rollbacks") == {7: 1.0}
+
+
+def log_rows(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_loss_spike_rolls_back_and_skips_the_batches_since_the_checkpoint(token_shards, prepared_data, tokenizer_dir,
+                                                                             tmp_path, monkeypatch, capsys):
+    """A poisoned batch at step 43 spikes the loss: the run reloads step 40 and goes on with the batch after
+    the poisoned one. It then equals, bit for bit, a clean run whose data jump from batch 41 to batch 44."""
+    from openllm_ds.train.data import DataPosition, TrainBatches
+
+    gb = 8  # windows per step
+    real_next = TrainBatches.next_batch
+
+    def poisoned(self, pos):  # the 43rd batch: every token the byte <0x00>, which the text never holds
+        batch, after = real_next(self, pos)
+        if (pos.epoch, pos.index) == (0, 42 * gb):
+            batch = [(torch.full_like(x, 4), torch.full_like(y, 4)) for x, y in batch]
+        return batch, after
+
+    def jumping(self, pos):  # the clean reference: after batch 40, continue at batch 44
+        if (pos.epoch, pos.index) == (0, 40 * gb):
+            pos = DataPosition(0, 43 * gb)
+        return real_next(self, pos)
+
+    common = dict(train__max_steps=50, train__save_every=10, train__eval_every=50, train__spike_steps=1,
+                  train__spike_factor=1.3)
+    monkeypatch.setattr(TrainBatches, "next_batch", poisoned)
+    spiked = train(tiny_cfg(prepared_data, tokenizer_dir, tmp_path / "spiked", **common))
+    out = capsys.readouterr().out
+    monkeypatch.setattr(TrainBatches, "next_batch", jumping)
+    clean = train(tiny_cfg(prepared_data, tokenizer_dir, tmp_path / "clean", **common))
+
+    assert spiked["rollbacks"] == 1 and clean["rollbacks"] == 0 and spiked["final_step"] == 50
+    rows = [r for r in log_rows(tmp_path / "spiked") if "train/loss" in r]
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, 44)) + list(range(41, 51))  # 41-43 ran twice
+    assert rows[42]["train/loss"] > 1.3 * rows[41]["train/loss"]  # the poisoned batch
+    assert "step 43: steps 43-43 had non-finite or spiking losses" in out
+    assert "rolled back to step_00000040 and skipped the 3 batch(es) since it (rollback 1 of at most 3)" in out
+    assert logged(tmp_path / "spiked", "train/rollbacks") == {43: 1.0}
+    assert logged(tmp_path / "spiked", "train/rollback_to_step") == {43: 40.0}
+    a, b = logged(tmp_path / "spiked"), logged(tmp_path / "clean")
+    assert [a[s] for s in range(1, 51)] == [b[s] for s in range(1, 51)]  # bit-exact
+    assert spiked["val_loss"] == clean["val_loss"]
+    wa, wb = load_model(tmp_path / "spiked").model.state_dict(), load_model(tmp_path / "clean").model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "spiked" / "tensorboard"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/rollbacks")] == [(43, 1.0)]
 
 
 def test_activation_checkpointing_gives_the_same_losses(token_shards, prepared_data, tokenizer_dir, tmp_path):

@@ -50,6 +50,8 @@ class TrainState:
     index: int = 0  # ... and windows of it consumed
     last_eval_loss: float | None = None
     nonfinite_skipped: int = 0  # steps whose update was dropped for non-finite gradients
+    loss_avg: float | None = None  # running average of the training loss (spike detection)
+    rollbacks: int = 0  # rollbacks to an earlier checkpoint after a loss spike
 
 
 def rng_state() -> dict:

@@ -1,7 +1,8 @@
 """``train(cfg)``: the one training loop, whichever launcher started the process.
 
     set up  -> process group, checks, token shards, output dir, DeepSpeed engine, resume
-    loop    -> step (grad-accumulated through the engine) -> log -> maybe validate -> maybe save
+    loop    -> step (grad-accumulated through the engine) -> log -> on a loss spike, roll back to the
+               last good checkpoint -> maybe validate -> maybe save
     finish  -> final validation and checkpoint, summary
 """
 
@@ -26,13 +27,14 @@ from openllm_ds.train.ds_config import zero_stage
 from openllm_ds.train.metrics import RunLog, flops_per_token, measure_matmul_peak, memory_mb, perplexity
 from openllm_ds.train.optim import build_lr_scheduler, param_groups
 from openllm_ds.train.preflight import RunInputs, check_lengths, check_run_inputs
+from openllm_ds.train.spikes import SpikeGuard
 from openllm_ds.utils import atomic_dir
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainingError(UserError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the last complete checkpoint is intact."""
+    """Training cannot go on (e.g. the loss kept spiking); the last complete checkpoint is intact."""
 
 
 def train(cfg: RunConfig) -> dict:
@@ -71,7 +73,7 @@ def train(cfg: RunConfig) -> dict:
 
     last_ckpt = inputs.resume_from
     loss = None
-    consecutive_nonfinite = 0
+    guard = SpikeGuard(t.spike_factor, t.spike_steps)
     run_start, run_tokens = time.perf_counter(), 0
     log.start(engine, state.step, t.max_steps, t.log_every)
     try:
@@ -88,15 +90,6 @@ def train(cfg: RunConfig) -> dict:
             run_tokens += tokens_per_step
             tokens_per_sec = tokens_per_step / dt
             log.step(state.step, loss, tokens_per_sec)
-
-            consecutive_nonfinite = 0 if math.isfinite(loss) else consecutive_nonfinite + 1
-            if consecutive_nonfinite >= max(1, t.max_nonfinite_steps):
-                raise TrainingError(
-                    f"the training loss was non-finite ({loss}) for {consecutive_nonfinite} consecutive steps "
-                    f"(steps {state.step - consecutive_nonfinite + 1}-{state.step}, train.max_nonfinite_steps="
-                    f"{t.max_nonfinite_steps}); the last good checkpoint is {last_ckpt or 'none (no checkpoint yet)'}; "
-                    "lower train.learning_rate, raise train.warmup_steps, or check the data")
-
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 log.scalars(state.step, {
                     "train/loss": loss, "train/perplexity": perplexity(loss), "train/lr": lr,
@@ -105,6 +98,10 @@ def train(cfg: RunConfig) -> dict:
                     "train/mfu": flops_tok * tokens_per_sec / (peak * env.world_size),
                     "train/memory": memory_mb(env.torch_device),
                 })
+            guard.observe(state, loss)
+            if guard.tripped:
+                state = roll_back(engine, state, last_ckpt, guard, cfg, env, log)
+                continue
             if state.step % t.eval_every == 0 or state.step == t.max_steps:
                 state.last_eval_loss = evaluate(engine, eval_windows, env)
                 log.scalars(state.step, {"eval/loss": state.last_eval_loss,
@@ -117,8 +114,8 @@ def train(cfg: RunConfig) -> dict:
                     log.info(f"step {state.step}: " + ", ".join(f"{r['task']} {r['metric']} {r['value']:.4g} "
                                                                 f"(baseline {r['baseline']:.4g})" for r in results))
             if state.step % t.save_every == 0 or state.step == t.max_steps:
-                if consecutive_nonfinite:
-                    log.info(f"step {state.step}: not saving a checkpoint after a non-finite loss")
+                if guard.streak:
+                    log.info(f"step {state.step}: not saving a checkpoint after a non-finite or spiking loss")
                 else:
                     last_ckpt = save_checkpoint(engine, cfg, state, env, stage)
     finally:
@@ -135,6 +132,7 @@ def train(cfg: RunConfig) -> dict:
         "output_dir": str(out),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "nonfinite_skipped": state.nonfinite_skipped,
+        "rollbacks": state.rollbacks,
         "resumed_from_step": resumed_step if inputs.resume_from is not None else None,
         "world_size": env.world_size,
         "precision": inputs.precision,
@@ -143,6 +141,30 @@ def train(cfg: RunConfig) -> dict:
         "tokens_per_sec": run_tokens / elapsed if elapsed > 0 else None,
     }
     return summary
+
+
+def roll_back(engine, state: TrainState, last_ckpt: Path | None, guard: SpikeGuard, cfg: RunConfig, env: DistEnv,
+              log: RunLog) -> TrainState:
+    """Reload the last good checkpoint and continue with the data after the bad steps (all ranks agree:
+    the loss they judge is already averaged over ranks). Stops the run when no rollback is left."""
+    t = cfg.train
+    what = guard.describe(state)
+    if last_ckpt is None or state.rollbacks >= t.max_rollbacks:
+        why = ("no checkpoint was saved before them" if last_ckpt is None
+               else f"{state.rollbacks} rollback(s) made already, train.max_rollbacks={t.max_rollbacks}")
+        raise TrainingError(f"{what}; {why}, so the run stops; the last good checkpoint is "
+                            f"{last_ckpt or 'none (no checkpoint yet)'}; lower train.learning_rate, raise "
+                            "train.warmup_steps, or check the data")
+    restored = load_checkpoint(engine, last_ckpt, env)
+    skipped = state.step - restored.step
+    restored.epoch, restored.index = state.epoch, state.index  # skip every batch since the checkpoint
+    restored.rollbacks = state.rollbacks + 1
+    log.scalars(state.step, {"train/rollbacks": restored.rollbacks, "train/rollback_to_step": restored.step})
+    log.info(f"step {state.step}: {what}; rolled back to {last_ckpt.name} and skipped the {skipped} batch(es) "
+             f"since it (rollback {restored.rollbacks} of at most {t.max_rollbacks})")
+    log.rewind(restored.step)
+    guard.reset()
+    return restored
 
 
 def prepare_output_dir(cfg: RunConfig, out: Path) -> None:

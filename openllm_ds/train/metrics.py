@@ -112,6 +112,12 @@ class RunLog:
             print(f"step {step}/{self.max_steps}  loss {loss:.4f}  {tokens_per_sec:,.0f} tok/s  "
                   f"eta {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
 
+    def rewind(self, step: int) -> None:
+        """The run went back to ``step`` (a rollback): the progress bar follows."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """TensorBoard scalars and one JSON line; ``values`` keys are TensorBoard tags."""
         if not self.enabled:
