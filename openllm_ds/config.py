@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.vocab_size must be >= 260 (byte fallback needs 256 + 4 specials), got {self.vocab_size}")
         if not 0.0 < self.character_coverage <= 1.0:
             raise ConfigError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
+        if not 10 <= self.max_sentence_length <= 2**30:  # SentencePiece's own bounds
+            raise ConfigError(f"tokenizer.max_sentence_length must be in [10, 2^30] bytes, got {self.max_sentence_length}")
+        if self.num_workers < 1:
+            raise ConfigError(f"tokenizer.num_workers must be >= 1, got {self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,11 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"model.{k} must be >= 1, got {getattr(self, k)}")
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            raise ConfigError(f"model.n_kv_heads must be >= 1 (or null for n_heads), got {self.n_kv_heads}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
         if (self.d_model // self.n_heads) % 2:
@@ -83,9 +93,6 @@ class ModelConfig:
             raise ConfigError(f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"model.{k} must be >= 1, got {getattr(self, k)}")
 
     @property
     def num_kv_heads(self) -> int:
@@ -144,7 +151,7 @@ class TrainConfig:
                               f"{self.max_rollbacks} and {self.spike_factor}")
         if self.warmup_steps < 0 or self.num_workers < 0:
             raise ConfigError("train.warmup_steps and train.num_workers must be >= 0")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:  # NaN too
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
 
 
@@ -172,9 +179,9 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.format not in ("huggingface", "pytorch", "onnx"):
-            raise ConfigError(f"export.format must be huggingface, pytorch or onnx, got {self.format!r}")
+            raise ConfigError(f"export.format must be huggingface, pytorch or onnx (--format), got {self.format!r}")
         if self.dtype not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"export.dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
+            raise ConfigError(f"export.dtype must be fp32, fp16 or bf16 (--dtype), got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -300,7 +307,10 @@ def read_yaml(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}".splitlines()[0]) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML ({problem}{where}); fix that line") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -332,6 +342,7 @@ def load_run_config(
     ``overrides`` maps dotted keys (``train.max_steps``) to values; CLI strings are parsed by type.
     """
     values: dict[str, dict] = {s: {} for s in _SECTION_CLASSES}
+    origins: dict[str, str] = {}  # "section.key" -> where its value came from, for error messages
     name = "run"
 
     def apply(raw: dict, source: str):
@@ -347,6 +358,7 @@ def load_run_config(
             if not isinstance(sub, dict):
                 raise ConfigError(f"section '{sec}' in {source} must be a mapping of keys")
             _merge_section(values, sec, sub, source)
+            origins.update({f"{sec}.{k}": source for k in sub})
 
     if base:
         apply(base, "the built-in defaults")
@@ -356,7 +368,9 @@ def load_run_config(
         if "name" not in raw:
             name = Path(config_path).stem
     if model_config_path is not None:
-        _merge_section(values, "model", read_model_json(model_config_path), str(model_config_path))
+        raw = read_model_json(model_config_path)
+        _merge_section(values, "model", raw, str(model_config_path))
+        origins.update({f"model.{k}": str(model_config_path) for k in raw})
     for key, v in (overrides or {}).items():
         if key == "name":
             name = str(v)
@@ -367,15 +381,24 @@ def load_run_config(
         if sec not in _SECTION_CLASSES:
             raise ConfigError(f"unknown section '{sec}' in command-line override '{key}'; valid: {', '.join(_SECTION_CLASSES)}")
         _merge_section(values, sec, {k: v}, "the command line")
+        origins[key] = "the command line"
 
     sections = {}
     for sec, cls in _SECTION_CLASSES.items():
         try:
             sections[sec] = cls(**values[sec])
         except ConfigError as e:
-            where = str(config_path) if config_path else "the command line"
-            raise ConfigError(f"{e} (from {where})") from None
+            raise ConfigError(f"{e} ({_where_set(str(e), origins)})") from None
     return RunConfig(name=name, **sections)
+
+
+def _where_set(message: str, origins: dict[str, str]) -> str:
+    """Where the keys a validation message names were set: "from t.yaml", or one source per key."""
+    keys = list(dict.fromkeys(re.findall(r"\b(?:" + "|".join(_SECTION_CLASSES) + r")\.\w+", message)))
+    sources = {k: origins.get(k, "the defaults") for k in keys}
+    if len(set(sources.values())) == 1:
+        return f"from {next(iter(sources.values()))}"
+    return ", ".join(f"{k} from {src}" for k, src in sources.items()) or "from the defaults"
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
