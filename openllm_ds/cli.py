@@ -118,8 +118,15 @@ def cmd_train_tokenizer(args):
 
 
 def cmd_tokenize(args):
-    from openllm_ds.tokenizer import tokenize_file
+    from openllm_ds.tokenizer import load_tokenizer, tokenize_file
+    from openllm_ds.tokenizer.train import check_text_file
 
+    if args.output_dir and len(args.input) > 1:
+        raise UserError(f"--output_dir takes one --input file, got {len(args.input)}; drop --output_dir "
+                        "(shards go beside each file, FILE.tokens/) or tokenize one file at a time")
+    for f in args.input:  # every input and the tokenizer checked before any file is encoded
+        check_text_file(f, "--input")
+    load_tokenizer(args.tokenizer_dir)
     metas = [tokenize_file(f, args.tokenizer_dir, output_dir=args.output_dir if len(args.input) == 1 else None,
                            num_workers=args.num_workers) for f in args.input]
     return metas[0] if len(metas) == 1 else metas

@@ -17,6 +17,8 @@ from openllm_ds.errors import UserError
 def ensure_writable_dir(path: str | Path, what: str = "output dir") -> Path:
     """Create ``path`` (and parents) or fail with a message naming it."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p} is a file, not a directory; pass a directory (or move the file away)")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".write-test-{os.getpid()}"

@@ -58,7 +58,8 @@ def list_squad_dir(squad_dir: str | Path) -> list[Path]:
 
 def read_squad_files(paths: list[Path]) -> list[SquadInput]:
     """Read and validate every file before anything is cleaned or written."""
-    return [read_squad_file(p) for p in tqdm(paths, desc="reading SQuAD files", unit="file")]
+    with tqdm(paths, desc="reading SQuAD files", unit="file") as bar:  # closed before an error is printed
+        return [read_squad_file(p) for p in bar]
 
 
 def read_squad_file(path: Path) -> SquadInput:

@@ -124,6 +124,8 @@ def run_sentencepiece(cfg: TokenizerConfig, input_file: Path, verbose: bool) -> 
 
 def check_text_file(path: str | Path, what: str) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{what} {p} is a directory; pass a text file (one document a line), e.g. data/clean/training_data.txt")
     if not p.is_file():
         raise DataError(f"{what} {p} does not exist; run `openllm-ds prepare` first or pass an existing text file")
     with open(p, "rb") as f:
