@@ -95,13 +95,25 @@ def resolve_checkpoint(model_dir: str | Path, step: int | None = None) -> Path:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    sd = load_file(str(path))
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt or "
+                        "truncated: copy it again, or pass another --model_dir / --checkpoint") from None
     empty = [k for k, v in sd.items() if v.numel() == 0]
     if empty:
         raise UserError(f"{path} holds empty tensors ({', '.join(empty[:3])}...); the checkpoint is incomplete")
     return sd
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-export the model") from None
 
 
 def load_model(model_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
@@ -113,7 +125,7 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
     if is_hf_export(root):
         from openllm_ds.export.hf_map import from_hf_config, hf_weight_map
 
-        cfg = from_hf_config(json.loads((root / "config.json").read_text()))
+        cfg = from_hf_config(_read_json(root / "config.json"), str(root / "config.json"))
         hf_sd = load_state_dict(root / WEIGHTS)
         sd = {}
         for ours, hf in hf_weight_map(cfg).items():
@@ -125,9 +137,11 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
         kind, path, tok_dir, run_cfg = "huggingface", root, root, None
     else:
         path = resolve_checkpoint(root, step)
-        raw = yaml.safe_load((path / "run_config.yaml").read_text()) if (path / "run_config.yaml").is_file() \
-            else yaml.safe_load((root / "run_config.yaml").read_text())
-        run_cfg = run_config_from_dict(raw)
+        cfg_file = next((f for f in (path / "run_config.yaml", root / "run_config.yaml") if f.is_file()), None)
+        if cfg_file is None:
+            raise UserError(f"{path} has no run_config.yaml (nor {root / 'run_config.yaml'}): the model shape is "
+                            "unknown; pass the run's own output dir as --model_dir")
+        run_cfg = run_config_from_dict(yaml.safe_load(cfg_file.read_text()))
         cfg = run_cfg.model
         sd = load_state_dict(path / WEIGHTS)
         step_ = json.loads((path / TRAIN_STATE).read_text())["step"]

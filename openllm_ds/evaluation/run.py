@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from openllm_ds.checkpoint import load_model
-from openllm_ds.errors import UserError
+from openllm_ds.errors import DataError, UserError
 from openllm_ds.evaluation.generate import pick_device
 from openllm_ds.evaluation.harness import run_harness
 from openllm_ds.evaluation.sliding_window import check_metrics, evaluate_text, read_documents
@@ -34,7 +34,7 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
             checkpoints = str(checkpoint)
         extra = []
         if eval_data:
-            read_documents(eval_data, limit=1)  # missing or empty file: fail now
+            _read_eval_data(eval_data, limit=1)  # missing or empty file: fail now
             extra.append(TaskSpec(name=f"{Path(eval_data).stem}_ppl", kind="perplexity", data=str(Path(eval_data).resolve()),
                                   stride=stride, batch_size=batch_size, source="--eval_data"))
         return run_harness(model_dir, tasks, checkpoints, num_workers, output, extra_specs=extra)
@@ -42,7 +42,7 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
         raise UserError("--checkpoints selects checkpoints for --tasks; for one perplexity evaluation use --checkpoint STEP")
 
     metrics = check_metrics(metrics)
-    docs = read_documents(eval_data) if eval_data else None
+    docs = _read_eval_data(eval_data) if eval_data else None
     loaded = load_model(model_dir, step=checkpoint, device=pick_device())
     if docs is None:
         default = Path(loaded.run_config.eval_data) if loaded.run_config else None
@@ -70,3 +70,10 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
     if output:
         atomic_write_json(output, report)
     return report
+
+
+def _read_eval_data(path, limit=None) -> list[str]:
+    try:
+        return read_documents(path, limit=limit)
+    except DataError as e:
+        raise DataError(f"--eval_data: {e}") from None

@@ -6,6 +6,7 @@ Used by the exporter (ours -> HF) and by the loader of HF exports (HF -> ours).
 from __future__ import annotations
 
 from openllm_ds.config import ModelConfig
+from openllm_ds.errors import UserError
 
 _LAYER_WEIGHTS = (
     "input_layernorm.weight",
@@ -62,8 +63,16 @@ def to_hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int
     }
 
 
-def from_hf_config(hf: dict) -> ModelConfig:
-    """ModelConfig from a LlamaForCausalLM config.json dict."""
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings")
+
+
+def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a LlamaForCausalLM config.json dict (``source`` names the file in errors)."""
+    missing = [k for k in _REQUIRED if not isinstance(hf, dict) or k not in hf]
+    if missing:
+        raise UserError(f"{source} is not a LlamaForCausalLM config (no {', '.join(missing)}); "
+                        "point --model_dir at an export written by `openllm-ds export --format huggingface`")
     heads = hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or heads
     rope_theta = hf.get("rope_theta")
