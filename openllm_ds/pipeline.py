@@ -57,8 +57,11 @@ def run_pipeline(cfg: RunConfig, squad_dir: str | None = None, force: bool = Fal
     """Run the pipeline with its relative paths (data/, models/, exports/, runs/) under ``work_dir``
     (default: the current directory). Input paths given relative to the current directory (the
     DeepSpeed JSON, --squad_dir) are resolved before moving there."""
+    from openllm_ds.train.ds_config import read_base_ds_config
+
     if squad_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, squad_dir=squad_dir, source="dir"))
+    read_base_ds_config(cfg.train.ds_config)  # a missing or broken DeepSpeed JSON stops us now, not after data and tokenizer
     if work_dir is None:
         return _run_stages(cfg, force)
     if cfg.data.squad_dir:

@@ -38,7 +38,8 @@ def read_base_ds_config(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         have = ", ".join(sorted(q.name for q in Path("ds_configs").glob("*.json"))) if Path("ds_configs").is_dir() else ""
-        raise ConfigError(f"train.ds_config {p} does not exist; pass a DeepSpeed JSON such as ds_configs/zero2.json"
+        raise ConfigError(f"train.ds_config {p} does not exist; pass a DeepSpeed JSON such as ds_configs/zero2.json "
+                          "(--ds_config or train.ds_config=PATH, relative to the current directory)"
                           + (f" (ds_configs/ holds {have})" if have else ""))
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
