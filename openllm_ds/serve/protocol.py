@@ -1,11 +1,12 @@
 """OpenAI API request validation and response bodies for /v1/completions and /v1/chat/completions.
 
 Every bad field becomes an ``APIError`` (HTTP 4xx, OpenAI's ``{"error": {...}}`` body) that names
-the parameter, before any generation starts.
+the parameter, before any generation starts. Unknown parameters are refused as OpenAI refuses them.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,12 +15,25 @@ from openllm_ds.serve.engine import CompletionEngine, SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_STOP_CHARS = 256  # a stop string is matched against the text at every token: keep that cheap
 MAX_PROMPTS = 16
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Accepted only at their neutral value: this server does not implement them.
 NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
-           "echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "tools": ([],), "functions": ([],)}
+           "echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "tools": ([],), "functions": ([],),
+           "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "modalities": (["text"],)}
+# Accepted and ignored (they do not change the answer), if of the right type.
+IGNORED = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "parallel_tool_calls": bool,
+           "safety_identifier": str, "prompt_cache_key": str}
+COMMON_KEYS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+               "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", *IGNORED}
+KNOWN_KEYS = {
+    "completion": COMMON_KEYS | {"prompt", "suffix", "echo", "best_of"},
+    "chat": COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+                           "functions", "function_call", "modalities"},
+}
 
 
 class APIError(Exception):
@@ -51,6 +65,8 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise bad(key, f"'{key}' must be a number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise bad(key, f"'{key}' must be a finite number, got {v}")
     if v > hi or v < lo or (lo_open and v == lo):
         raise bad(key, f"'{key}' must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v}")
     return float(v)
@@ -80,6 +96,16 @@ def _check_model(body: dict, engine: CompletionEngine) -> None:
                        param="model", code="model_not_found")
 
 
+def _check_keys(body: dict, kind: str) -> None:
+    unknown = [k for k in body if k not in KNOWN_KEYS[kind]]
+    if unknown:
+        raise bad(unknown[0], f"Unrecognized request argument supplied: {unknown[0]}", code="unknown_parameter")
+    for key, typ in IGNORED.items():
+        v = body.get(key)
+        if v is not None and (not isinstance(v, typ) or (typ is not bool and isinstance(v, bool))):
+            raise bad(key, f"'{key}' must be a {typ.__name__}, got {type(v).__name__}")
+
+
 def _check_unsupported(body: dict) -> None:
     for key, neutral in NEUTRAL.items():
         v = body.get(key)
@@ -101,6 +127,8 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise bad("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}")
     if any(s == "" for s in stops):
         raise bad("stop", "'stop' strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad("stop", f"'stop' strings may be at most {MAX_STOP_CHARS} characters long")
     return tuple(stops)
 
 
@@ -113,6 +141,8 @@ def _prompts(body: dict, engine: CompletionEngine) -> list[list[int]]:
     def ids_ok(x) -> bool:
         return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in x)
 
+    if isinstance(v, list) and len(v) > MAX_PROMPTS and not ids_ok(v):
+        raise bad("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
     if isinstance(v, str):
         prompts = [engine.encode(v)]
     elif isinstance(v, list) and v and all(isinstance(p, str) for p in v):
@@ -134,7 +164,7 @@ def _messages(body: dict) -> list[dict]:
         raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
     out = []
     for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in CHAT_ROLES:
             raise bad(f"messages[{i}]", f"messages[{i}] needs a role of {', '.join(CHAT_ROLES)}")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
@@ -152,6 +182,7 @@ def parse_request(body, engine: CompletionEngine, kind: str) -> GenerationReques
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object")
     _check_model(body, engine)
+    _check_keys(body, kind)
     _check_unsupported(body)
     stream = body.get("stream", False)
     if stream is None:
@@ -164,14 +195,16 @@ def parse_request(body, engine: CompletionEngine, kind: str) -> GenerationReques
     if kind == "chat":
         from openllm_ds.errors import UserError
 
+        messages = _messages(body)
         try:
-            prompt_text = engine.render_chat(_messages(body))
+            prompt_text = engine.render_chat(messages)
         except UserError as e:
             raise bad("messages", str(e)) from None
         except Exception as e:  # a template's raise_exception(), or a jinja error on these messages
             raise bad("messages", f"the chat template cannot render these messages: {e}") from None
         prompts = [engine.encode(prompt_text)]
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        _integer(body, "max_tokens", None, lo=1)  # checked even when max_completion_tokens wins
     else:
         prompts = _prompts(body, engine)
         max_key = "max_tokens"
@@ -196,7 +229,7 @@ def parse_request(body, engine: CompletionEngine, kind: str) -> GenerationReques
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         n=_integer(body, "n", 1, lo=1, hi=MAX_N),
         stop=_stop(body),
-        seed=_integer(body, "seed", None),
+        seed=_integer(body, "seed", None, *SEED_RANGE),
     )
     return GenerationRequest(kind, prompts, params, stream, bool(options.get("include_usage", False)) and stream)
 
