@@ -186,9 +186,10 @@ def cmd_export(args):
 def cmd_serve(args):
     from openllm_ds.serve import serve
 
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("OPENLLM_API_KEY") or None)
     serve(model_path=args.model_path, host=args.host, port=args.port, max_length=args.max_length,
-          engine=args.engine, backend=args.backend, api_key=args.api_key or os.environ.get("OPENLLM_API_KEY"),
-          model_name=args.model_name)
+          engine=args.engine, backend=args.backend, api_key=api_key, model_name=args.model_name,
+          max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes)
     return None
 
 
@@ -274,13 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("serve", cmd_serve, "Serve an export with an OpenAI-compatible API (vLLM on a GPU, else the built-in server).")
     sp.add_argument("--model_path", default="exports/huggingface", help="Hugging Face export dir")
-    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--max_length", type=int, default=512, help="context length served (prompt + completion)")
     sp.add_argument("--engine", default="auto", help="auto | vllm | builtin")
     sp.add_argument("--backend", default="torch", help="builtin engine backend: torch | onnx")
     sp.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' (or set OPENLLM_API_KEY)")
     sp.add_argument("--model_name", default=None, help="model id reported by /v1/models (default: the export dir name)")
+    sp.add_argument("--max_concurrency", type=int, default=4,
+                    help="built-in server: generations run at once; further requests wait their turn (default 4)")
+    sp.add_argument("--max_body_bytes", type=int, default=None,
+                    help="built-in server: largest request body accepted, else 413 (default 1048576)")
 
     sp = add("pipeline", cmd_pipeline, "All stages: prepare, tokenizer, tokenize, train, evaluate, export; skips completed stages.")
     sp.add_argument("--config", default="configs/tiny.yaml", help="run preset YAML")

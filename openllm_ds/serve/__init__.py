@@ -61,6 +61,10 @@ class RunningServer:
 
 def build_server(engine: CompletionEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  log_requests: bool = True, max_body_bytes: int | None = None) -> OpenAIServer:
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api_key is empty: pass a key, or leave it out to serve without authentication")
+    if max_body_bytes is not None and max_body_bytes < 1024:
+        raise UserError(f"--max_body_bytes must be >= 1024, got {max_body_bytes}")
     kwargs = {"max_body_bytes": max_body_bytes} if max_body_bytes else {}
     try:
         return OpenAIServer((host, port), engine, api_key=api_key, log_requests=log_requests, **kwargs)
@@ -83,17 +87,22 @@ def start_server(model_path: str | Path | None = None, host: str = "127.0.0.1", 
 
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_length: int = 512, engine: str = "auto",
-          backend: str = "torch", api_key: str | None = None, model_name: str | None = None) -> None:
+          backend: str = "torch", api_key: str | None = None, model_name: str | None = None,
+          max_concurrency: int = 4, max_body_bytes: int | None = None) -> None:
     """Serve ``model_path`` until interrupted: vLLM (``engine`` vllm/auto with a GPU) or the built-in server."""
     path = Path(model_path)
     if not path.exists():
         raise UserError(f"--model_path {path} does not exist; export a model first "
                         "(openllm-ds export --model_dir models/NAME --format huggingface)")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api_key is empty: pass a key, or leave it out to serve without authentication")
     if choose_engine(engine, backend, path) == "vllm":
         exec_vllm(path, host, port, max_length, api_key=api_key, model_name=model_name)
         return
-    loaded = load_engine(path, backend, max_length, model_name)
-    server = build_server(loaded, host, port, api_key)
+    if max_concurrency < 1:
+        raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
+    loaded = load_engine(path, backend, max_length, model_name, max_concurrency=max_concurrency)
+    server = build_server(loaded, host, port, api_key, max_body_bytes=max_body_bytes)
     auth = "Bearer token required" if api_key else "no authentication"
     print(f"serving '{loaded.model_name}' ({backend} backend, context {loaded.max_length} tokens, {auth}) "
           f"at {server.url}/v1  (Ctrl-C stops)", flush=True)
