@@ -1,0 +1,351 @@
+"""Bad input to every stage: one table of cases, each run through the real CLI in a fresh directory.
+
+Every case gives the argv, the exit code (2 for every user error: a UserError in cli.main, or an
+argparse error), a regex the one-line error must match (it names the file, field or flag, and most
+say the fix), and the paths that must not exist afterwards. Beyond each case's own list, no
+completion marker (stats.json, meta.json, tokenizer.model, checkpoints/latest, config.json, ...)
+may appear that was not there before, no temporary file may be left behind, and the files in
+``kept`` (an earlier complete output) must hold the same bytes: a failed stage loses nothing and
+leaves nothing a later stage would take for complete.
+
+The cases fail in a second or a few (the train ones import DeepSpeed first); none starts Ray.
+The one that fails after real work (train, past its output dir and token shards) gets its shards
+built here, in this process, by the project's own shard writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXIT_USER_ERROR = 2  # cli.main: every UserError (and argparse's own errors)
+MARKERS = {"stats.json", "meta.json", "tokenizer.model", "tokenizer.json", "latest", "config.json", "state.json",
+           "report.md", "report.json", "model.safetensors", "model.onnx", "train_state.json"}
+
+WORDS = ("river", "castle", "Norman", "empire", "music", "science", "harbour", "winter", "market", "church",
+         "railway", "island", "treaty", "garden", "engine", "library", "village", "theatre", "bridge", "forest")
+
+
+def _corpus(lines: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return "".join(" ".join(rng.choice(WORDS, size=14)) + ".\n" for _ in range(lines))
+
+
+TEXT = _corpus(200, 0)
+CJK_TEXT = "".join("".join(chr(0x4E00 + (i * 7 + j) % 300) for j in range(40)) + "\n" for i in range(120))
+SQUAD = json.dumps({"version": "1.1", "data": [{"title": "Normans", "paragraphs": [{
+    "context": "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy.",
+    "qas": [{"id": "q1", "question": "Who gave their name to Normandy?",
+             "answers": [{"text": "The Normans", "answer_start": 0}]}]}]}]})
+TRUNCATED_SQUAD = SQUAD[: len(SQUAD) // 2]
+GARBAGE = bytes(range(7, 107))  # 100 bytes that are neither a SentencePiece model nor safetensors
+MODEL_YAML = ("name: t\nmodel: {vocab_size: 300, d_model: 32, n_layers: 1, n_heads: 2, d_ff: 64, max_seq_len: 16}\n"
+              "train: {data_file: training_data.txt, tokenizer_dir: tok, ds_config: {root}/ds_configs/zero0.json,"
+              " micro_batch_size: 2, max_steps: 2, warmup_steps: 0, output_dir: run}\n")
+TRAIN_FILES = {"t.yaml": MODEL_YAML, "tok": "<tok>", "training_data.txt": TEXT, "validation_data.txt": TEXT}
+HF_CONFIG = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300,
+                        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                        "max_position_embeddings": 16})
+CORRUPT_RUN = {"model/run_config.yaml": MODEL_YAML, "model/tokenizer": "<tok>",
+               "model/checkpoints/latest": "step_00000002",
+               "model/checkpoints/step_00000002/model.safetensors": GARBAGE,
+               "model/checkpoints/step_00000002/train_state.json": '{"step": 2}'}
+OLD_CLEAN = {"out/training_data.txt": "an earlier passage\n", "out/validation_data.txt": "an earlier one\n",
+             "out/stats.json": '{"splits": {}}'}
+
+
+@dataclass(frozen=True)
+class Case:
+    stage: str
+    what: str
+    code: int
+    argv: str  # after `openllm-ds`; {root} is the repo root
+    message: str  # regex the one error line must match
+    absent: tuple[str, ...] = ()  # paths (relative to the run dir) that must not exist afterwards
+    files: dict = field(default_factory=dict)  # written first; "<tok>" copies the tiny tokenizer, "<shards>" its shards, "/" a dir
+    kept: tuple[str, ...] = ()  # files that must hold the same bytes afterwards
+    leaves: tuple[str, ...] = ()  # what a failure after some work may leave: none of it a completion marker
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}: {self.what}"
+
+
+CASES = [
+    # ---- prepare -------------------------------------------------------------------------------
+    Case("prepare", "squad_dir missing", 2, "prepare --squad_dir nope --output_dir out",
+         r"--squad_dir nope does not exist; pass a folder holding SQuAD JSON files", ("out/stats.json",)),
+    Case("prepare", "squad_dir without JSON", 2, "prepare --squad_dir squad --output_dir out",
+         r"--squad_dir squad holds no \*\.json files; put SQuAD files there", ("out/stats.json",),
+         files={"squad/": "", "squad/notes.txt": "not json"}),
+    Case("prepare", "JSON file that is not SQuAD", 2, "prepare --squad_dir squad --output_dir out",
+         r"squad/dev-v1\.1\.json has no top-level 'data' list; expected SQuAD JSON .*remove dev-v1\.1\.json",
+         ("out/stats.json", "out/training_data.txt"), files={"squad/dev-v1.1.json": '{"version": "1.1"}'}),
+    Case("prepare", "truncated JSON", 2, "prepare --squad_dir squad --output_dir out",
+         r"squad/train-v1\.1\.json is not valid JSON \(.*truncated\?\); re-download it", ("out/stats.json",),
+         files={"squad/dev-v1.1.json": SQUAD, "squad/train-v1.1.json": TRUNCATED_SQUAD}),
+    Case("prepare", "rerun over a complete output with a truncated file keeps the old output", 2,
+         "prepare --squad_dir squad --output_dir out", r"train-v1\.1\.json is not valid JSON", (),
+         files={**OLD_CLEAN, "squad/dev-v1.1.json": SQUAD, "squad/train-v1.1.json": TRUNCATED_SQUAD},
+         kept=tuple(OLD_CLEAN)),
+    Case("prepare", "min_words negative", 2, "prepare --squad_dir squad --min_words -1 --output_dir out",
+         r"data\.min_words must be >= 0, got -1 \(from the command line\)", ("out",), files={"squad/dev-v1.1.json": SQUAD}),
+    Case("prepare", "min_words not an int", 2, "prepare --squad_dir squad --min_words ten --output_dir out",
+         r"argument --min_words: invalid int value: 'ten'", ("out",), files={"squad/dev-v1.1.json": SQUAD}),
+    Case("prepare", "output_dir is a file", 2, "prepare --squad_dir squad --output_dir out",
+         r"--output_dir out is a file, not a directory; pass a directory", (),
+         files={"squad/dev-v1.1.json": SQUAD, "out": "a file"}, kept=("out",)),
+    # ---- train-tokenizer -------------------------------------------------------------------------
+    Case("train-tokenizer", "input missing", 2, "train-tokenizer --input missing.txt --vocab_size 300 --output_dir tk",
+         r"--input missing\.txt does not exist; run `openllm-ds prepare` first", ("tk",)),
+    Case("train-tokenizer", "input empty", 2, "train-tokenizer --input empty.txt --vocab_size 300 --output_dir tk",
+         r"--input empty\.txt is empty; it needs one document per line", ("tk",), files={"empty.txt": "\n \n"}),
+    Case("train-tokenizer", "input is a directory", 2, "train-tokenizer --input texts --vocab_size 300 --output_dir tk",
+         r"--input texts is a directory; pass a text file", ("tk",), files={"texts/": ""}),
+    Case("train-tokenizer", "vocab_size below the byte-fallback minimum", 2,
+         "train-tokenizer --input text.txt --vocab_size 100 --output_dir tk",
+         r"tokenizer\.vocab_size must be >= 260 \(byte fallback needs 256 \+ 4 specials\), got 100", ("tk",),
+         files={"text.txt": TEXT}),
+    Case("train-tokenizer", "vocab_size too large for the text", 2,
+         "train-tokenizer --input text.txt --vocab_size 5000 --output_dir tk",
+         r"--vocab_size 5000 is too large for text\.txt: .*pass --vocab_size \d+ or less", ("tk",),
+         files={"text.txt": TEXT}),
+    Case("train-tokenizer", "vocab_size too small for the characters", 2,
+         "train-tokenizer --input cjk.txt --vocab_size 300 --character_coverage 1.0 --output_dir tk",
+         r"--vocab_size 300 is too small for the characters of cjk\.txt: pass --vocab_size \d+ or more", ("tk",),
+         files={"cjk.txt": CJK_TEXT}),
+    Case("train-tokenizer", "failed retrain keeps the earlier tokenizer", 2,
+         "train-tokenizer --input text.txt --vocab_size 5000 --output_dir tok", r"--vocab_size 5000 is too large", (),
+         files={"text.txt": TEXT, "tok": "<tok>"}, kept=("tok/tokenizer.model", "tok/tokenizer.json")),
+    Case("train-tokenizer", "unknown model_type", 2,
+         "train-tokenizer --input text.txt --vocab_size 300 --model_type wordpiece --output_dir tk",
+         r"tokenizer\.model_type must be bpe or unigram, got 'wordpiece'", ("tk",), files={"text.txt": TEXT}),
+    Case("train-tokenizer", "character_coverage above 1", 2,
+         "train-tokenizer --input text.txt --vocab_size 300 --character_coverage 1.5 --output_dir tk",
+         r"tokenizer\.character_coverage must be in \(0, 1\], got 1\.5", ("tk",), files={"text.txt": TEXT}),
+    Case("train-tokenizer", "max_sentence_length 0", 2,
+         "train-tokenizer --input text.txt --vocab_size 300 --max_sentence_length 0 --output_dir tk",
+         r"tokenizer\.max_sentence_length must be in \[10, 2\^30\] bytes, got 0", ("tk",), files={"text.txt": TEXT}),
+    Case("train-tokenizer", "output_dir holds other files", 2,
+         "train-tokenizer --input text.txt --vocab_size 300 --output_dir busy",
+         r"--output_dir busy holds other files \(notes\.txt\); pass a new or empty directory", ("busy/tokenizer.model",),
+         files={"text.txt": TEXT, "busy/notes.txt": "keep me"}, kept=("busy/notes.txt",)),
+    # ---- tokenize --------------------------------------------------------------------------------
+    Case("tokenize", "tokenizer dir missing", 2, "tokenize --input text.txt --tokenizer_dir notok",
+         r"tokenizer dir notok does not exist; train one first: openllm-ds train-tokenizer", ("text.tokens",),
+         files={"text.txt": TEXT}),
+    Case("tokenize", "corrupt tokenizer.model", 2, "tokenize --input text.txt --tokenizer_dir badtok",
+         r"badtok/tokenizer\.model is not a SentencePiece model .*; re-run train-tokenizer", ("text.tokens",),
+         files={"text.txt": TEXT, "badtok/tokenizer.model": GARBAGE}),
+    Case("tokenize", "second input empty: nothing encoded", 2, "tokenize --input text.txt empty.txt --tokenizer_dir tok",
+         r"--input empty\.txt is empty", ("text.tokens", "empty.tokens"),
+         files={"text.txt": TEXT, "empty.txt": "", "tok": "<tok>"}),
+    Case("tokenize", "output_dir with two inputs", 2, "tokenize --input a.txt b.txt --tokenizer_dir tok --output_dir shards",
+         r"--output_dir takes one --input file, got 2", ("shards", "a.tokens", "b.tokens"),
+         files={"a.txt": TEXT, "b.txt": TEXT, "tok": "<tok>"}),
+    # ---- train: the config ----------------------------------------------------------------------
+    Case("train", "unknown config key", 2, "train --config unk.yaml",
+         r"unknown key 'train\.max_stepz' in unk\.yaml; valid keys of 'train': .*max_steps", ("models",),
+         files={"unk.yaml": "train:\n  max_stepz: 3\n"}),
+    Case("train", "wrong type", 2, "train --config wt.yaml",
+         r"'train\.max_steps' in wt\.yaml: expected an integer, got 'lots'", ("models",),
+         files={"wt.yaml": "train:\n  max_steps: lots\n"}),
+    Case("train", "YAML that does not parse", 2, "train --config broken.yaml",
+         r"config file broken\.yaml is not valid YAML \(.* at line 3 column 1\)", ("models",),
+         files={"broken.yaml": "model:\n  d_model: [1\n"}),
+    Case("train", "config file missing", 2, "train --config nope.yaml",
+         r"config file nope\.yaml does not exist; pass an existing YAML file", ("models",)),
+    Case("train", "n_heads does not divide d_model", 2, "train --config t.yaml model.n_heads=3",
+         r"model\.n_heads \(3\) must divide model\.d_model \(32\) \(model\.n_heads from the command line, "
+         r"model\.d_model from t\.yaml\)", ("run",), files=TRAIN_FILES),
+    Case("train", "n_heads 0", 2, "train --config t.yaml model.n_heads=0",
+         r"model\.n_heads must be >= 1, got 0 \(from the command line\)", ("run",), files=TRAIN_FILES),
+    Case("train", "max_steps 0", 2, "train --config t.yaml --max_steps 0",
+         r"train\.max_steps must be >= 1, got 0 \(from the command line\)", ("run",), files=TRAIN_FILES),
+    Case("train", "max_steps negative in the YAML", 2, "train --config neg.yaml",
+         r"train\.max_steps must be >= 1, got -5 \(from neg\.yaml\)", ("models",),
+         files={"neg.yaml": "train:\n  max_steps: -5\n"}),
+    Case("train", "learning_rate NaN", 2, "train --config t.yaml --learning_rate nan",
+         r"train\.learning_rate must be > 0, got nan", ("run",), files=TRAIN_FILES),
+    Case("train", "unknown section.key override", 2, "train --config t.yaml train.bogus=1",
+         r"unknown key 'train\.bogus' in the command line; valid keys of 'train'", ("run",), files=TRAIN_FILES),
+    Case("train", "unknown section override", 2, "train --config t.yaml bogus.key=1",
+         r"unknown section 'bogus' in command-line override 'bogus\.key'; valid: data, tokenizer, model", ("run",),
+         files=TRAIN_FILES),
+    Case("train", "override without a value", 2, "train --config t.yaml train.max_steps",
+         r"cannot read override 'train\.max_steps': write section\.key=value", ("run",), files=TRAIN_FILES),
+    # ---- train: files, checked before any compute ----------------------------------------------
+    Case("train", "vocab_size differs from the tokenizer", 2, "train --config t.yaml model.vocab_size=512",
+         r"model\.vocab_size=512 but the tokenizer in tok has 300 tokens; set model\.vocab_size=300", ("run",),
+         files=TRAIN_FILES),
+    Case("train", "impossible batch triplet", 2, "train --config t.yaml --ds_config triplet.json",
+         r"train\.ds_config triplet\.json: train_batch_size=3 is impossible with train\.micro_batch_size=2 .*"
+         r"set it to \"auto\"", ("run",),
+         files={**TRAIN_FILES, "triplet.json": '{"train_batch_size": 3, "zero_optimization": {"stage": 0}}'}),
+    Case("train", "ds_config JSON that does not parse", 2, "train --config t.yaml --ds_config bad.json",
+         r"train\.ds_config bad\.json is not valid JSON \(.*\); fix the file", ("run",),
+         files={**TRAIN_FILES, "bad.json": '{"zero_optimization": {"stage": 0},'}),
+    Case("train", "ds_config missing", 2, "train --config t.yaml --ds_config zero9.json",
+         r"train\.ds_config zero9\.json does not exist; pass a DeepSpeed JSON", ("run",), files=TRAIN_FILES),
+    Case("train", "data file missing", 2, "train --config t.yaml --data_file nothere.txt",
+         r"train\.data_file \(--data_file\) nothere\.txt does not exist; run `openllm-ds prepare` first", ("run",),
+         files=TRAIN_FILES),
+    Case("train", "too little data, found after the output dir and shards: no checkpoint", 2,
+         "train --config t.yaml --batch_size 1000",
+         r"train\.data_file training_data\.txt has [\d,]+ tokens = \d+ windows .* fewer than one global batch of "
+         r"1000 windows .*; lower --batch_size", ("run/checkpoints", "run/tensorboard"),
+         files={**TRAIN_FILES, "training_data.tokens": "<shards>", "validation_data.tokens": "<shards>"},
+         leaves=("run/run_config.yaml", "run/tokenizer/")),
+    # ---- evaluate --------------------------------------------------------------------------------
+    Case("evaluate", "model_dir missing", 2, "evaluate --model_dir nomodel --eval_data text.txt --output rep.json",
+         r"--model_dir nomodel does not exist; pass a training output", ("rep.json",), files={"text.txt": TEXT}),
+    Case("evaluate", "unknown metric", 2, "evaluate --model_dir model --eval_data text.txt --metrics accuracy",
+         r"unknown metric 'accuracy' in --metrics; valid: perplexity, loss", (), files={"text.txt": TEXT}),
+    Case("evaluate", "eval data missing", 2, "evaluate --model_dir model --eval_data missing.txt --output rep.json",
+         r"--eval_data: eval file missing\.txt does not exist", ("rep.json",)),
+    Case("evaluate", "corrupt model.safetensors", 2, "evaluate --model_dir model --eval_data text.txt --output rep.json",
+         r"model/checkpoints/step_00000002/model\.safetensors is not a readable safetensors file .* corrupt or truncated",
+         ("rep.json",), files={**CORRUPT_RUN, "text.txt": TEXT}),
+    # ---- generate --------------------------------------------------------------------------------
+    Case("generate", "negative temperature", 2, "generate --model_dir model --prompt Hi --temperature -1",
+         r"--temperature must be >= 0 \(0 = greedy\), got -1\.0", ()),
+    Case("generate", "max_length 0", 2, "generate --model_dir model --prompt Hi --max_length 0",
+         r"--max_length must be >= 1, got 0", ()),
+    Case("generate", "export dir whose config.json is not Llama", 2, "generate --model_dir hf --prompt Hi",
+         r"hf/config\.json is not a LlamaForCausalLM config \(no .*num_attention_heads", (),
+         files={"hf/config.json": '{"model_type": "bert"}', "hf/model.safetensors": GARBAGE}),
+    # ---- score-squad -----------------------------------------------------------------------------
+    Case("score-squad", "predictions not JSON", 2, "score-squad --dataset dev.json --predictions preds.txt",
+         r"predictions preds\.txt is not valid JSON", (), files={"dev.json": SQUAD, "preds.txt": "q1: Normans"}),
+    Case("score-squad", "dataset missing", 2, "score-squad --dataset missing.json --predictions preds.json",
+         r"dataset missing\.json does not exist", (), files={"preds.json": '{"q1": "Normans"}'}),
+    Case("score-squad", "dataset not SQuAD", 2, "score-squad --dataset dev.json --predictions preds.json",
+         r"dataset dev\.json has no top-level 'data' list; expected a SQuAD file", (),
+         files={"dev.json": '{"version": "1.1"}', "preds.json": '{"q1": "Normans"}'}),
+    Case("score-squad", "predictions not an object", 2, "score-squad --dataset dev.json --predictions preds.json",
+         r"predictions preds\.json must be a JSON object \{question_id: answer text\}, got a JSON list", (),
+         files={"dev.json": SQUAD, "preds.json": '["Normans"]'}),
+    # ---- export ----------------------------------------------------------------------------------
+    Case("export", "unknown format", 2, "export --model_dir model --format tflite",
+         r"export\.format must be huggingface, pytorch or onnx \(--format\), got 'tflite'", ("exports",)),
+    Case("export", "output_dir not empty, no --overwrite", 2, "export --model_dir model --format pytorch --output_dir out",
+         r"--output_dir out exists and is not empty; pass --overwrite to replace it", (),
+         files={**CORRUPT_RUN, "out/model.pt": "an earlier export"}, kept=("out/model.pt",)),
+    Case("export", "model dir without a checkpoint", 2, "export --model_dir run --format huggingface --output_dir out",
+         r"--model_dir run holds no checkpoint .*; train first or point at an export", ("out",),
+         files={"run/run_config.yaml": MODEL_YAML}),
+    Case("export", "run without run_config.yaml", 2, "export --model_dir model --format huggingface --output_dir out",
+         r"model/checkpoints/step_00000002 has no run_config\.yaml .*the model shape is unknown", ("out",),
+         files={k: v for k, v in CORRUPT_RUN.items() if k != "model/run_config.yaml"}),
+    Case("export", "corrupt weights with --overwrite keep the earlier export", 2,
+         "export --model_dir model --format huggingface --output_dir out --overwrite",
+         r"model\.safetensors is not a readable safetensors file", (),
+         files={**CORRUPT_RUN, "out/config.json": HF_CONFIG, "out/model.safetensors": GARBAGE},
+         kept=("out/config.json", "out/model.safetensors")),
+    # ---- pipeline --------------------------------------------------------------------------------
+    Case("pipeline", "config missing", 2, "pipeline --config nope.yaml",
+         r"config file nope\.yaml does not exist", ("runs", "data")),
+    Case("pipeline", "unknown key in the config", 2, "pipeline --config unk.yaml",
+         r"unknown key 'model\.d_modle' in unk\.yaml", ("runs", "data"), files={"unk.yaml": "model:\n  d_modle: 64\n"}),
+    Case("pipeline", "missing ds_config stops it before prepare", 2,
+         "pipeline --config {root}/configs/tiny.yaml --squad_dir squad",
+         r"train\.ds_config ds_configs/zero2\.json does not exist; .*train\.ds_config=PATH", ("runs", "data"),
+         files={"squad/dev-v1.1.json": SQUAD}),
+    Case("pipeline", "work_dir is a file", 2,
+         "pipeline --config {root}/configs/tiny.yaml --squad_dir squad --work_dir wd "
+         "train.ds_config={root}/ds_configs/zero2.json",
+         r"--work_dir wd is a file, not a directory", ("runs", "data"),
+         files={"squad/dev-v1.1.json": SQUAD, "wd": "a file"}, kept=("wd",)),
+]
+
+
+# ---- fixtures: a tiny real tokenizer and its token shards, built without Ray ---------------------
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    from openllm_ds.config import TokenizerConfig
+    from openllm_ds.tokenizer import corpus, tokenize_file, train_tokenizer
+
+    root = tmp_path_factory.mktemp("bad_input_assets")
+    text = root / "training_data.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    tok = root / "tok"
+    train_tokenizer(TokenizerConfig(input=str(text), output_dir=str(tok), vocab_size=300))
+
+    def encode_here(documents, model_proto, dtype, num_workers):
+        """The Ray actor's own code, run in this process on one block."""
+        out = corpus.EncodeBlock(model_proto, dtype.name)({"text": np.array(documents, dtype=object)})
+        yield np.frombuffer(out["ids"][0], dtype=dtype), int(out["num_documents"][0])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(corpus, "encode_with_ray", encode_here)
+        shards = Path(tokenize_file(text, tok)["shards_dir"])
+    return {"<tok>": tok, "<shards>": shards}
+
+
+def write_files(run_dir: Path, files: dict, assets: dict[str, Path]) -> None:
+    for rel, content in files.items():
+        dst = run_dir / rel
+        if rel.endswith("/"):
+            dst.mkdir(parents=True, exist_ok=True)
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str) and content in assets:
+            shutil.copytree(assets[content], dst)
+        elif isinstance(content, bytes):
+            dst.write_bytes(content)
+        else:
+            dst.write_text(content.replace("{root}", str(ROOT)), encoding="utf-8")
+
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in run_dir.rglob("*") if p.is_file()}
+
+
+
+def test_the_table_covers_every_stage():
+    assert len(CASES) >= 30
+    assert {c.stage for c in CASES} == {"prepare", "train-tokenizer", "tokenize", "train", "evaluate", "generate",
+                                        "score-squad", "export", "pipeline"}
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert {c.code for c in CASES} == {EXIT_USER_ERROR}  # one exit code for every kind of bad input
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, assets, tmp_path):
+    run_dir = tmp_path / "cwd"
+    run_dir.mkdir()
+    write_files(run_dir, case.files, assets)
+    before = snapshot(run_dir)
+    argv = shlex.split(case.argv.replace("{root}", str(ROOT)))
+
+    r = subprocess.run([sys.executable, "-m", "openllm_ds.cli", *argv], cwd=run_dir, capture_output=True, text=True,
+                       timeout=180)
+
+    assert r.returncode == case.code, f"exit {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    # one error line (progress bars share lines through "\r"), and it names the file/field/flag
+    errors = [line for line in re.split(r"[\r\n]+", r.stderr) if re.match(r"(openllm-ds[\w -]*: )?error: ", line)]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert re.search(case.message, errors[0]), f"{errors[0]!r} does not match {case.message!r}"
+
+    after = snapshot(run_dir)
+    for rel in case.absent:
+        assert not (run_dir / rel).exists(), f"{rel} exists after the failure: {sorted(after)}"
+    new = {f for f in set(after) - set(before) if not f.startswith(case.leaves)}
+    assert not [f for f in new if Path(f).name in MARKERS], f"completion markers written by a failed run: {sorted(new)}"
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".part"))], "temporary files left behind"
+    for rel in case.kept:
+        assert after.get(rel) == before[rel], f"{rel} changed or vanished"
