@@ -607,6 +607,33 @@ def test_a_pytorch_export_with_pickled_code_is_refused(hf_export, tmp_path):
     assert not marker.exists()
 
 
+def test_a_zero_checkpoint_with_pickled_code_is_refused(tokenizer_dir, tmp_path):
+    """DeepSpeed's zero_to_fp32 unpickles with weights_only=False; export (and serve --backend onnx) force it on."""
+    pytest.importorskip("deepspeed")
+    import tempfile
+
+    from test_export import make_fake_run
+
+    from openllm_ds.serve import load_engine
+
+    run = tmp_path / "run"
+    make_fake_run(run, tokenizer_dir)
+    tag = run / "checkpoints" / "step_00000010"
+    (tag / "model.safetensors").unlink()  # ZeRO shards only, as a DeepSpeed save from elsewhere
+    marker = tmp_path / "marker"
+    for name in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"):
+        torch.save({"optimizer_state_dict": {"zero_stage": 2}, "module": {}, "extra": _Payload(marker)}, tag / name)
+    with pytest.raises(UserError, match="refusing to load .*step_00000010.*pickled objects"):
+        export(ExportConfig(model_dir=str(run), format="huggingface", output_dir=str(tmp_path / "hf"), verify=False))
+    before = set(Path(tempfile.gettempdir()).glob("openllm-ds-onnx-*"))
+    with pytest.raises(UserError, match="refusing to load"):
+        load_engine(run, "onnx", max_length=CONTEXT)
+    assert set(Path(tempfile.gettempdir()).glob("openllm-ds-onnx-*")) == before  # its temporary dir is gone
+    assert not marker.exists() and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)  # the payload is live
+    assert marker.read_text() == "pwned"
+
+
 # --- after everything ---------------------------------------------------------------------------------
 
 def test_the_server_process_is_still_up_and_logged_no_error(server):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pickle
 import re
 import secrets
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -237,7 +238,11 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
         else:
             tmp = Path(tempfile.mkdtemp(prefix="openllm-ds-onnx-"))
             cleanup.append(tmp)
-            _export_onnx_to(path, tmp)
+            try:
+                _export_onnx_to(path, tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             tok_dir = path = tmp
         lm = OnnxCausalLM(path)
     else:
