@@ -130,6 +130,7 @@ class TrainConfig:
     log_every: int = 10
     resume: str = "auto"  # auto | none | <checkpoint step dir>
     num_workers: int = 0  # >0: Ray Train TorchTrainer with this many DeepSpeed workers
+    max_failures: int = 3  # Ray Train: worker-group restarts (resuming from latest) after a failure; -1 = no limit
     # loss spikes: spike_steps consecutive steps whose loss is non-finite or above spike_factor x its
     # running average roll the run back to the last good checkpoint and skip the batches since it;
     # after max_rollbacks rollbacks the run stops instead. spike_factor 0 watches non-finite losses only.
@@ -151,6 +152,8 @@ class TrainConfig:
                               f"{self.max_rollbacks} and {self.spike_factor}")
         if self.warmup_steps < 0 or self.num_workers < 0:
             raise ConfigError("train.warmup_steps and train.num_workers must be >= 0")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures must be >= 0, or -1 for no limit, got {self.max_failures}")
         if not self.learning_rate > 0:  # NaN too
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
 

@@ -10,6 +10,14 @@ Paths: every path in the config is made absolute on the driver. Workers on one m
 Ray instance) see the same files. On a multi-node cluster the data, tokenizer and output dir must
 be on storage every node mounts at the same path (NFS, a shared volume); Ray Train's own run
 records go to ``<output>/ray``.
+
+Failures: when a worker fails (its process killed, out of memory, its node lost), Ray Train stops the
+whole worker group and starts a new one, up to ``train.max_failures`` times (``FailureConfig``). Each
+new worker runs ``train(cfg)`` again, which resumes from ``<output>/checkpoints/latest`` (only ever a
+complete checkpoint), so the steps since that checkpoint are repeated with the same losses and the
+finished run equals an undisturbed one; a run started with ``--resume none`` or a checkpoint dir goes
+on from its own latest checkpoint once it has saved one. Ray Train cannot tell a dead process from an
+error our loop raised (a loss that keeps spiking, a full disk): those are retried too, then reported.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+from openllm_ds.checkpoint import CHECKPOINTS, LATEST
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import UserError
 
@@ -57,10 +66,10 @@ def train_with_ray(cfg: RunConfig) -> dict:
     start_ray(n)
     trainer = TorchTrainer(
         train_loop_per_worker=_train_worker,
-        train_loop_config={"run_config": cfg},
+        train_loop_config={"run_config": cfg, "latest_at_start": latest_checkpoint_id(cfg)},
         scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu),
         run_config=RayRunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "ray"),
-                                failure_config=FailureConfig(max_failures=0)),
+                                failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     try:
         result = trainer.fit()
@@ -88,6 +97,16 @@ def start_ray(num_workers: int) -> None:
         ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
 
 
+def latest_checkpoint_id(cfg: RunConfig) -> tuple[int, int] | None:
+    """Identity of ``<output>/checkpoints/latest``: every save replaces the file (a new inode), so a
+    changed id means this job saved a checkpoint."""
+    try:
+        st = (Path(cfg.output_dir) / CHECKPOINTS / LATEST).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _train_worker(config: dict) -> None:
     """Every worker trains; rank 0 reports the summary (Ray Train keeps metrics that come with a checkpoint)."""
     import tempfile
@@ -96,7 +115,12 @@ def _train_worker(config: dict) -> None:
 
     from openllm_ds.train.loop import train
 
-    summary = train(config["run_config"])
+    cfg = config["run_config"]
+    if cfg.train.resume != "auto" and latest_checkpoint_id(cfg) != config["latest_at_start"]:
+        # a worker group restarted after a failure: go on from this job's latest checkpoint, not from
+        # where the job began (every rank sees the same file: the failed group is gone)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
+    summary = train(cfg)
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report({})
         return
