@@ -85,6 +85,9 @@ def clean_on_ray(inputs: list[SquadInput], num_workers: int) -> list[list[str]]:
     ray = init_ray()
     rows = [{"file": i, "index": j, "context": c} for i, inp in enumerate(inputs) for j, c in enumerate(inp.contexts)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * num_workers)))
+    # A task whose worker process dies (killed, out of memory, a lost node) is run again: Ray Data gives
+    # its tasks max_retries=-1 for system failures (its own exceptions are not retried). Cleaning is a
+    # pure function of the rows and each result lands at its (file, index): the output is unchanged.
     ds = ds.map_batches(clean_batch, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=num_workers),
                         udf_modifying_row_count=False)
     cleaned: list[list[str | None]] = [[None] * len(inp.contexts) for inp in inputs]

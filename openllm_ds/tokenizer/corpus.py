@@ -115,6 +115,10 @@ def encode_with_ray(documents: list[str], model_proto: bytes, dtype: np.dtype, n
     lines_per_block = max(1, min(MAX_LINES_PER_BLOCK, math.ceil(len(documents) / (4 * num_workers))))
     blocks = [pa.table({"text": documents[i:i + lines_per_block]}) for i in range(0, len(documents), lines_per_block)]
     cpus_per_worker = min(1.0, ray.cluster_resources().get("CPU", 1.0) / num_workers)
+    # An actor whose process dies (killed, out of memory, a lost node) is restarted and its block encoded
+    # again: Ray Data creates its actors with max_restarts=-1 and max_task_retries=-1 (setting them through
+    # map_batches' ray_remote_args is deprecated since Ray 2.60). With preserve_order, each block's ids are
+    # written once and in order, so the shards are the same as without the failure.
     with preserve_order(DataContext.get_current()):
         ds = ray.data.from_arrow(blocks).map_batches(
             EncodeBlock,
