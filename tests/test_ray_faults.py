@@ -329,3 +329,47 @@ def test_ray_train_survives_a_killed_worker(reference, tmp_path, monkeypatch, fa
     faults["recovered"] += 1
     print(f"\nray train: killed rank 0 {kill['title']!r} (pid {kill['pid']}) after step {kill['reached']}; the worker "
           f"group restarted from step {resumed}; {len(lines)} loss lines, all equal to the undisturbed run's")
+
+
+def train_worker_failing_to_save(train_worker, fault_dir: Path):
+    """Ray Train's worker function, noting each start, whose checkpoint write at step 4 fails on every rank
+    as a full disk would (the loop's own CheckpointWriteError, raised in the worker process)."""
+    root = str(fault_dir)
+
+    def worker(config):
+        import os
+
+        import ray.train
+
+        from openllm_ds.train import loop
+        from openllm_ds.train.checkpointing import CheckpointWriteError
+
+        rank = ray.train.get_context().get_world_rank()
+        open(os.path.join(root, f"rank{rank}.{os.getpid()}"), "w").close()
+        real_save = loop.save_checkpoint
+
+        def save(engine, cfg, state, env, stage):
+            if state.step == 4:
+                raise CheckpointWriteError(f"could not write checkpoint step_00000004 (OSError: [Errno 28] No space "
+                                           f"left on device); rank {rank}")
+            return real_save(engine, cfg, state, env, stage)
+
+        loop.save_checkpoint = save
+        return train_worker(config)
+
+    return worker
+
+
+def test_an_error_of_the_run_itself_is_reported_not_retried(reference, tmp_path, monkeypatch):
+    """A UserError (here a failed checkpoint write) recurs on a retry: the job stops at once with it."""
+    from openllm_ds.train import launch
+    from openllm_ds.train import ray_launcher
+    from openllm_ds.train.checkpointing import CheckpointWriteError
+
+    fault_dir = tmp_path / "starts"
+    fault_dir.mkdir()
+    monkeypatch.setattr(ray_launcher, "_train_worker", train_worker_failing_to_save(ray_launcher._train_worker, fault_dir))
+    with pytest.raises(CheckpointWriteError, match=r"No space left on device\); rank 0"):
+        launch(tiny_cfg(reference["clean"], reference["tokenizer_dir"], tmp_path / "out", **TRAIN))
+    starts = sorted(p.name.split(".")[0] for p in fault_dir.iterdir())
+    assert starts == ["rank0", "rank1"]  # one worker group, not max_failures + 1 of them

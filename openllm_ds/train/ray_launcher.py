@@ -16,8 +16,9 @@ whole worker group and starts a new one, up to ``train.max_failures`` times (``F
 new worker runs ``train(cfg)`` again, which resumes from ``<output>/checkpoints/latest`` (only ever a
 complete checkpoint), so the steps since that checkpoint are repeated with the same losses and the
 finished run equals an undisturbed one; a run started with ``--resume none`` or a checkpoint dir goes
-on from its own latest checkpoint once it has saved one. Ray Train cannot tell a dead process from an
-error our loop raised (a loss that keeps spiking, a full disk): those are retried too, then reported.
+on from its own latest checkpoint once it has saved one. An error of our own (a ``UserError``: a loss
+that keeps spiking, a full disk, a bad input) is raised on every rank alike and would only recur: the
+workers report it instead of raising it, so the job stops at once with its message, not retried.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def train_with_ray(cfg: RunConfig) -> dict:
         raise _user_error_in(result.error) or result.error
     if not result.metrics:
         raise RuntimeError("Ray Train finished without the training summary of rank 0")
+    if "user_error" in result.metrics:
+        raise _error_class(result.metrics["user_error_type"])(result.metrics["user_error"])
     return dict(result.metrics)
 
 
@@ -120,13 +123,28 @@ def _train_worker(config: dict) -> None:
         # a worker group restarted after a failure: go on from this job's latest checkpoint, not from
         # where the job began (every rank sees the same file: the failed group is gone)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except UserError as e:  # the same on every rank, and a retry would meet it again: report, don't raise
+        summary = {"user_error": str(e), "user_error_type": type(e).__name__}
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report({})
         return
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "summary.json").write_text(json.dumps(summary, default=str), encoding="utf-8")
         ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _error_class(name: str) -> type[UserError]:
+    """The UserError subclass called ``name`` (a worker's error crosses to the driver as text)."""
+    from openllm_ds.train.loop import TrainingError  # noqa: F401 - defines the subclasses searched below
+
+    todo, seen = [UserError], {}
+    while todo:
+        cls = todo.pop()
+        seen[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return seen.get(name, UserError)
 
 
 def _user_error_in(exc: BaseException) -> UserError | None:
