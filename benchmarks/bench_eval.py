@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from openllm_ds.config import ModelConfig, TokenizerConfig, load_run_config
 from openllm_ds.evaluation.sliding_window import encode_documents, perplexity, read_documents, sliding_windows
-from openllm_ds.export.hf_map import hf_weight_map, to_hf_config
+from openllm_ds.export.hf_map import to_hf_config, to_hf_state_dict
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import load_tokenizer, train_tokenizer
 
@@ -51,8 +51,7 @@ def build_models(cfg: ModelConfig, device: str):
     ours = Transformer(cfg).to(device).eval()
     hf_cfg = {k: v for k, v in to_hf_config(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
     hf = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
-    sd = ours.state_dict()
-    hf.load_state_dict({hf_name: sd[name] for name, hf_name in hf_weight_map(cfg).items()}, strict=False)
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     if cfg.tie_embeddings:
         hf.tie_weights()
     return ours, hf.to(device).eval()

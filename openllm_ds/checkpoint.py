@@ -123,15 +123,10 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
 
     root = Path(model_dir)
     if is_hf_export(root):
-        from openllm_ds.export.hf_map import from_hf_config, hf_weight_map
+        from openllm_ds.export.hf_map import from_hf_config, from_hf_state_dict
 
         cfg = from_hf_config(_read_json(root / "config.json"), str(root / "config.json"))
-        hf_sd = load_state_dict(root / WEIGHTS)
-        sd = {}
-        for ours, hf in hf_weight_map(cfg).items():
-            if hf not in hf_sd:
-                raise UserError(f"{root / WEIGHTS} lacks tensor {hf}; re-export the model")
-            sd[ours] = hf_sd[hf]
+        sd = from_hf_state_dict(load_state_dict(root / WEIGHTS), cfg, str(root / WEIGHTS))
         card = root / "openllm_ds.json"
         step_ = json.loads(card.read_text()).get("step") if card.is_file() else None
         kind, path, tok_dir, run_cfg = "huggingface", root, root, None

@@ -222,7 +222,7 @@ def test_export_picks_the_requested_checkpoint(tmp_path, tokenizer_dir):
         assert report["step"] == step
         state = torch.load(out / "model.pt", weights_only=True)
         assert torch.equal(state["norm.weight"], models[step].norm.weight.detach())
-        assert torch.equal(state["layers.0.mlp.up_proj.weight"], models[step].layers[0].mlp.up_proj.weight.detach())
+        assert torch.equal(state["layers.0.mlp.gate_up_proj.weight"], models[step].layers[0].mlp.gate_up_proj.weight.detach())
     # a step dir itself is a valid --model_dir
     report = export(ExportConfig(model_dir=str(run_dir / "checkpoints" / "step_00000010"), format="pytorch",
                                  output_dir=str(tmp_path / "from_step"), verify=False))

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from openllm_ds.config import ModelConfig
-from openllm_ds.export.hf_map import hf_weight_map, to_hf_config
+from openllm_ds.export.hf_map import from_hf_state_dict, to_hf_config, to_hf_state_dict
 from openllm_ds.model import Transformer
 
 CFG = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, d_ff=96, max_seq_len=32, dropout=0.0)
@@ -21,10 +22,38 @@ def test_forward_shapes_and_initial_loss():
     m = _model()
     idx = torch.randint(0, CFG.vocab_size, (3, 16))
     targets = torch.randint(0, CFG.vocab_size, (3, 16))
-    logits, loss = m(idx, targets)
+    logits, _ = m(idx)
     assert logits.shape == (3, 16, CFG.vocab_size)
+    no_logits, loss = m(idx, targets)  # with targets: the loss without the (B, T, V) logits
+    assert no_logits is None
     # small init: on random targets an untrained model's loss is close to ln(V)
     assert abs(loss.item() - math.log(CFG.vocab_size)) < 0.2
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, CFG.vocab_size), targets.view(-1)).item(),
+                                        rel=1e-6)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_loss_and_gradients_equal_cross_entropy_on_the_logits(grad):
+    """The CPU loss path (logits turned into their gradient in place) against F.cross_entropy, with
+    ignored targets (-100) and more rows than one block."""
+    torch.manual_seed(1)
+    m = Transformer(ModelConfig(**{**CFG.__dict__, "vocab_size": 5000})).train()
+    idx = torch.randint(0, 5000, (3, 32))
+    targets = torch.randint(0, 5000, (3, 32))
+    targets[:, ::5] = -100
+    with torch.set_grad_enabled(grad):
+        _, loss = m(idx, targets)
+    if grad:
+        loss.backward()
+    ours = {n: p.grad.clone() for n, p in m.named_parameters()} if grad else None
+    m.zero_grad()
+    logits, _ = m(idx)
+    ref = F.cross_entropy(logits.view(-1, 5000), targets.view(-1), ignore_index=-100)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    if grad:
+        ref.backward()
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(ours[n], p.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_causal_prefix_logits_do_not_depend_on_future_tokens():
@@ -89,10 +118,21 @@ def test_logits_match_transformers_llama(tie, kv_heads):
     cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": tie, "n_kv_heads": kv_heads})
     ours = _model(cfg)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(cfg))).eval()
-    sd = ours.state_dict()
-    missing, unexpected = hf.load_state_dict({h: sd[o] for o, h in hf_weight_map(cfg).items()}, strict=False)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if tie else set())
     idx = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         ref = hf(idx).logits
     assert (ours(idx)[0] - ref).abs().max().item() < 1e-4
+
+
+def test_hf_weight_map_round_trip_splits_the_stacked_projections():
+    cfg = ModelConfig(**{**CFG.__dict__, "n_kv_heads": 2, "tie_embeddings": False})
+    sd = _model(cfg).state_dict()
+    hf = to_hf_state_dict(sd, cfg)
+    assert hf["model.layers.1.self_attn.q_proj.weight"].shape == (64, 64)
+    assert hf["model.layers.1.self_attn.k_proj.weight"].shape == (32, 64)  # 2 kv heads x 16
+    assert torch.equal(hf["model.layers.1.self_attn.v_proj.weight"], sd["layers.1.self_attn.qkv_proj.weight"][96:])
+    assert torch.equal(hf["model.layers.0.mlp.up_proj.weight"], sd["layers.0.mlp.gate_up_proj.weight"][96:])
+    back = from_hf_state_dict(hf, cfg)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)

@@ -5,31 +5,63 @@ Used by the exporter (ours -> HF) and by the loader of HF exports (HF -> ours).
 
 from __future__ import annotations
 
+import torch
+
 from openllm_ds.config import ModelConfig
 from openllm_ds.errors import UserError
 
-_LAYER_WEIGHTS = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
+# our per-layer tensor -> the HF tensors it holds, stacked along dim 0 in this order
+_LAYER_WEIGHTS = {
+    "input_layernorm.weight": ("input_layernorm.weight",),
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attn.o_proj.weight": ("self_attn.o_proj.weight",),
+    "post_attention_layernorm.weight": ("post_attention_layernorm.weight",),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.down_proj.weight": ("mlp.down_proj.weight",),
+}
 
 
-def hf_weight_map(cfg: ModelConfig) -> dict[str, str]:
-    """Our parameter name -> HF parameter name, for every tensor that is stored."""
-    names = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+def hf_weight_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Our parameter name -> ((HF parameter name, rows), ...): the HF tensors ours stacks along dim 0,
+    for every tensor that is stored (rows is None for a tensor that maps whole)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    rows = {"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": kv, "self_attn.v_proj.weight": kv,
+            "mlp.gate_proj.weight": cfg.d_ff, "mlp.up_proj.weight": cfg.d_ff}
+    names = {"embed_tokens.weight": (("model.embed_tokens.weight", None),), "norm.weight": (("model.norm.weight", None),)}
     for i in range(cfg.n_layers):
-        for w in _LAYER_WEIGHTS:
-            names[f"layers.{i}.{w}"] = f"model.layers.{i}.{w}"
+        for ours, hf in _LAYER_WEIGHTS.items():
+            names[f"layers.{i}.{ours}"] = tuple((f"model.layers.{i}.{h}", rows.get(h)) for h in hf)
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+        names["lm_head.weight"] = (("lm_head.weight", None),)
     return names
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> LlamaForCausalLM's (stacked tensors split; views of ours)."""
+    out = {}
+    for ours, parts in hf_weight_map(cfg).items():
+        if len(parts) == 1:
+            out[parts[0][0]] = sd[ours]
+        else:
+            out.update(zip((h for h, _ in parts), sd[ours].split([n for _, n in parts], dim=0)))
+    return out
+
+
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "model.safetensors"
+                       ) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's state dict -> ours (``source`` names the file in errors)."""
+    out = {}
+    for ours, parts in hf_weight_map(cfg).items():
+        tensors = []
+        for hf, rows in parts:
+            if hf not in hf_sd:
+                raise UserError(f"{source} lacks tensor {hf}; re-export the model")
+            if rows is not None and hf_sd[hf].shape[0] != rows:
+                raise UserError(f"{source}: {hf} has {hf_sd[hf].shape[0]} rows, its config.json says {rows}; "
+                                "re-export the model")
+            tensors.append(hf_sd[hf])
+        out[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+    return out
 
 
 def to_hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 3, dtype: str = "float32") -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from openllm_ds.export.hf_map import hf_weight_map, to_hf_config
+from openllm_ds.export.hf_map import to_hf_config, to_hf_state_dict
 from openllm_ds.export.source import (
     EXPORT_INFO, HF_DTYPE_NAMES, TORCH_DTYPES, ExportSource, copy_tokenizer_files, encode_for_verification,
     verification_texts,
@@ -31,8 +31,8 @@ class VerificationError(UserError):
 
 
 def hf_state_dict(src: ExportSource, dtype: str) -> dict[str, torch.Tensor]:
-    sd = src.model.state_dict()
-    return {hf: sd[ours].detach().to(TORCH_DTYPES[dtype]).contiguous() for ours, hf in hf_weight_map(src.model_config).items()}
+    hf = to_hf_state_dict(src.model.state_dict(), src.model_config)
+    return {name: t.detach().to(TORCH_DTYPES[dtype]).contiguous() for name, t in hf.items()}
 
 
 def hf_config(src: ExportSource, dtype: str) -> dict:

@@ -122,6 +122,9 @@ class OnnxCausalLM:
         cache = [(present[2 * i], present[2 * i + 1]) for i in range(self.cfg.n_layers)]
         return torch.from_numpy(logits), None, cache
 
+    def new_kv_cache(self, batch: int, device) -> list:
+        return []  # the list form: decoder_with_past takes the past and returns the present
+
     def eval(self):
         return self
 

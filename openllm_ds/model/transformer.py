@@ -1,8 +1,10 @@
 """A decoder-only transformer, Llama-compatible, in plain PyTorch.
 
 RoPE positions, RMSNorm, SwiGLU feed-forward, optional grouped-query attention and tied
-embeddings. The weight layout mirrors Hugging Face's ``LlamaForCausalLM`` one-to-one, so the
-export is a rename (see openllm_ds/export/hf.py). No DeepSpeed, Ray or distributed code here.
+embeddings. The weights are Hugging Face's ``LlamaForCausalLM``'s under the same names, except that
+q/k/v and gate/up projections are stacked into one matmul each (fewer, larger matmuls, and fewer
+calls per decoded token); openllm_ds/export/hf_map.py splits them. No DeepSpeed, Ray or distributed
+code here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,25 @@ from torch.utils.checkpoint import checkpoint
 
 from openllm_ds.config import ModelConfig
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+PastKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v): (B, nkv, S, hs)
+
+
+class KVCache:
+    """Keys and values of every layer for generation, preallocated to max_seq_len and written in place
+    (a list of per-layer tensors grown by concatenation costs a copy of the whole history each step)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, device, dtype):
+        shape = (cfg.n_layers, batch, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, nkv, T, hs) at the next T positions; the keys and values of all positions so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -26,46 +46,47 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # one fused op
         # normalise in fp32 as Llama does, then cast back
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and a signed sin, (T, hs) each, in HF's rotate_half layout (see apply_rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs), HF's rotate_half layout
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
-def apply_rope(x, cos, sin):
-    # x: (B, nh, T, hs); cos/sin: (T, hs)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rope(x, cos, signed_sin):
+    # x: (B, nh, T, hs). rotate_half(x) * sin == roll(x, hs/2) * signed_sin, exactly, in fewer ops
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer  # its slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=False)
+        # q, k and v in one matmul (HF's q_proj, k_proj, v_proj stacked: see export/hf_map.py)
+        self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * self.n_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x, cos, sin, kv: KVCache | tuple[torch.Tensor, torch.Tensor] | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # generation: prepend the cached keys/values
+        nh, nkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
+        qk, v = qkv.split((nh + nkv, nkv), dim=1)
+        q, k = apply_rope(qk, cos, sin).split((nh, nkv), dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        if isinstance(kv, KVCache):  # generation: attend to the cached positions too
+            k, v = kv.update(self.layer, k, v)
+        elif kv is not None:  # the list form (ONNX past/present): prepend the past keys/values
             k, v = torch.cat((kv[0], k), dim=2), torch.cat((kv[1], v), dim=2)
         new_kv = (k, v)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if nkv != nh:
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         S = k.size(2)
         if T == S:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
@@ -74,35 +95,49 @@ class Attention(nn.Module):
         else:  # T new queries attend to all S cached keys up to their own position
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, nh * self.head_dim)
         return self.o_proj(y), new_kv
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # HF's gate_proj, up_proj stacked
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, kv=None):
         a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        x = x + self.drop(a)
-        x = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+        x = x + F.dropout(a, self.dropout, self.training)
+        x = x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
         return x, new_kv
+
+
+class LMHead(nn.Linear):
+    """The output projection; given targets it returns the loss instead of the logits."""
+
+    def forward(self, x, targets=None):
+        if targets is None:
+            return super().forward(x)
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return LinearCrossEntropy.apply(x, self.weight, targets)
+            return LinearCrossEntropy.loss_only(x, self.weight, targets)
+        return F.cross_entropy(super().forward(x).float(), targets, ignore_index=-100)
 
 
 class Transformer(nn.Module):
@@ -110,10 +145,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -135,21 +169,29 @@ class Transformer(nn.Module):
         """Unique parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, start_pos: int = 0):
-        """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None[, new kv cache]).
+    def forward(self, idx, targets=None, kv_cache: KVCache | PastKV | None = None, start_pos: int = 0):
+        """idx: (B, T) token ids. Returns (logits (B, T, V), None[, kv cache]), or with ``targets``
+        (B, T) (None, the mean next-token cross-entropy, -100 ignored): the loss comes from the hidden
+        states without keeping the (B, T, V) logits.
 
-        With ``targets`` (B, T) the mean next-token cross-entropy is returned (-100 ignored).
-        With ``kv_cache`` (a list, possibly empty) the updated cache is returned third.
+        With ``kv_cache`` the cache is returned third: a ``KVCache`` is updated in place (``start_pos``
+        is its fill); a list (possibly empty) of per-layer past (k, v) gives the list of the present ones.
         """
         B, T = idx.shape
+        if isinstance(kv_cache, KVCache):
+            start_pos = kv_cache.pos
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        cos = self.rope_cos[start_pos : start_pos + T].to(self.embed_tokens.weight.dtype)
-        sin = self.rope_sin[start_pos : start_pos + T].to(self.embed_tokens.weight.dtype)
-        x = self.drop(self.embed_tokens(idx))  # (B, T, C)
-        new_cache: KVCache = []
+        dtype = self.embed_tokens.weight.dtype
+        cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        if cos.dtype != dtype:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        x = F.dropout(self.embed_tokens(idx), self.cfg.dropout, self.training)  # (B, T, C)
+        new_cache: PastKV = []
         for i, layer in enumerate(self.layers):
-            if kv_cache is not None:
+            if isinstance(kv_cache, KVCache):
+                x = layer(x, cos, sin, kv_cache)[0]
+            elif kv_cache is not None:
                 x, kv = layer(x, cos, sin, kv_cache[i] if i < len(kv_cache) else None)
                 new_cache.append(kv)
             elif self.gradient_checkpointing and self.training:
@@ -157,13 +199,19 @@ class Transformer(nn.Module):
                 x = self.checkpoint_fn(fn, x) if self.checkpoint_fn else checkpoint(fn, x, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)[0]
-        logits = self.lm_head(self.norm(x))
-        loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            logits, loss = None, self.lm_head(self.norm(x), targets)
+        else:
+            logits, loss = self.lm_head(self.norm(x)), None
+        if isinstance(kv_cache, KVCache):
+            kv_cache.pos += T
+            return logits, loss, kv_cache
         if kv_cache is not None:
             return logits, loss, new_cache
         return logits, loss
+
+    def new_kv_cache(self, batch: int, device) -> KVCache:
+        return KVCache(self.cfg, batch, device, self.embed_tokens.weight.dtype)
 
     @torch.no_grad()
     def generate(
@@ -185,7 +233,7 @@ class Transformer(nn.Module):
         self.eval()
         try:
             B = idx.size(0)
-            cache: KVCache = []
+            cache = self.new_kv_cache(B, idx.device)
             pos, step_in = 0, idx
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             seen = idx
@@ -228,3 +276,54 @@ def sample_next(logits, temperature: float, top_k: int | None, top_p: float | No
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``x @ weight.T`` against ``targets`` (-100 ignored), for fp32 on the CPU.
+
+    F.cross_entropy on the logits makes three more passes over a (tokens x vocab) tensor (log-softmax,
+    its backward, a one-hot fill), a tenth of a CPU training step at a 32k vocabulary. Here the forward
+    pass turns the logits, in place and a cache-sized block of rows at a time, into their gradient
+    softmax - one-hot, and the backward pass multiplies it out: the same numbers, one pass.
+    """
+
+    @staticmethod
+    def blocks(logits, targets):
+        rows = max(1, 2**20 // logits.size(1))  # ~4 MB of logits per block
+        for i in range(0, logits.size(0), rows):
+            yield logits[i : i + rows], targets[i : i + rows]
+
+    @staticmethod
+    def loss_only(x, weight, targets):
+        logits = x @ weight.t()  # (N, V)
+        total = logits.new_zeros(())
+        for block, t in LinearCrossEntropy.blocks(logits, targets):
+            keep = t != -100
+            nll = torch.logsumexp(block, dim=-1) - block.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+            total += nll[keep].sum()
+        return total / (targets != -100).sum()
+
+    @staticmethod
+    def forward(ctx, x, weight, targets):
+        logits = x @ weight.t()  # (N, V), becomes the gradient
+        total = logits.new_zeros(())
+        for block, t in LinearCrossEntropy.blocks(logits, targets):
+            t = t[:, None]
+            target_logit = block.gather(1, t.clamp(min=0))
+            lse = torch.logsumexp(block, dim=-1, keepdim=True)
+            block.sub_(lse).exp_()  # softmax
+            block.scatter_add_(1, t.clamp(min=0), torch.full_like(target_logit, -1.0))
+            ignored = t == -100
+            block.masked_fill_(ignored, 0.0)
+            total += (lse - target_logit).masked_fill_(ignored, 0.0).sum()
+        count = (targets != -100).sum()
+        ctx.save_for_backward(x, weight, logits, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, g, count = ctx.saved_tensors
+        scale = grad / count
+        grad_x = (g @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ x).mul_(scale) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
