@@ -19,7 +19,9 @@ tokenizer files. ``--model_dir`` accepts either.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +153,33 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
         raise UserError(f"weights in {path} do not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, cfg, Path(tok_dir), step_, kind, path, run_cfg)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Make DeepSpeed unpickle with weights_only=True (its zero_to_fp32 and engine.load_checkpoint pass
+    weights_only=False).
+
+    Allowed besides tensors: what a DeepSpeed checkpoint holds as plain data (numpy arrays of the RNG
+    state, DeepSpeed's ZeroStageEnum, loss scaler and fragment_address), so a checkpoint from
+    elsewhere cannot run code. TORCH_FORCE_WEIGHTS_ONLY_LOAD is torch's switch for this.
+    """
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    np_core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    allowed = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes, ZeroStageEnum, LossScaler,
+               DynamicLossScaler, fragment_address]
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before

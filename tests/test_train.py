@@ -363,3 +363,31 @@ def test_ray_job_entry_point_defaults_to_one_worker(capsys):
     assert "num_workers: 1" in capsys.readouterr().out.split("train:", 1)[1]
     assert job.main(["--dry_run", "--num_workers", "0"]) == 0
     assert "num_workers: 0" in capsys.readouterr().out.split("train:", 1)[1]
+
+
+class _Payload:
+    """Unpickling this object runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"__import__('pathlib').Path({str(self.marker)!r}).write_text('pwned')",)
+
+
+def test_resuming_from_a_checkpoint_with_pickled_code_is_refused(tiny_run, prepared_data, tokenizer_dir, tmp_path):
+    """DeepSpeed's engine.load_checkpoint unpickles with weights_only=False; resume forces it on."""
+    import shutil
+
+    cfg, _ = tiny_run
+    out = tmp_path / "copy"
+    shutil.copytree(cfg.output_dir, out)
+    tag = out / "checkpoints" / (out / "checkpoints/latest").read_text().strip()
+    states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    marker = tmp_path / "marker"
+    torch.save({**states, "extra": _Payload(marker)}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match=r"refusing to resume from .*step_00000060: its DeepSpeed files hold pickled"):
+        train(tiny_cfg(prepared_data, tokenizer_dir, out, train__max_steps=61))
+    assert not marker.exists()
+    torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)  # the payload is live
+    assert marker.read_text() == "pwned"

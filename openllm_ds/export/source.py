@@ -8,10 +8,8 @@ shards are gathered into fp32 weights by DeepSpeed's ``zero_to_fp32``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import pickle
 import re
 import shutil
@@ -21,7 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from openllm_ds.checkpoint import CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, is_hf_export, load_model, step_tag
+from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, is_hf_export, load_model, step_tag,
+                                  weights_only_loads)
 from openllm_ds.config import ModelConfig, RunConfig, run_config_from_dict
 from openllm_ds.errors import UserError
 from openllm_ds.model import Transformer
@@ -156,7 +155,7 @@ def _load_deepspeed(tag_dir: Path) -> ExportSource:
                         "the model shape is unknown, export from the run's output dir")
     run_cfg = run_config_from_dict(yaml.safe_load(cfg_file.read_text()), str(cfg_file))
     try:
-        with _weights_only_loads():
+        with weights_only_loads():
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing to load {tag_dir}: its DeepSpeed files hold pickled objects other than tensors and "
@@ -179,35 +178,6 @@ def _load_deepspeed(tag_dir: Path) -> ExportSource:
         model=model.float().eval(), model_config=run_cfg.model, tokenizer=load_tokenizer(tok_dir), tokenizer_dir=tok_dir,
         path=tag_dir, kind="deepspeed", step=step, run_name=run_cfg.name, run_config=run_cfg, train_state=train_state,
     )
-
-
-@contextlib.contextmanager
-def _weights_only_loads():
-    """Make DeepSpeed's zero_to_fp32 unpickle with weights_only=True (it passes weights_only=False).
-
-    Allowed besides tensors: what a ZeRO checkpoint holds as plain data (numpy arrays of the RNG
-    state, DeepSpeed's ZeroStageEnum, loss scaler and fragment_address), so a checkpoint from
-    elsewhere cannot run code. TORCH_FORCE_WEIGHTS_ONLY_LOAD is torch's switch for this.
-    """
-    import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    np_core = getattr(np, "_core", None) or np.core
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
-    allowed = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes, ZeroStageEnum, LossScaler,
-               DynamicLossScaler, fragment_address]
-    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(allowed):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
 def check_vocab(src: ExportSource) -> None:
