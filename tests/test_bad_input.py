@@ -201,12 +201,12 @@ CASES = [
     Case("train", "data file missing", 2, "train --config t.yaml --data_file nothere.txt",
          r"train\.data_file \(--data_file\) nothere\.txt does not exist; run `openllm-ds prepare` first", ("run",),
          files=TRAIN_FILES),
-    Case("train", "too little data, found after the output dir and shards: no checkpoint", 2,
+    Case("train", "too little data, found after the shards: nothing in the run dir", 2,
          "train --config t.yaml --batch_size 1000",
          r"train\.data_file training_data\.txt has [\d,]+ tokens = \d+ windows .* fewer than one global batch of "
-         r"1000 windows .*; lower --batch_size", ("run/checkpoints", "run/tensorboard"),
-         files={**TRAIN_FILES, "training_data.tokens": "<shards>", "validation_data.tokens": "<shards>"},
-         leaves=("run/run_config.yaml", "run/tokenizer/")),
+         r"1000 windows .*; lower --batch_size",
+         ("run/run_config.yaml", "run/tokenizer", "run/checkpoints", "run/tensorboard", "run/train_log.jsonl"),
+         files={**TRAIN_FILES, "training_data.tokens": "<shards>", "validation_data.tokens": "<shards>"}),
     # ---- evaluate --------------------------------------------------------------------------------
     Case("evaluate", "model_dir missing", 2, "evaluate --model_dir nomodel --eval_data text.txt --output rep.json",
          r"--model_dir nomodel does not exist; pass a training output", ("rep.json",), files={"text.txt": TEXT}),

@@ -43,13 +43,13 @@ def train(cfg: RunConfig) -> dict:
     inputs = check_run_inputs(cfg, env)
     out = Path(cfg.output_dir).resolve()
     log = RunLog(env, out)
-    if env.is_rank_zero:
-        prepare_output_dir(cfg, out)
 
     t = cfg.train
     train_tokens = ensure_token_shards(t.data_file, t.tokenizer_dir, inputs.tokenizer.sha256, env, cfg.tokenizer.num_workers)
     val_tokens = ensure_token_shards(cfg.eval_data, t.tokenizer_dir, inputs.tokenizer.sha256, env, cfg.tokenizer.num_workers)
     check_lengths(cfg, len(train_tokens), len(val_tokens), env.world_size)
+    if env.is_rank_zero:  # only once the inputs are known to be usable
+        prepare_output_dir(cfg, out)
     T = cfg.model.max_seq_len
     batches = TrainBatches(train_tokens, T, t.micro_batch_size, t.gradient_accumulation_steps, env, t.seed)
     eval_windows = EvalWindows(val_tokens, T, t.eval_batches * t.micro_batch_size, t.micro_batch_size, env)
