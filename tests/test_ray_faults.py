@@ -74,7 +74,6 @@ def fault_hook(fault_dir: Path, pause_at: int | None):
 
     def hook() -> None:
         import os
-        import time
 
         calls = os.path.join(root, "calls")
         os.makedirs(calls, exist_ok=True)

@@ -1,7 +1,6 @@
 """DeepSpeed config generation, the batch triplet, the schedule, parameter groups and batch sampling."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
