@@ -310,12 +310,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         for block, t in LinearCrossEntropy.blocks(logits, targets):
             t = t[:, None]
             target_logit = block.gather(1, t.clamp(min=0))
-            lse = torch.logsumexp(block, dim=-1, keepdim=True)
-            block.sub_(lse).exp_()  # softmax
+            top = block.amax(dim=-1, keepdim=True)
+            block.sub_(top).exp_()
+            sums = block.sum(dim=-1, keepdim=True)
+            block.div_(sums)  # softmax
             block.scatter_add_(1, t.clamp(min=0), torch.full_like(target_logit, -1.0))
+            nll = top + sums.log_() - target_logit
             ignored = t == -100
-            block.masked_fill_(ignored, 0.0)
-            total += (lse - target_logit).masked_fill_(ignored, 0.0).sum()
+            if ignored.any():
+                block.masked_fill_(ignored, 0.0)
+                nll.masked_fill_(ignored, 0.0)
+            total += nll.sum()
         count = (targets != -100).sum()
         ctx.save_for_backward(x, weight, logits, count)
         return total / count
