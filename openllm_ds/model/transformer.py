@@ -26,17 +26,17 @@ class KVCache:
     (a list of per-layer tensors grown by concatenation costs a copy of the whole history each step)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, device, dtype):
-        shape = (cfg.n_layers, batch, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0  # positions filled
 
     def update(self, layer: int, k, v):
         """Store k, v (B, nkv, T, hs) at the next T positions; the keys and values of all positions so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        T, end = k.size(2), self.pos + k.size(2)
+        self.k[layer].narrow(2, self.pos, T).copy_(k)
+        self.v[layer].narrow(2, self.pos, T).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
 class RMSNorm(nn.Module):
@@ -121,9 +121,12 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, kv=None):
         a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        x = x + F.dropout(a, self.dropout, self.training)
-        x = x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
         return x, new_kv
+
+    def drop(self, x):
+        return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
 
 class LMHead(nn.Linear):
@@ -242,7 +245,9 @@ class Transformer(nn.Module):
                     break
                 logits, _, cache = self(step_in, kv_cache=cache, start_pos=pos)
                 pos += step_in.size(1)
-                logits = logits[:, -1, :].float()
+                logits = logits[:, -1]
+                if logits.dtype != torch.float32:
+                    logits = logits.float()
                 if repetition_penalty != 1.0:
                     prev = logits.gather(1, seen)
                     logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
