@@ -8,11 +8,15 @@ For each preset (configs/<preset>.yaml: model shape, micro batch, context) the s
   deepspeed-zero0   the same without ZeRO
   pytorch           our Transformer in a plain PyTorch loop (no DeepSpeed)
   hf-llama          transformers' LlamaForCausalLM of the same shape (export.hf_map.to_hf_config)
-Variants run interleaved for ``--rounds`` rounds (this machine's neighbours make single timings
-noisy); the per-step time of a variant is its median. MFU = 6N+12LdT FLOPs per token x tokens/s
+Variants take turns step by step for ``--rounds`` x ``--steps`` steps (this machine's neighbours make
+single timings noisy); the per-step time of a variant is its median. MFU = 6N+12LdT FLOPs per token x tokens/s
 over the fp32 ``torch.mm`` peak measured in this run (best of a 4096^3 product, before and after).
 
 Targets: DeepSpeed overhead <= 5% over plain PyTorch; >= 1.2x the tokens/s of hf-llama.
+
+Also printed per preset, as the ceiling the MFU column can approach: the step's own weight GEMMs
+alone (forward, input-gradient and weight-gradient products of every linear layer and the head, at
+the preset's shapes, random data) as a fraction of the same peak.
 """
 
 from __future__ import annotations
@@ -105,10 +109,44 @@ def build_variants(cfg, env, ds_configs: list[str]):
     return variants
 
 
+def gemm_efficiency(cfg, repeats: int = 3) -> tuple[float, float]:
+    """(FLOPs, best seconds) of one step's weight GEMMs run alone: for every linear y = x W^T (K -> N) over
+    M = micro batch x context tokens, the products x W^T (M,K,N), dy W (M,N,K) and dy^T x (N,M,K)."""
+    c = cfg.model
+    m = cfg.train.micro_batch_size * c.max_seq_len
+    qkv = (c.n_heads + 2 * c.num_kv_heads) * c.head_dim
+    linears = [(c.d_model, qkv), (c.n_heads * c.head_dim, c.d_model), (c.d_model, 2 * c.d_ff), (c.d_ff, c.d_model)]
+    products = {}
+    for k, n in set(linears) | {(c.d_model, c.vocab_size)}:
+        for a, b, d in ((m, k, n), (m, n, k), (n, m, k)):
+            products[(a, b, d)] = (torch.randn(a, b), torch.randn(b, d))
+    order = [(a, b, d) for k, n in linears * c.n_layers + [(c.d_model, c.vocab_size)]
+             for a, b, d in ((m, k, n), (m, n, k), (n, m, k))]
+    flops = sum(2.0 * a * b * d for a, b, d in order)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for shape in order:
+            torch.mm(*products[shape])
+        best = min(best, time.perf_counter() - t0)
+    return flops, best
+
+
+def micro_batch_for(preset: str, spec: str | None) -> int | None:
+    """``--micro_batch_size``: "4" (every preset) or "small=4,medium=2" (the others keep theirs)."""
+    if not spec:
+        return None
+    if "=" not in spec:
+        return int(spec)
+    pairs = dict(item.split("=", 1) for item in spec.split(","))
+    return int(pairs[preset]) if preset in pairs else None
+
+
 def bench_preset(preset: str, args, env, peak: float) -> list[dict]:
     overrides = {"train.max_steps": 1000, "train.warmup_steps": 10}
-    if args.micro_batch_size:
-        overrides["train.micro_batch_size"] = args.micro_batch_size
+    micro = micro_batch_for(preset, args.micro_batch_size)
+    if micro:
+        overrides["train.micro_batch_size"] = micro
     overrides["train.gradient_accumulation_steps"] = args.grad_accum
     cfg = load_run_config(ROOT / f"configs/{preset}.yaml", overrides)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
@@ -122,20 +160,22 @@ def bench_preset(preset: str, args, env, peak: float) -> list[dict]:
     for name, step in variants.items():  # warm-up: allocator, thread pools, first-step optimizer state
         for mb in random_batches(cfg, args.warmup, seed=1):
             step(mb)
-    for r in range(args.rounds):
-        for name, step in variants.items():
-            for mb in random_batches(cfg, args.steps, seed=100 + r):
+    for r in range(args.rounds):  # the variants take turns step by step: the machine's drift hits all alike
+        for mb in random_batches(cfg, args.steps, seed=100 + r):
+            for name, step in variants.items():
                 t0 = time.perf_counter()
                 loss = step(mb)
                 times[name].append(time.perf_counter() - t0)
-            assert math.isfinite(loss), (name, loss)
+                assert math.isfinite(loss), (name, loss)
+    gemm_flops, gemm_s = gemm_efficiency(cfg)
     rows = []
     flops_tok = flops_per_token(cfg.model, num_params)
     for name, ts in times.items():
         step_s = statistics.median(ts)
         tps = tokens / step_s
         rows.append({"preset": preset, "variant": name, "params": num_params, "tokens_per_step": tokens,
-                     "step_s": step_s, "tokens_per_sec": tps, "mfu": flops_tok * tps / peak})
+                     "step_s": step_s, "tokens_per_sec": tps, "mfu": flops_tok * tps / peak,
+                     "gemm_flops_per_sec": gemm_flops / gemm_s})
     return rows
 
 
@@ -145,7 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--micro_batch_size", type=int, default=None, help="override the presets' micro batch")
+    p.add_argument("--micro_batch_size", default=None,
+                   help="override the presets' micro batch: N for all, or PRESET=N[,PRESET=N]")
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--output", default=str(ROOT / "benchmarks/out/train.json"))
     args = p.parse_args(argv)
@@ -158,6 +199,7 @@ def main(argv=None) -> int:
     peak = max(peak_before, measure_matmul_peak(env.torch_device, n=4096, repeats=3))
     for r in rows:
         r["mfu"] = r["mfu"] * peak_before / peak
+        r["gemm_ceiling"] = r["gemm_flops_per_sec"] / peak
 
     print(f"\nfp32 torch.mm peak (4096^3, best of 3, before/after): {peak_before / 1e9:.1f} / {peak / 1e9:.1f} GFLOP/s; "
           f"{torch.get_num_threads()} threads\n")
@@ -169,6 +211,11 @@ def main(argv=None) -> int:
         r["vs_hf_llama"] = r["tokens_per_sec"] / base["hf-llama"]["tokens_per_sec"]
         print(f"| {r['preset']} | {r['variant']} | {r['params']:,} | {r['tokens_per_step']:,} | {r['step_s']:.3f} | "
               f"{r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f}% | {r['vs_pytorch']:.3f} | {r['vs_hf_llama']:.2f} |")
+    print()
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        r = next(x for x in rows if x["preset"] == preset)
+        print(f"{preset}: the step's weight GEMMs alone run at {100 * r['gemm_ceiling']:.1f}% of the peak "
+              f"({r['gemm_flops_per_sec'] / 1e9:.1f} GFLOP/s): the ceiling of its MFU")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=2))
