@@ -140,7 +140,7 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
                             "unknown; pass the run's own output dir as --model_dir")
         run_cfg = run_config_from_dict(yaml.safe_load(cfg_file.read_text()))
         cfg = run_cfg.model
-        sd = load_state_dict(path / WEIGHTS)
+        sd = _stack_split_projections(load_state_dict(path / WEIGHTS), cfg, str(path / WEIGHTS))
         step_ = json.loads((path / TRAIN_STATE).read_text())["step"]
         kind = "train"
         tok_dir = root / "tokenizer"
@@ -153,6 +153,16 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
         raise UserError(f"weights in {path} do not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, cfg, Path(tok_dir), step_, kind, path, run_cfg)
+
+
+def _stack_split_projections(sd: dict, cfg: ModelConfig, source: str) -> dict:
+    """Weights saved before q/k/v and gate/up were stacked into one tensor each carry HF's per-projection
+    names (without its ``model.`` prefix): stack them as the model now holds them."""
+    if not any(k.endswith("self_attn.q_proj.weight") for k in sd):
+        return sd
+    from openllm_ds.export.hf_map import from_hf_state_dict
+
+    return from_hf_state_dict({k if k == "lm_head.weight" else f"model.{k}": v for k, v in sd.items()}, cfg, source)
 
 
 @contextlib.contextmanager

@@ -213,6 +213,19 @@ def test_reexport_from_a_huggingface_export_keeps_the_metadata(tied_run, tmp_pat
 
 # --- which checkpoint -------------------------------------------------------------------------------
 
+def test_a_checkpoint_with_split_projections_still_loads(tmp_path, tokenizer_dir):
+    """Weights saved before q/k/v and gate/up were stacked (HF's names without 'model.') load as they were."""
+    from openllm_ds.export.hf_map import to_hf_state_dict
+
+    run_dir = tmp_path / "run"
+    model = make_fake_run(run_dir, tokenizer_dir, tie=False, n_kv_heads=2)[10]
+    split = {k.removeprefix("model."): v.contiguous() for k, v in to_hf_state_dict(model.state_dict(), model.cfg).items()}
+    assert "layers.1.self_attn.k_proj.weight" in split and "layers.1.self_attn.qkv_proj.weight" not in split
+    save_file(split, str(run_dir / "checkpoints" / "step_00000010" / "model.safetensors"))
+    loaded = load_model(run_dir).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
 def test_export_picks_the_requested_checkpoint(tmp_path, tokenizer_dir):
     run_dir = tmp_path / "run"
     models = make_fake_run(run_dir, tokenizer_dir, steps=(10, 20))
