@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,13 +167,25 @@ def _stack_split_projections(sd: dict, cfg: ModelConfig, source: str) -> dict:
 
 
 @contextlib.contextmanager
-def weights_only_loads():
+def refusing_pickled_code(what: str, error: type[UserError] = UserError):
+    """Turn torch.load(weights_only=True)'s refusal into ``error``: ``what`` names the file and says it
+    holds pickled objects; the message adds that loading them could run code, and torch's reason."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise error(f"{what}, and loading them could run code (torch.load weights_only=True said: "
+                    f"{str(e).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def weights_only_loads(refusal: str, error: type[UserError] = UserError):
     """Make DeepSpeed unpickle with weights_only=True (its zero_to_fp32 and engine.load_checkpoint pass
     weights_only=False).
 
     Allowed besides tensors: what a DeepSpeed checkpoint holds as plain data (numpy arrays of the RNG
     state, DeepSpeed's ZeroStageEnum, loss scaler and fragment_address), so a checkpoint from
-    elsewhere cannot run code. TORCH_FORCE_WEIGHTS_ONLY_LOAD is torch's switch for this.
+    elsewhere cannot run code: any other pickled object raises ``error`` starting with ``refusal``.
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD is torch's switch for this.
     """
     import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -186,7 +199,8 @@ def weights_only_loads():
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals(allowed):
+        with refusing_pickled_code(f"{refusal}: its DeepSpeed files hold pickled objects other than tensors and "
+                                   "DeepSpeed's own state", error), torch.serialization.safe_globals(allowed):
             yield
     finally:
         if before is None:

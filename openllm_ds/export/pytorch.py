@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from openllm_ds.checkpoint import refusing_pickled_code
 from openllm_ds.config import ModelConfig
 from openllm_ds.errors import UserError
 from openllm_ds.export.huggingface import VerificationError
@@ -50,7 +51,8 @@ def load_pytorch_export(path: str | Path, dtype: torch.dtype | None = None) -> T
         raise UserError(f"{path} is not a PyTorch export (needs {WEIGHTS_FILE} and config.json); "
                         "run `openllm-ds export --format pytorch` first")
     cfg = ModelConfig(**json.loads((path / "config.json").read_text()))
-    state = torch.load(path / WEIGHTS_FILE, weights_only=True, map_location="cpu")
+    with refusing_pickled_code(f"refusing to load {path}: its {WEIGHTS_FILE} holds pickled objects other than tensors"):
+        state = torch.load(path / WEIGHTS_FILE, weights_only=True, map_location="cpu")
     model = Transformer(cfg).to(state["embed_tokens.weight"].dtype)  # compute in the stored dtype
     model.load_state_dict(state)
     return model.to(dtype=dtype).eval()

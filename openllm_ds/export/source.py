@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -154,13 +153,8 @@ def _load_deepspeed(tag_dir: Path) -> ExportSource:
         raise UserError(f"{tag_dir} has no run_config.yaml (nor {run_dir / 'run_config.yaml'}); "
                         "the model shape is unknown, export from the run's output dir")
     run_cfg = run_config_from_dict(yaml.safe_load(cfg_file.read_text()), str(cfg_file))
-    try:
-        with weights_only_loads():
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"refusing to load {tag_dir}: its DeepSpeed files hold pickled objects other than tensors and "
-                        f"DeepSpeed's own state, and loading them could run code (torch.load weights_only=True said: "
-                        f"{str(e).splitlines()[0]})") from None
+    with weights_only_loads(f"refusing to load {tag_dir}"):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:

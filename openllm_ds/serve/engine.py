@@ -11,7 +11,6 @@ generation keeps every answer identical to a sequential one.
 
 from __future__ import annotations
 
-import pickle
 import re
 import secrets
 import shutil
@@ -223,12 +222,7 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
         if is_onnx_export(path) and not is_hf_export(path):
             raise UserError(f"--model_path {path} is an ONNX export; serve it with --backend onnx")
         if is_pytorch_export(path) and not is_hf_export(path):
-            try:
-                lm, tok_dir = load_pytorch_export(path), path
-            except pickle.UnpicklingError as e:  # weights_only loading met something other than tensors
-                raise UserError(f"refusing to load {path}: its model.pt holds pickled objects other than tensors, "
-                                f"and loading them could run code (torch.load weights_only=True said: "
-                                f"{str(e).splitlines()[0]})") from None
+            lm, tok_dir = load_pytorch_export(path), path
         else:
             loaded = load_model(path)
             lm, tok_dir = loaded.model, loaded.tokenizer_dir

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import pickle
 import random
 import re
 import shutil
@@ -204,14 +203,9 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
 
 def load_checkpoint(engine, tag_dir: Path, env: DistEnv) -> TrainState:
     """Restore engine state (model, optimizer, scheduler, scaler), RNG and the train state."""
-    try:
-        with weights_only_loads():  # a checkpoint from elsewhere must not run code while it loads
-            path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
-    except pickle.UnpicklingError as e:
-        raise ConfigError(f"refusing to resume from {tag_dir}: its DeepSpeed files hold pickled objects other than "
-                          "tensors and DeepSpeed's own state, and loading them could run code (torch.load "
-                          f"weights_only=True said: {str(e).splitlines()[0]})") from None
+    with weights_only_loads(f"refusing to resume from {tag_dir}", ConfigError):  # no code runs from the files
+        path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
     if path is None or not client_state or "train_state" not in client_state:
         raise ConfigError(f"could not load the DeepSpeed checkpoint {tag_dir}; pass --resume none to start over")
     rngs = client_state.get("rng") or []
