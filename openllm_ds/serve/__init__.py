@@ -59,10 +59,14 @@ class RunningServer:
         self.stop()
 
 
-def build_server(engine: CompletionEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 log_requests: bool = True, max_body_bytes: int | None = None) -> OpenAIServer:
+def check_api_key(api_key: str | None) -> None:
     if api_key is not None and not api_key.strip():
         raise UserError("--api_key is empty: pass a key, or leave it out to serve without authentication")
+
+
+def build_server(engine: CompletionEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 log_requests: bool = True, max_body_bytes: int | None = None) -> OpenAIServer:
+    check_api_key(api_key)
     if max_body_bytes is not None and max_body_bytes < 1024:
         raise UserError(f"--max_body_bytes must be >= 1024, got {max_body_bytes}")
     kwargs = {"max_body_bytes": max_body_bytes} if max_body_bytes else {}
@@ -94,8 +98,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_length: int
     if not path.exists():
         raise UserError(f"--model_path {path} does not exist; export a model first "
                         "(openllm-ds export --model_dir models/NAME --format huggingface)")
-    if api_key is not None and not api_key.strip():
-        raise UserError("--api_key is empty: pass a key, or leave it out to serve without authentication")
+    check_api_key(api_key)
     if choose_engine(engine, backend, path) == "vllm":
         exec_vllm(path, host, port, max_length, api_key=api_key, model_name=model_name)
         return
