@@ -292,7 +292,8 @@ def _section_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _merge_section(values: dict, section: str, updates: dict, source: str) -> None:
+def _merge_section(values: dict, origins: dict, section: str, updates: dict, source: str) -> None:
+    """Typed ``updates`` into ``values[section]``; ``origins`` notes where each key was set."""
     cls = _SECTION_CLASSES[section]
     types_ = _section_types(cls)
     for k, v in updates.items():
@@ -301,6 +302,7 @@ def _merge_section(values: dict, section: str, updates: dict, source: str) -> No
                 f"unknown key '{section}.{k}' in {source}; valid keys of '{section}': {', '.join(sorted(types_))}"
             )
         values[section][k] = _coerce(v, types_[k], f"'{section}.{k}'", source)
+        origins[f"{section}.{k}"] = source
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -360,8 +362,7 @@ def load_run_config(
                 )
             if not isinstance(sub, dict):
                 raise ConfigError(f"section '{sec}' in {source} must be a mapping of keys")
-            _merge_section(values, sec, sub, source)
-            origins.update({f"{sec}.{k}": source for k in sub})
+            _merge_section(values, origins, sec, sub, source)
 
     if base:
         apply(base, "the built-in defaults")
@@ -371,9 +372,7 @@ def load_run_config(
         if "name" not in raw:
             name = Path(config_path).stem
     if model_config_path is not None:
-        raw = read_model_json(model_config_path)
-        _merge_section(values, "model", raw, str(model_config_path))
-        origins.update({f"model.{k}": str(model_config_path) for k in raw})
+        _merge_section(values, origins, "model", read_model_json(model_config_path), str(model_config_path))
     for key, v in (overrides or {}).items():
         if key == "name":
             name = str(v)
@@ -383,8 +382,7 @@ def load_run_config(
             raise ConfigError(f"override '{key}' must look like section.key=value (e.g. train.max_steps=100)")
         if sec not in _SECTION_CLASSES:
             raise ConfigError(f"unknown section '{sec}' in command-line override '{key}'; valid: {', '.join(_SECTION_CLASSES)}")
-        _merge_section(values, sec, {k: v}, "the command line")
-        origins[key] = "the command line"
+        _merge_section(values, origins, sec, {k: v}, "the command line")
 
     sections = {}
     for sec, cls in _SECTION_CLASSES.items():
