@@ -85,6 +85,26 @@ def test_kv_cache_generation_matches_full_recompute(kv_heads):
         nxt = m(seq)[0][:, -1].argmax(-1, keepdim=True)
         seq = torch.cat((seq, nxt), dim=1)
     assert torch.equal(cached, seq[:, 5:])
+    # the decoding steps' logits (one token, last position only, transposed weights) equal the full pass's
+    torch.testing.assert_close(_step_logits(m, seq, 5), m(seq)[0][:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def _step_logits(m, seq, prompt_len):
+    """Logits at positions prompt_len - 1 onwards, as generate computes them: a prefill, then one token a step."""
+    cache = m.new_kv_cache(seq.size(0), seq.device)
+    with torch.inference_mode():
+        out = [m(seq[:, :prompt_len], kv_cache=cache, last_only=True)[0]]
+        out += [m(seq[:, i : i + 1], kv_cache=cache, last_only=True)[0] for i in range(prompt_len, seq.size(1))]
+    return torch.cat(out, dim=1)
+
+
+def test_decoding_sees_weights_loaded_after_it():
+    """The decoding step's transposed weight copies follow the weights: load_state_dict writes in place."""
+    m, other = _model(seed=0), _model(seed=1)
+    seq = torch.randint(0, CFG.vocab_size, (1, 12))
+    list(m.generate(seq[:, :4], 3, temperature=0))  # makes the copies
+    m.load_state_dict(other.state_dict())
+    torch.testing.assert_close(_step_logits(m, seq, 4), other(seq)[0][:, 3:], rtol=1e-5, atol=1e-5)
 
 
 def test_generate_stops_at_eos_and_is_seeded():

@@ -110,17 +110,20 @@ class OnnxCausalLM:
         return out[0], out[1:]
 
     # --- the Transformer calling convention, for Transformer.generate -----------------------------
-    def __call__(self, idx: torch.Tensor, targets=None, kv_cache: list | None = None, start_pos: int = 0):
+    def __call__(self, idx: torch.Tensor, targets=None, kv_cache: list | None = None, start_pos: int = 0,
+                 last_only: bool = False):
         if targets is not None:
             raise ValueError("OnnxCausalLM computes no loss")
         if kv_cache is None:
-            return torch.from_numpy(self.logits(idx.numpy())), None
+            logits = torch.from_numpy(self.logits(idx.numpy()))
+            return (logits[:, -1:] if last_only else logits), None
         past = [t for kv in kv_cache for t in kv] if kv_cache else self.empty_past(idx.size(0))
         if past[0].shape[2] != start_pos:
             raise ValueError(f"past length {past[0].shape[2]} != start_pos {start_pos}")
         logits, present = self.decode(idx.numpy(), past)
         cache = [(present[2 * i], present[2 * i + 1]) for i in range(self.cfg.n_layers)]
-        return torch.from_numpy(logits), None, cache
+        logits = torch.from_numpy(logits)
+        return (logits[:, -1:] if last_only else logits), None, cache
 
     def new_kv_cache(self, batch: int, device) -> list:
         return []  # the list form: decoder_with_past takes the past and returns the present
