@@ -9,7 +9,11 @@
    tokens/s = new tokens / wall time of the whole call (prefill included), median of R runs.
    The greedy tokens of all three are compared.
 2. One forward pass (input_ids -> logits): PyTorch against onnxruntime with model.onnx, the
-   offline-optimised graph and the int8 graph, median of R runs.
+   offline-optimised graph and the int8 graph, median of R runs. Each row also gives the fp32
+   engines' matmul GFLOP/s and their share of that engine's own fp32 matmul peak (one 1024^3 matmul,
+   best of R, measured in the same run): PyTorch's (MKL) and onnxruntime's (MLAS). "ORT at peak" is
+   the speed-up onnxruntime would show if the whole forward pass ran at its matmul peak: the most
+   any fp32 graph change could give on this CPU with this many threads.
 
 Without ``--model_dir`` the model is a random one of the tiny preset's shape (configs/tiny.yaml)
 with the tokenizer of ``--tokenizer_dir`` (default data/tokenizer; when absent one is trained on
@@ -128,13 +132,48 @@ def generation_rows(hf_dir: Path, onnx_dir: Path, args) -> list[str]:
     ]
 
 
+def forward_flops(cfg, batch: int, tokens: int) -> int:
+    """Matmul FLOPs of one forward pass: the projections and LM head, and causal attention (QK^T and
+    AV over the keys at or before each query)."""
+    per_token = cfg.n_layers * cfg.d_model * ((cfg.n_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+                                              + cfg.n_heads * cfg.head_dim + 3 * cfg.d_ff) + cfg.d_model * cfg.vocab_size
+    attention = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * tokens * (tokens + 1) // 2
+    return 2 * batch * (tokens * per_token + attention)
+
+
+def matmul_peaks(threads: int, repeats: int, n: int = 1024) -> tuple[float, float]:
+    """GFLOP/s of one fp32 n x n x n matmul, best of ``repeats``: PyTorch's and onnxruntime's."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from openllm_ds.export.onnx_runtime import session_options
+
+    spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b", "c")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", spec[:2], spec[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    feeds = {"a": a.numpy(), "b": b.numpy()}
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats + 1):
+        for i, fn in enumerate((lambda: torch.mm(a, b), lambda: session.run(None, feeds))):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return 2 * n**3 / best[0] / 1e9, 2 * n**3 / best[1] / 1e9
+
+
 def forward_rows(hf_dir: Path, onnx_dir: Path, args) -> list[str]:
     from openllm_ds.checkpoint import load_model
 
     ours = load_model(hf_dir).model
     variants = {v: OnnxCausalLM(onnx_dir, variant=v, num_threads=args.threads) for v in ("fp32", "optimized", "int8")}
-    rows = ["| input (batch x tokens) | PyTorch ms | onnxruntime ms | ORT optimised ms | ORT int8 ms | ORT / PyTorch speed-up | optimised | int8 |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    peak_torch, peak_ort = matmul_peaks(args.threads, args.repeats)
+    rows = [f"fp32 matmul peak (1024^3, {args.threads} thread(s), best of {args.repeats}): PyTorch {peak_torch:.1f} GFLOP/s, "
+            f"onnxruntime {peak_ort:.1f} GFLOP/s\n",
+            "| input (batch x tokens) | PyTorch ms | onnxruntime ms | ORT optimised ms | ORT int8 ms | ORT / PyTorch speed-up | optimised | int8 "
+            "| GFLOP | PyTorch GFLOP/s (% of peak) | onnxruntime GFLOP/s (% of peak) | ORT at peak |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     g = torch.Generator().manual_seed(0)
     for b, t in ((1, 32), (1, ours.cfg.max_seq_len), (8, 128)):
         ids = torch.randint(4, ours.cfg.vocab_size, (b, t), generator=g)
@@ -147,9 +186,11 @@ def forward_rows(hf_dir: Path, onnx_dir: Path, args) -> list[str]:
         fns = [torch_forward] + [lambda lm=lm: lm.logits(np_ids) for lm in variants.values()]
         t_torch, *t_variants = median_seconds(fns, args.repeats)
         t_ort = dict(zip(variants, t_variants))
+        gflop = forward_flops(ours.cfg, b, t) / 1e9
         rows.append(f"| {b} x {t} | {1e3 * t_torch:.2f} | {1e3 * t_ort['fp32']:.2f} | {1e3 * t_ort['optimized']:.2f} | "
                     f"{1e3 * t_ort['int8']:.2f} | {t_torch / t_ort['fp32']:.2f}x | {t_torch / t_ort['optimized']:.2f}x | "
-                    f"{t_torch / t_ort['int8']:.2f}x |")
+                    f"{t_torch / t_ort['int8']:.2f}x | {gflop:.3f} | {gflop / t_torch:.1f} ({gflop / t_torch / peak_torch:.0%}) | "
+                    f"{gflop / t_ort['fp32']:.1f} ({gflop / t_ort['fp32'] / peak_ort:.0%}) | {t_torch * peak_ort / gflop:.2f}x |")
     return rows
 
 
