@@ -122,6 +122,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     gradient_checkpointing: bool = False
+    # torch.compile the model through DeepSpeed's engine.compile(): faster steps after a one-off compile
+    # (about a minute on a CPU, once per process); evaluation and generation stay eager
+    compile: bool = False
     seed: int = 42
     eval_every: int = 100
     eval_batches: int = 20

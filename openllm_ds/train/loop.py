@@ -193,6 +193,8 @@ def build_engine(cfg: RunConfig, inputs: RunInputs, env: DistEnv):
         scheduler = build_lr_scheduler(t.warmup_steps, t.max_steps, t.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
                                            lr_scheduler=scheduler, config=inputs.ds_config)
+    if t.compile:
+        engine.compile()  # the module, in place: state_dict names and checkpoints are unchanged
     seed_everything(t.seed + env.rank)  # dropout differs between ranks, reproducibly
     return engine
 
@@ -243,10 +245,11 @@ def evaluate(engine, windows: EvalWindows, env: DistEnv) -> float:
     """Mean next-token loss over the fixed validation windows (all ranks)."""
     engine.eval()
     total, count = 0.0, 0
-    for x, y in windows.batches():
-        _, loss = engine(x, y)
-        total += float(loss) * y.numel()
-        count += y.numel()
+    with torch.compiler.set_stance("force_eager"):  # a compiled model would compile its eval mode too
+        for x, y in windows.batches():
+            _, loss = engine(x, y)
+            total += float(loss) * y.numel()
+            count += y.numel()
     total, count = all_reduce_sum([total, count], env)
     engine.train()
     return total / count
@@ -259,7 +262,9 @@ def run_eval_tasks(engine, inputs: RunInputs, env: DistEnv, stage: int) -> list[
 
     if not (env.is_rank_zero or stage == 3):
         return []
-    results = [run_task_on_model(spec, engine.module, inputs.tokenizer, progress=False) for spec in inputs.eval_tasks]
+    with torch.compiler.set_stance("force_eager"):  # generation's shapes change every step
+        results = [run_task_on_model(spec, engine.module, inputs.tokenizer, progress=False)
+                   for spec in inputs.eval_tasks]
     engine.train()
     return results
 
