@@ -8,9 +8,13 @@ For each preset (configs/<preset>.yaml: model shape, micro batch, context) the s
   deepspeed-zero0   the same without ZeRO
   pytorch           our Transformer in a plain PyTorch loop (no DeepSpeed)
   hf-llama          transformers' LlamaForCausalLM of the same shape (export.hf_map.to_hf_config)
+With ``--compile``, also with train.compile (torch.compile through DeepSpeed's engine.compile()):
+  deepspeed-zeroN+compile, pytorch+compile (its "vs pytorch" reference), hf-llama+compile (shown
+  for reference; "vs hf-llama" is always against the eager model, transformers' default)
 Variants take turns step by step for ``--rounds`` x ``--steps`` steps (this machine's neighbours make
 single timings noisy); the per-step time of a variant is its median. MFU = 6N+12LdT FLOPs per token x tokens/s
-over the fp32 ``torch.mm`` peak measured in this run (best of a 4096^3 product, before and after).
+over the fp32 ``torch.mm`` peak (a 4096^3 product, best of 2) timed after every turn of the variants
+(median): the machine's drift hits the peak as it hits the steps.
 
 Targets: DeepSpeed overhead <= 5% over plain PyTorch; >= 1.2x the tokens/s of hf-llama.
 
@@ -42,7 +46,7 @@ from openllm_ds.model import Transformer  # noqa: E402
 from openllm_ds.train.distributed import init_distributed  # noqa: E402
 from openllm_ds.train.ds_config import build_ds_config, zero_stage  # noqa: E402
 from openllm_ds.train.loop import build_engine, train_step  # noqa: E402
-from openllm_ds.train.metrics import flops_per_token, measure_matmul_peak  # noqa: E402
+from openllm_ds.train.metrics import flops_per_token  # noqa: E402
 from openllm_ds.train.optim import build_lr_scheduler, param_groups  # noqa: E402
 from openllm_ds.train.preflight import RunInputs  # noqa: E402
 
@@ -88,17 +92,27 @@ def hf_loss(model, x, y):
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
 
-def build_variants(cfg, env, ds_configs: list[str]):
+COMPILED = "+compile"
+PEAK_N = 4096
+
+
+def build_variants(cfg, env, ds_configs: list[str], compile: bool = False):
     variants = {}
-    for path in ds_configs:
-        run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ds_config=path))
+    for path, compiled in [(p, False) for p in ds_configs] + [(ds_configs[0], True)] * compile:
+        run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ds_config=path, compile=compiled))
         ds = build_ds_config(run, env.world_size, env.device)
         ds["tensorboard"]["enabled"] = False
         engine = build_engine(run, RunInputs(None, ds, "fp32", None), env)
         stage = zero_stage(ds)
-        variants[f"deepspeed-zero{stage}"] = (lambda mb, e=engine, s=stage: train_step(e, mb, env, s, "fp32")[0])
+        name = f"deepspeed-zero{stage}" + COMPILED * compiled
+        variants[name] = (lambda mb, e=engine, s=stage: train_step(e, mb, env, s, "fp32")[0])
     torch.manual_seed(cfg.train.seed)
     variants["pytorch"] = PlainStep(Transformer(cfg.model), cfg, ours_loss)
+    if compile:
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model)
+        model.compile()  # as engine.compile() does
+        variants["pytorch" + COMPILED] = PlainStep(model, cfg, ours_loss)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = to_hf_config(cfg.model)
@@ -106,12 +120,17 @@ def build_variants(cfg, env, ds_configs: list[str]):
     torch.manual_seed(cfg.train.seed)
     hf = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
     variants["hf-llama"] = PlainStep(hf, cfg, hf_loss)
+    if compile:  # for reference: "vs hf-llama" compares with the eager model, transformers' default
+        torch.manual_seed(cfg.train.seed)
+        hf = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
+        hf.compile()
+        variants["hf-llama" + COMPILED] = PlainStep(hf, cfg, hf_loss)
     return variants
 
 
-def gemm_efficiency(cfg, repeats: int = 3) -> tuple[float, float]:
-    """(FLOPs, best seconds) of one step's weight GEMMs run alone: for every linear y = x W^T (K -> N) over
-    M = micro batch x context tokens, the products x W^T (M,K,N), dy W (M,N,K) and dy^T x (N,M,K)."""
+def weight_gemms(cfg):
+    """The step's weight GEMMs, to run alone: for every linear y = x W^T (K -> N) over M = micro batch x
+    context tokens, the products x W^T (M,K,N), dy W (M,N,K) and dy^T x (N,M,K). Returns (FLOPs, run)."""
     c = cfg.model
     m = cfg.train.micro_batch_size * c.max_seq_len
     qkv = (c.n_heads + 2 * c.num_kv_heads) * c.head_dim
@@ -122,14 +141,18 @@ def gemm_efficiency(cfg, repeats: int = 3) -> tuple[float, float]:
             products[(a, b, d)] = (torch.randn(a, b), torch.randn(b, d))
     order = [(a, b, d) for k, n in linears * c.n_layers + [(c.d_model, c.vocab_size)]
              for a, b, d in ((m, k, n), (m, n, k), (n, m, k))]
-    flops = sum(2.0 * a * b * d for a, b, d in order)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+    def run():
         for shape in order:
             torch.mm(*products[shape])
-        best = min(best, time.perf_counter() - t0)
-    return flops, best
+
+    return sum(2.0 * a * b * d for a, b, d in order), run
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def micro_batch_for(preset: str, spec: str | None) -> int | None:
@@ -142,7 +165,7 @@ def micro_batch_for(preset: str, spec: str | None) -> int | None:
     return int(pairs[preset]) if preset in pairs else None
 
 
-def bench_preset(preset: str, args, env, peak: float) -> list[dict]:
+def bench_preset(preset: str, args, env) -> list[dict]:
     overrides = {"train.max_steps": 1000, "train.warmup_steps": 10}
     micro = micro_batch_for(preset, args.micro_batch_size)
     if micro:
@@ -153,29 +176,45 @@ def bench_preset(preset: str, args, env, peak: float) -> list[dict]:
     ds_configs = [str(ROOT / cfg.train.ds_config)]
     if zero_stage(json.loads(Path(ds_configs[0]).read_text())) != 0:
         ds_configs.append(str(ROOT / "ds_configs/zero0.json"))
-    variants = build_variants(cfg, env, ds_configs)
+    variants = build_variants(cfg, env, ds_configs, args.compile)
     tokens = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * cfg.model.max_seq_len
     num_params = Transformer(cfg.model).num_params()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    compile_s = {}
     for name, step in variants.items():  # warm-up: allocator, thread pools, first-step optimizer state
-        for mb in random_batches(cfg, args.warmup, seed=1):
+        for i, mb in enumerate(random_batches(cfg, max(args.warmup, 1), seed=1)):
+            t0 = time.perf_counter()
             step(mb)
+            if i == 0 and name.endswith(COMPILED):
+                compile_s[name] = time.perf_counter() - t0
+    # the peak and the GEMMs-alone ceiling take their turns too, so that MFU compares like with like
+    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
+    gemm_flops, gemms = weight_gemms(cfg)
+    gemms()
+    peak_s, gemm_s = [], []
+    names = list(variants)
     for r in range(args.rounds):  # the variants take turns step by step: the machine's drift hits all alike
-        for mb in random_batches(cfg, args.steps, seed=100 + r):
-            for name, step in variants.items():
+        for i, mb in enumerate(random_batches(cfg, args.steps, seed=100 + r)):
+            first = (r * args.steps + i) % len(names)  # and each goes first in turn (no place is favoured)
+            for name in names[first:] + names[:first]:
+                step = variants[name]
                 t0 = time.perf_counter()
                 loss = step(mb)
                 times[name].append(time.perf_counter() - t0)
                 assert math.isfinite(loss), (name, loss)
-    gemm_flops, gemm_s = gemm_efficiency(cfg)
+            peak_s.append(min(timed(lambda: torch.mm(a, b)) for _ in range(2)))
+            gemm_s.append(timed(gemms))
+    peak = 2.0 * PEAK_N**3 / statistics.median(peak_s)
     rows = []
     flops_tok = flops_per_token(cfg.model, num_params)
     for name, ts in times.items():
         step_s = statistics.median(ts)
         tps = tokens / step_s
         rows.append({"preset": preset, "variant": name, "params": num_params, "tokens_per_step": tokens,
-                     "step_s": step_s, "tokens_per_sec": tps, "mfu": flops_tok * tps / peak,
-                     "gemm_flops_per_sec": gemm_flops / gemm_s})
+                     "step_s": step_s, "tokens_per_sec": tps, "peak_flops": peak, "mfu": flops_tok * tps / peak,
+                     "peak_range": [2.0 * PEAK_N**3 / max(peak_s), 2.0 * PEAK_N**3 / min(peak_s)],
+                     "gemm_ceiling": gemm_flops / statistics.median(gemm_s) / peak,
+                     "first_step_s": compile_s.get(name)})
     return rows
 
 
@@ -188,37 +227,43 @@ def main(argv=None) -> int:
     p.add_argument("--micro_batch_size", default=None,
                    help="override the presets' micro batch: N for all, or PRESET=N[,PRESET=N]")
     p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="also time the preset's DeepSpeed step and the plain loop with train.compile (torch.compile)")
     p.add_argument("--output", default=str(ROOT / "benchmarks/out/train.json"))
     args = p.parse_args(argv)
 
     env = init_distributed()
-    peak_before = measure_matmul_peak(env.torch_device, n=4096, repeats=3)
     rows = []
     for preset in args.presets.split(","):
-        rows += bench_preset(preset.strip(), args, env, peak_before)
-    peak = max(peak_before, measure_matmul_peak(env.torch_device, n=4096, repeats=3))
-    for r in rows:
-        r["mfu"] = r["mfu"] * peak_before / peak
-        r["gemm_ceiling"] = r["gemm_flops_per_sec"] / peak
+        rows += bench_preset(preset.strip(), args, env)
 
-    print(f"\nfp32 torch.mm peak (4096^3, best of 3, before/after): {peak_before / 1e9:.1f} / {peak / 1e9:.1f} GFLOP/s; "
-          f"{torch.get_num_threads()} threads\n")
+    print(f"\n{torch.get_num_threads()} threads; MFU against the fp32 torch.mm peak ({PEAK_N}^3) timed between the "
+          "steps (median; range):")
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        r = next(x for x in rows if x["preset"] == preset)
+        lo, hi = r["peak_range"]
+        print(f"  {preset}: {r['peak_flops'] / 1e9:.1f} GFLOP/s ({lo / 1e9:.1f}-{hi / 1e9:.1f})")
+    print()
     print("| preset | variant | params | tokens/step | step (s) | tokens/s | MFU | vs pytorch | vs hf-llama |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         base = {x["variant"]: x for x in rows if x["preset"] == r["preset"]}
-        r["vs_pytorch"] = r["tokens_per_sec"] / base["pytorch"]["tokens_per_sec"]
+        own_loop = "pytorch" + COMPILED * r["variant"].endswith(COMPILED)  # compiled against compiled
+        r["vs_pytorch"] = r["tokens_per_sec"] / base[own_loop]["tokens_per_sec"]
         r["vs_hf_llama"] = r["tokens_per_sec"] / base["hf-llama"]["tokens_per_sec"]
         print(f"| {r['preset']} | {r['variant']} | {r['params']:,} | {r['tokens_per_step']:,} | {r['step_s']:.3f} | "
               f"{r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f}% | {r['vs_pytorch']:.3f} | {r['vs_hf_llama']:.2f} |")
     print()
     for preset in dict.fromkeys(r["preset"] for r in rows):
         r = next(x for x in rows if x["preset"] == preset)
-        print(f"{preset}: the step's weight GEMMs alone run at {100 * r['gemm_ceiling']:.1f}% of the peak "
-              f"({r['gemm_flops_per_sec'] / 1e9:.1f} GFLOP/s): the ceiling of its MFU")
+        print(f"{preset}: the step's weight GEMMs alone, timed between the steps, run at {100 * r['gemm_ceiling']:.1f}% "
+              "of the peak: the ceiling of its MFU")
+    for r in rows:
+        if r["first_step_s"] is not None:
+            print(f"{r['preset']} {r['variant']}: first step, compiling included, {r['first_step_s']:.0f} s")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"rows": rows}, indent=2))
     return 0
 
 
