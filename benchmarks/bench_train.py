@@ -8,7 +8,7 @@ For each preset (configs/<preset>.yaml: model shape, micro batch, context) the s
   deepspeed-zero0   the same without ZeRO
   pytorch           our Transformer in a plain PyTorch loop (no DeepSpeed)
   hf-llama          transformers' LlamaForCausalLM of the same shape (export.hf_map.to_hf_config)
-With ``--compile``, also with train.compile (torch.compile through DeepSpeed's engine.compile()):
+Unless ``--no_compile``, also with train.compile (torch.compile through DeepSpeed's engine.compile()):
   deepspeed-zeroN+compile, pytorch+compile (its "vs pytorch" reference), hf-llama+compile (shown
   for reference; "vs hf-llama" is always against the eager model, transformers' default)
 Variants take turns step by step for ``--rounds`` x ``--steps`` steps (this machine's neighbours make
@@ -227,8 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro_batch_size", default=None,
                    help="override the presets' micro batch: N for all, or PRESET=N[,PRESET=N]")
     p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--compile", action="store_true",
-                   help="also time the preset's DeepSpeed step and the plain loop with train.compile (torch.compile)")
+    p.add_argument("--no_compile", dest="compile", action="store_false",
+                   help="skip the train.compile (torch.compile) variants")
     p.add_argument("--output", default=str(ROOT / "benchmarks/out/train.json"))
     args = p.parse_args(argv)
 

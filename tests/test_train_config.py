@@ -69,6 +69,9 @@ def test_precision_resolution():
     gpu = build_ds_config(run_cfg(z2), 1, "cuda")
     assert gpu["fp16"]["enabled"] is True and gpu["fp16"]["loss_scale"] == 0 and gpu["bf16"]["enabled"] is False
     assert "torch_adam" not in gpu["optimizer"]["params"]
+    # contiguous gradient buffer: against GPU memory fragmentation; on a CPU only a copy
+    assert gpu["zero_optimization"]["contiguous_gradients"] is True
+    assert build_ds_config(run_cfg(z2), 1, "cpu")["zero_optimization"]["contiguous_gradients"] is False
     bf16 = build_ds_config(run_cfg(z2, train__precision="bf16"), 1, "cuda")
     assert bf16["bf16"]["enabled"] is True and bf16["fp16"]["enabled"] is False
     with pytest.raises(ConfigError, match="train.precision=fp16 needs a CUDA GPU"):
