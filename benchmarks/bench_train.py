@@ -49,6 +49,7 @@ from openllm_ds.train.loop import build_engine, train_step  # noqa: E402
 from openllm_ds.train.metrics import flops_per_token  # noqa: E402
 from openllm_ds.train.optim import build_lr_scheduler, param_groups  # noqa: E402
 from openllm_ds.train.preflight import RunInputs  # noqa: E402
+from openllm_ds.utils import keep_freed_memory  # noqa: E402
 
 
 def random_batches(cfg, steps: int, seed: int = 0):
@@ -233,6 +234,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     env = init_distributed()
+    if env.device == "cpu":
+        keep_freed_memory()  # as train() does; every variant runs in this process with it
     rows = []
     for preset in args.presets.split(","):
         rows += bench_preset(preset.strip(), args, env)

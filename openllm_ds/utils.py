@@ -1,8 +1,9 @@
-"""Small shared helpers: atomic writes, hashing, Ray start-up, rank-0 printing."""
+"""Small shared helpers: atomic writes, hashing, Ray start-up, rank-0 printing, the CPU allocator."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -12,6 +13,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from openllm_ds.errors import UserError
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve large allocations from the heap and keep what is freed there, instead of mapping
+    fresh pages for each one and unmapping them on free (its default above 32 MiB).
+
+    A training step on a CPU allocates and frees the same large buffers every step (activations,
+    logits, flat gradient partitions); fresh pages cost a zero-filling page fault on first touch,
+    10-20% of a step on the 2-core VMs this was measured on. The process keeps its peak heap instead.
+    Returns whether it took effect (False off glibc: nothing changes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def ensure_writable_dir(path: str | Path, what: str = "output dir") -> Path:

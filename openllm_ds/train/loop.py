@@ -28,7 +28,7 @@ from openllm_ds.train.metrics import RunLog, flops_per_token, measure_matmul_pea
 from openllm_ds.train.optim import build_lr_scheduler, param_groups
 from openllm_ds.train.preflight import RunInputs, check_lengths, check_run_inputs
 from openllm_ds.train.spikes import SpikeGuard
-from openllm_ds.utils import atomic_dir
+from openllm_ds.utils import atomic_dir, keep_freed_memory
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,6 +40,8 @@ class TrainingError(UserError):
 def train(cfg: RunConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.train.data_file`` with DeepSpeed; returns a summary of the run."""
     env = init_distributed()
+    if env.device == "cpu":
+        keep_freed_memory()  # no page faults for every step's fresh buffers
     inputs = check_run_inputs(cfg, env)
     out = Path(cfg.output_dir).resolve()
     log = RunLog(env, out)
