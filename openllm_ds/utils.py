@@ -17,11 +17,13 @@ from openllm_ds.errors import UserError
 
 def keep_freed_memory() -> bool:
     """glibc: serve large allocations from the heap and keep what is freed there, instead of mapping
-    fresh pages for each one and unmapping them on free (its default above 32 MiB).
+    fresh pages for each one and unmapping them on free (its default for blocks above a threshold that
+    adapts from 128 KiB up to 32 MiB).
 
     A training step on a CPU allocates and frees the same large buffers every step (activations,
     logits, flat gradient partitions); fresh pages cost a zero-filling page fault on first touch,
-    10-20% of a step on the 2-core VMs this was measured on. The process keeps its peak heap instead.
+    8-14% of a tiny-preset step on the 2-core VM this was measured on (benchmarks/bench_train.py).
+    The process keeps its peak heap instead.
     Returns whether it took effect (False off glibc: nothing changes)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
