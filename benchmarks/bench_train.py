@@ -107,25 +107,21 @@ def build_variants(cfg, env, ds_configs: list[str], compile: bool = False):
         stage = zero_stage(ds)
         name = f"deepspeed-zero{stage}" + COMPILED * compiled
         variants[name] = (lambda mb, e=engine, s=stage: train_step(e, mb, env, s, "fp32")[0])
-    torch.manual_seed(cfg.train.seed)
-    variants["pytorch"] = PlainStep(Transformer(cfg.model), cfg, ours_loss)
-    if compile:
-        torch.manual_seed(cfg.train.seed)
-        model = Transformer(cfg.model)
-        model.compile()  # as engine.compile() does
-        variants["pytorch" + COMPILED] = PlainStep(model, cfg, ours_loss)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = to_hf_config(cfg.model)
     hf_cfg.pop("torch_dtype", None)
-    torch.manual_seed(cfg.train.seed)
-    hf = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
-    variants["hf-llama"] = PlainStep(hf, cfg, hf_loss)
-    if compile:  # for reference: "vs hf-llama" compares with the eager model, transformers' default
-        torch.manual_seed(cfg.train.seed)
-        hf = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
-        hf.compile()
-        variants["hf-llama" + COMPILED] = PlainStep(hf, cfg, hf_loss)
+    references = {"pytorch": (lambda: Transformer(cfg.model), ours_loss),
+                  "hf-llama": (lambda: LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa")), hf_loss)}
+    # the compiled plain loop is the compiled step's "vs pytorch" reference; the compiled transformers
+    # model is shown for reference only: "vs hf-llama" compares with the eager one, transformers' default
+    for name, (make, loss_fn) in references.items():
+        for suffix in ("", COMPILED)[: 1 + compile]:
+            torch.manual_seed(cfg.train.seed)
+            model = make()
+            if suffix:
+                model.compile()  # in place, as engine.compile() does
+            variants[name + suffix] = PlainStep(model, cfg, loss_fn)
     return variants
 
 
@@ -184,15 +180,14 @@ def bench_preset(preset: str, args, env) -> list[dict]:
     compile_s = {}
     for name, step in variants.items():  # warm-up: allocator, thread pools, first-step optimizer state
         for i, mb in enumerate(random_batches(cfg, max(args.warmup, 1), seed=1)):
-            t0 = time.perf_counter()
-            step(mb)
+            seconds = timed(lambda: step(mb))
             if i == 0 and name.endswith(COMPILED):
-                compile_s[name] = time.perf_counter() - t0
+                compile_s[name] = seconds
     # the peak and the GEMMs-alone ceiling take their turns too, so that MFU compares like with like
     a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
     gemm_flops, gemms = weight_gemms(cfg)
     gemms()
-    peak_s, gemm_s = [], []
+    peaks, gemm_s = [], []
     names = list(variants)
     for r in range(args.rounds):  # the variants take turns step by step: the machine's drift hits all alike
         for i, mb in enumerate(random_batches(cfg, args.steps, seed=100 + r)):
@@ -203,9 +198,9 @@ def bench_preset(preset: str, args, env) -> list[dict]:
                 loss = step(mb)
                 times[name].append(time.perf_counter() - t0)
                 assert math.isfinite(loss), (name, loss)
-            peak_s.append(min(timed(lambda: torch.mm(a, b)) for _ in range(2)))
+            peaks.append(2.0 * PEAK_N**3 / min(timed(lambda: torch.mm(a, b)) for _ in range(2)))
             gemm_s.append(timed(gemms))
-    peak = 2.0 * PEAK_N**3 / statistics.median(peak_s)
+    peak = statistics.median(peaks)
     rows = []
     flops_tok = flops_per_token(cfg.model, num_params)
     for name, ts in times.items():
@@ -213,7 +208,7 @@ def bench_preset(preset: str, args, env) -> list[dict]:
         tps = tokens / step_s
         rows.append({"preset": preset, "variant": name, "params": num_params, "tokens_per_step": tokens,
                      "step_s": step_s, "tokens_per_sec": tps, "peak_flops": peak, "mfu": flops_tok * tps / peak,
-                     "peak_range": [2.0 * PEAK_N**3 / max(peak_s), 2.0 * PEAK_N**3 / min(peak_s)],
+                     "peak_range": [min(peaks), max(peaks)],
                      "gemm_ceiling": gemm_flops / statistics.median(gemm_s) / peak,
                      "first_step_s": compile_s.get(name)})
     return rows
