@@ -40,18 +40,31 @@ CONFIG_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
         ("--cache_dir", "data.cache_dir", str, "download cache (default ~/.cache/openllm-ds/squad)"),
     ],
     "train-tokenizer": [
-        ("--input", "tokenizer.input", str, "training text, one passage a line (default data/clean/training_data.txt)"),
+        ("--input", "tokenizer.input", str, "training text: any source `tokenize` reads (default data/clean/training_data.txt)"),
         ("--vocab_size", "tokenizer.vocab_size", int, "vocabulary size, exact (default 32000)"),
         ("--model_type", "tokenizer.model_type", str, "bpe (default) or unigram"),
         ("--output_dir", "tokenizer.output_dir", str, "where the tokenizer files go (default data/tokenizer)"),
         ("--character_coverage", "tokenizer.character_coverage", float, "SentencePiece character coverage (default 0.9995)"),
         ("--max_sentence_length", "tokenizer.max_sentence_length", int, "longest input line in bytes (default 4192)"),
+        ("--input_sentence_size", "tokenizer.input_sentence_size", int, "lines to train on, sampled; 0 = all (default)"),
+        ("--text_field", "tokenizer.text_field", str, "JSON/Parquet/Arrow field holding the text (default text)"),
+        ("--doc_separator", "tokenizer.doc_separator", str, "text files: newline (default) | blank_line"),
     ],
     "train": [
         ("--ds_config", "train.ds_config", str, "DeepSpeed JSON (ds_configs/zero0..3, *_offload); 'auto' values come from the run config"),
         ("--tokenizer_dir", "train.tokenizer_dir", str, "tokenizer directory (default data/tokenizer)"),
-        ("--data_file", "train.data_file", str, "training text; token shards are built beside it when missing"),
-        ("--eval_data", "train.eval_data", str, "validation text (default: validation_data.txt beside --data_file)"),
+        ("--data_file", "train.data_file", str, "training data: a file (text, JSONL/JSON, .gz/.zst, Parquet), folder, "
+         "glob, saved HF dataset, hf:NAME or shards dir; tokenized when needed"),
+        ("--data_files", "train.data_files", list, "a mixture of sources (with --data_weights)"),
+        ("--data_weights", "train.data_weights", list, "sampling weight of each --data_files source (default: equal)"),
+        ("--eval_data", "train.eval_data", str, "validation data (default: validation_data.txt beside a training_data.txt, "
+         "else a held-out share of the training data)"),
+        ("--holdout_fraction", "train.holdout_fraction", float, "share of each source's documents held out for "
+         "validation when no validation data is given (default 0.01)"),
+        ("--text_field", "tokenizer.text_field", str, "JSON/Parquet/Arrow field holding the text (default text)"),
+        ("--doc_separator", "tokenizer.doc_separator", str, "text files: newline (default) | blank_line"),
+        ("--on_bad_record", "tokenizer.on_bad_record", str, "error (default) | skip"),
+        ("--no_dedup", "tokenizer.dedup", False, "keep exact duplicate documents (default: removed)"),
         ("--output_dir", "train.output_dir", str, "run directory (default models/NAME)"),
         ("--batch_size", "train.micro_batch_size", int, "micro batch per rank"),
         ("--gradient_accumulation_steps", "train.gradient_accumulation_steps", int, "micro batches per optimizer step"),
@@ -71,7 +84,11 @@ def _add_config_flags(p: argparse.ArgumentParser, stage: str, with_config: bool 
     if with_config:
         p.add_argument("--config", help="run preset YAML (configs/tiny.yaml, small.yaml, ...)")
     for flag, key, typ, help_ in CONFIG_FLAGS.get(stage, []):
-        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper(), help=f"{help_} [{key}]")
+        if typ is False:  # a switch that sets the key to false
+            p.add_argument(flag, dest=key, action="store_const", const=False, default=None, help=f"{help_} [{key}]")
+            continue
+        many = {"nargs": "+", "type": str} if typ is list else {"type": typ}
+        p.add_argument(flag, dest=key, default=None, metavar=flag[2:].upper(), help=f"{help_} [{key}]", **many)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="any config value, e.g. train.warmup_steps=10")
 
 
@@ -118,18 +135,18 @@ def cmd_train_tokenizer(args):
 
 
 def cmd_tokenize(args):
-    from openllm_ds.tokenizer import load_tokenizer, tokenize_file
-    from openllm_ds.tokenizer.train import check_text_file
+    from openllm_ds.data.documents import ReadOptions
+    from openllm_ds.tokenizer import load_tokenizer, tokenize_corpus
+    from openllm_ds.tokenizer.corpus import check_inputs, summary
 
-    if args.output_dir and len(args.input) > 1:
-        raise UserError(f"--output_dir takes one --input file, got {len(args.input)}; drop --output_dir "
-                        "(shards go beside each file, FILE.tokens/) or tokenize one file at a time")
-    for f in args.input:  # every input and the tokenizer checked before any file is encoded
-        check_text_file(f, "--input")
+    options = ReadOptions(args.text_field, args.doc_separator, args.on_bad_record)
     load_tokenizer(args.tokenizer_dir)
-    metas = [tokenize_file(f, args.tokenizer_dir, output_dir=args.output_dir if len(args.input) == 1 else None,
-                           num_workers=args.num_workers) for f in args.input]
-    return metas[0] if len(metas) == 1 else metas
+    check_inputs(args.input, options)  # every input found and not empty before anything is encoded
+    kwargs = dict(options=options, dedup=not args.no_dedup, holdout=args.holdout, num_workers=args.num_workers,
+                  unit_bytes=args.unit_bytes)
+    if args.output_dir or len(args.input) == 1:  # one corpus
+        return summary(tokenize_corpus(args.input, args.tokenizer_dir, args.output_dir, **kwargs))
+    return [summary(tokenize_corpus(i, args.tokenizer_dir, None, **kwargs)) for i in args.input]
 
 
 def cmd_train(args):
@@ -222,11 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sp, "train-tokenizer")
     sp.add_argument("--validation_file", help="text for the tokens-per-word report (default: validation_data.txt beside --input)")
 
-    sp = add("tokenize", cmd_tokenize, "Encode text files into binary token shards (EOS after each line), across Ray workers.")
-    sp.add_argument("--input", nargs="+", required=True, help="text file(s), one document a line")
+    sp = add("tokenize", cmd_tokenize, "Encode a corpus into binary token shards (EOS after each document), across Ray workers.")
+    sp.add_argument("--input", nargs="+", required=True,
+                    help="sources: text (a document a line), JSON Lines / JSON arrays (.gz, .zst), Parquet, folders "
+                         "and globs of these, a saved Hugging Face dataset, hf:NAME[/CONFIG][:SPLIT]")
     sp.add_argument("--tokenizer_dir", default="data/tokenizer", help="tokenizer directory (default data/tokenizer)")
-    sp.add_argument("--output_dir", help="shard directory (default: FILE.tokens/ beside the input; one input only)")
-    sp.add_argument("--num_workers", type=int, default=2, help="Ray workers (default 2)")
+    sp.add_argument("--output_dir", help="shard directory for all inputs as one corpus (default: each input to "
+                    "NAME.tokens/ beside it; a glob or hf: input to data/tokens/)")
+    sp.add_argument("--text_field", default="text", help="JSON/Parquet/Arrow field holding the text (default text)")
+    sp.add_argument("--doc_separator", default="newline", help="text files: newline (a document a line, default) | "
+                    "blank_line (documents separated by an empty line)")
+    sp.add_argument("--on_bad_record", default="error", help="a record that is not JSON or lacks the text: error "
+                    "(default) | skip (counted)")
+    sp.add_argument("--no_dedup", "--no-dedup", action="store_true", help="keep exact duplicate documents (default: removed)")
+    sp.add_argument("--holdout", type=float, default=0.0, help="share of documents (by hash) written as a held-out "
+                    "split for validation (default 0)")
+    sp.add_argument("--num_workers", type=int, default=2, help="Ray workers (default 2; 0: in this process)")
+    sp.add_argument("--unit_bytes", type=int, default=16 * 2**20, help=argparse.SUPPRESS)
 
     sp = add("train", cmd_train, "Stages 3-4: train the transformer with DeepSpeed ZeRO (locally, or Ray Train with --num_workers).")
     for action in build_train_parser()._actions:

@@ -48,7 +48,15 @@ class TokenizerConfig:
     model_type: str = "bpe"
     character_coverage: float = 0.9995
     max_sentence_length: int = 4192
-    num_workers: int = 2  # Ray workers for corpus -> token shards
+    input_sentence_size: int = 0  # lines SentencePiece trains on, sampled evenly; 0 = all (a large corpus: 10M)
+    # corpus -> token shards (tokenize, and train on its data), see data/documents.py and tokenizer/corpus.py
+    num_workers: int = 2  # Ray workers; 0 = in this process
+    text_field: str = "text"  # JSON, Parquet, Arrow: the field holding a document's text
+    doc_separator: str = "newline"  # text files: newline (a document a line) | blank_line (paragraphs)
+    on_bad_record: str = "error"  # error | skip (a record that is not JSON, lacks the text field, ...)
+    dedup: bool = True  # drop exact duplicate documents across all sources (the first copy is kept)
+    unit_bytes: int = 16 * 2**20  # input bytes per unit of work (and per shard file)
+    shards_root: str = "data/tokens"  # where the shards of globs, hf: datasets and mixtures of sources go
 
     def __post_init__(self):
         if self.model_type not in ("bpe", "unigram"):
@@ -60,8 +68,22 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
         if not 10 <= self.max_sentence_length <= 2**30:  # SentencePiece's own bounds
             raise ConfigError(f"tokenizer.max_sentence_length must be in [10, 2^30] bytes, got {self.max_sentence_length}")
-        if self.num_workers < 1:
-            raise ConfigError(f"tokenizer.num_workers must be >= 1, got {self.num_workers}")
+        if self.num_workers < 0:
+            raise ConfigError(f"tokenizer.num_workers must be >= 0 (0: in this process), got {self.num_workers}")
+        if self.doc_separator not in ("newline", "blank_line"):
+            raise ConfigError(f"tokenizer.doc_separator must be newline or blank_line, got {self.doc_separator!r}")
+        if self.on_bad_record not in ("error", "skip"):
+            raise ConfigError(f"tokenizer.on_bad_record must be error or skip, got {self.on_bad_record!r}")
+        if not self.text_field:
+            raise ConfigError("tokenizer.text_field must name a field, e.g. text")
+        if self.unit_bytes < 1 or self.input_sentence_size < 0:
+            raise ConfigError(f"tokenizer.unit_bytes must be >= 1 and tokenizer.input_sentence_size >= 0, got "
+                              f"{self.unit_bytes} and {self.input_sentence_size}")
+
+    def read_options(self):
+        from openllm_ds.data.documents import ReadOptions
+
+        return ReadOptions(self.text_field, self.doc_separator, self.on_bad_record)
 
 
 @dataclass(frozen=True)
@@ -106,8 +128,16 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str | None = None  # default: models/<name>
+    # training data: any source (a text/JSONL/JSON/Parquet file, a folder, a glob, a saved or hf: dataset, a
+    # token shards dir); or a mixture: data_files sampled by data_weights (default: equal)
     data_file: str = "data/clean/training_data.txt"
-    eval_data: str | None = None  # default: validation_data.txt beside data_file
+    data_files: tuple[str, ...] = ()
+    data_weights: tuple[float, ...] = ()
+    # validation: eval_data when given (one training source only); else validation_data.txt beside a file named
+    # training_data.txt (`prepare`'s layout); else a held-out share of each source, chosen by document hash
+    eval_data: str | None = None
+    holdout_fraction: float = 0.01
+    allow_data_change: bool = False  # resume a checkpoint on other data (from the start of the new data's order)
     tokenizer_dir: str = "data/tokenizer"
     ds_config: str = "ds_configs/zero2.json"
     micro_batch_size: int = 8  # per rank (CLI: --batch_size)
@@ -159,6 +189,28 @@ class TrainConfig:
             raise ConfigError(f"train.max_failures must be >= 0, or -1 for no limit, got {self.max_failures}")
         if not self.learning_rate > 0:  # NaN too
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 < self.holdout_fraction < 0.5:  # NaN too
+            raise ConfigError(f"train.holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
+        if self.data_weights:
+            if not self.data_files:
+                raise ConfigError("train.data_weights needs train.data_files (one weight per file)")
+            if len(self.data_weights) != len(self.data_files):
+                raise ConfigError(f"train.data_weights has {len(self.data_weights)} weights for {len(self.data_files)} "
+                                  "train.data_files; give one weight per file")
+            if not all(w >= 0 and w < float("inf") for w in self.data_weights) or not sum(self.data_weights) > 0:
+                raise ConfigError(f"train.data_weights must be >= 0, finite, and not all 0, got "
+                                  f"{list(self.data_weights)}")
+        if self.data_files and self.eval_data:
+            raise ConfigError("train.eval_data is for one train.data_file; with train.data_files each source "
+                              "validates on its own held-out share (train.holdout_fraction) or validation_data.txt")
+
+    @property
+    def sources(self) -> list[tuple[str, float]]:
+        """(source, sampling weight) of every training source, the weights summing to 1."""
+        files = self.data_files or (self.data_file,)
+        weights = self.data_weights or (1.0,) * len(files)
+        total = sum(weights)
+        return [(f, w / total) for f, w in zip(files, weights)]
 
 
 @dataclass(frozen=True)
@@ -205,8 +257,12 @@ class RunConfig:
         return self.train.output_dir or f"models/{self.name}"
 
     @property
-    def eval_data(self) -> str:
-        return self.train.eval_data or str(Path(self.train.data_file).with_name("validation_data.txt"))
+    def eval_data(self) -> str | None:
+        """The validation source of a one-source run: train.eval_data, or validation_data.txt beside a
+        training_data.txt; None: a held-out share of the training data (``validation_source``)."""
+        if self.train.eval_data:
+            return self.train.eval_data
+        return None if self.train.data_files else validation_source(self.train.data_file)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -215,6 +271,12 @@ class RunConfig:
         from openllm_ds.utils import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def validation_source(data_file: str) -> str | None:
+    """validation_data.txt beside a file named training_data.txt (what `prepare` writes), else None."""
+    p = Path(data_file)
+    return str(p.with_name("validation_data.txt")) if p.name == "training_data.txt" else None
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "name"}
@@ -387,6 +449,11 @@ def load_run_config(
             raise ConfigError(f"unknown section '{sec}' in command-line override '{key}'; valid: {', '.join(_SECTION_CLASSES)}")
         _merge_section(values, origins, sec, {k: v}, "the command line")
 
+    if values["train"].get("data_files") and \
+            origins.get("train.data_file") == origins.get("train.data_files") != "the built-in defaults":
+        # data_files replaces a data_file set earlier (a preset's); both given in one place is a mistake
+        raise ConfigError(f"train.data_file and train.data_files were both set in {origins['train.data_file']}; "
+                          "pass one: --data_file for one source, --data_files for a mixture")
     sections = {}
     for sec, cls in _SECTION_CLASSES.items():
         try:

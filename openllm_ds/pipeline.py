@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from openllm_ds.config import RunConfig
-from openllm_ds.utils import atomic_write_json, atomic_write_text, ensure_writable_dir, sha256_file
+from openllm_ds.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, sha256_file
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -73,56 +73,91 @@ def run_pipeline(cfg: RunConfig, squad_dir: str | None = None, force: bool = Fal
         return _run_stages(cfg, force)
 
 
+def uses_prepare(cfg: RunConfig) -> bool:
+    """Does the run train on what `prepare` writes (SQuAD), rather than on the user's own corpus?"""
+    return not cfg.train.data_files and Path(cfg.train.data_file) == Path(cfg.data.output_dir) / "training_data.txt"
+
+
+def _source_fingerprint(spec: str):
+    """A local file's sha256; the files (paths, sizes, mtimes) of a folder or glob; an hf: dataset's name."""
+    from openllm_ds.data.documents import ReadOptions, is_hub_source, resolve_sources
+
+    if is_hub_source(spec):
+        return spec
+    p = Path(spec)
+    if p.is_file():
+        return p
+    try:
+        return [f.fingerprint() for f in resolve_sources([spec], ReadOptions())]
+    except Exception:  # noqa: BLE001 - a missing source: the stage that reads it says so
+        return f"missing:{spec}"
+
+
 def _run_stages(cfg: RunConfig, force: bool) -> dict:
     from openllm_ds.data import prepare
     from openllm_ds.evaluation import evaluate, generate_text
     from openllm_ds.evaluation.harness import run_harness
     from openllm_ds.export import export
-    from openllm_ds.tokenizer import shards_dir_for, tokenize_file, train_tokenizer
+    from openllm_ds.tokenizer import load_tokenizer, train_tokenizer
     from openllm_ds.train import launch
+    from openllm_ds.train.data import load_sources, shards_dirs
+    from openllm_ds.train.distributed import DistEnv
 
     run_dir = Path("runs") / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     state = _State(run_dir / "state.json")
     clean = Path(cfg.data.output_dir)
-    train_txt, val_txt = Path(cfg.train.data_file), Path(cfg.eval_data)
     tok_dir = Path(cfg.train.tokenizer_dir)
     out_dir = Path(cfg.output_dir)
     exports = Path("exports")
+    specs = [spec for spec, _ in cfg.train.sources]
+    data_fp = [_source_fingerprint(s) for s in specs] + [_source_fingerprint(cfg.eval_data) if cfg.eval_data else None]
 
-    data_inputs = sorted(Path(cfg.data.squad_dir).glob("*.json")) if cfg.data.squad_dir else []
-    stats = state.run(
-        "prepare", _fingerprint(dataclasses.asdict(cfg.data), *data_inputs),
-        lambda: (clean / "stats.json").is_file(), lambda: prepare(cfg.data), force,
-    )
-    tok_cfg = dataclasses.replace(cfg.tokenizer, input=str(train_txt), output_dir=str(tok_dir))
+    if uses_prepare(cfg):
+        data_inputs = sorted(Path(cfg.data.squad_dir).glob("*.json")) if cfg.data.squad_dir else []
+        stats = state.run(
+            "prepare", _fingerprint(dataclasses.asdict(cfg.data), *data_inputs),
+            lambda: (clean / "stats.json").is_file(), lambda: prepare(cfg.data), force,
+        )
+        data_fp = [_source_fingerprint(s) for s in specs] + [_source_fingerprint(cfg.eval_data)]
+    else:
+        print("[pipeline] prepare: train.data_file is your own corpus, skipped")
+        stats = None
+    tok_cfg = dataclasses.replace(cfg.tokenizer, input=specs[0], output_dir=str(tok_dir))
+    report_file = cfg.eval_data if cfg.eval_data and Path(cfg.eval_data).is_file() else None
     tok_report = state.run(
-        "train-tokenizer", _fingerprint(dataclasses.asdict(tok_cfg), train_txt),
+        "train-tokenizer", _fingerprint(dataclasses.asdict(tok_cfg), *data_fp),
         lambda: (tok_dir / "tokenizer.json").is_file(),
-        lambda: train_tokenizer(tok_cfg, validation_file=str(val_txt)), force,
+        lambda: train_tokenizer(tok_cfg, validation_file=report_file, sources=specs), force,
     )
+    rank0 = DistEnv(rank=0, local_rank=0, world_size=1, device="cpu")
     state.run(
-        "tokenize", _fingerprint(train_txt, val_txt, tok_dir / "tokenizer.model"),
-        lambda: all((shards_dir_for(f) / "meta.json").is_file() for f in (train_txt, val_txt)),
-        lambda: [tokenize_file(f, tok_dir, num_workers=cfg.tokenizer.num_workers)["num_tokens"] for f in (train_txt, val_txt)],
+        "tokenize", _fingerprint(*data_fp, tok_dir / "tokenizer.model", dataclasses.asdict(cfg.tokenizer),
+                                 cfg.train.holdout_fraction),
+        lambda: all((d / "meta.json").is_file() for d in shards_dirs(cfg)),
+        lambda: [{"source": s.source, "train_tokens": len(s.train), "validation_tokens": len(s.val)}
+                 for s in load_sources(cfg, load_tokenizer(tok_dir).sha256, rank0)],
         force,
     )
     train_summary = state.run(
-        "train", _fingerprint(dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.train), tok_dir / "tokenizer.model", train_txt),
+        "train", _fingerprint(dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.train), tok_dir / "tokenizer.model",
+                              *data_fp),
         lambda: (out_dir / "checkpoints" / "latest").is_file() and "train" in state.data,
         lambda: launch(cfg), force,
     )
+    sources = load_sources(cfg, load_tokenizer(tok_dir).sha256, rank0)  # up to date: reads meta.json only
+    val_data = Path(cfg.eval_data) if cfg.eval_data else write_heldout_documents(cfg, run_dir / "validation.jsonl")
     latest = out_dir / "checkpoints" / "latest"
     ckpt_fp = _fingerprint(latest.read_text() if latest.is_file() else None)
     evaluation = state.run(
-        "evaluate", _fingerprint(ckpt_fp, val_txt, cfg.eval.stride),
+        "evaluate", _fingerprint(ckpt_fp, val_data, cfg.eval.stride),
         lambda: True,
-        lambda: evaluate(model_dir=str(out_dir), eval_data=str(val_txt), stride=cfg.eval.stride,
+        lambda: evaluate(model_dir=str(out_dir), eval_data=str(val_data), stride=cfg.eval.stride,
                          batch_size=cfg.eval.batch_size,
                          metrics=("perplexity", "loss", "bits_per_byte", "word_perplexity")),
         force,
     )
-    harness_specs = pipeline_tasks(cfg, stats, val_txt)
+    harness_specs = pipeline_tasks(cfg, stats, val_data)
     harness = state.run(
         "harness", _fingerprint(ckpt_fp, [s.to_dict() for s in harness_specs]),
         lambda: (out_dir / "eval" / "report.json").is_file(),
@@ -139,19 +174,31 @@ def _run_stages(cfg: RunConfig, force: bool) -> dict:
                                                        output_dir=str(exports / fmt), overwrite=True)),
             force,
         )
-    baseline = unigram_perplexity(shards_dir_for(train_txt), shards_dir_for(val_txt))
+    baseline = unigram_perplexity(sources[0].train, sources[0].val)
     evaluation = {**evaluation, "unigram_baseline_perplexity": baseline}
     samples = [
         generate_text(str(out_dir), p, max_length=40, temperature=0.0, stream=False)[0]
         for p in ("The university", "In 1905, the")
     ]
     report = _write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluation, harness, samples,
-                           out_dir)
+                           out_dir, sources)
     return {"report": str(report.resolve()), "evaluation": evaluation, "harness": harness,
             "exports": {k: str((exports / k).resolve()) for k in exported}}
 
 
-def pipeline_tasks(cfg: RunConfig, stats: dict, val_txt: Path) -> list:
+def write_heldout_documents(cfg: RunConfig, path: Path) -> Path:
+    """The run's held-out validation documents as JSON Lines ({"text": ...}), for evaluation and the harness;
+    rewritten only when they changed."""
+    from openllm_ds.evaluation.run import run_validation_documents
+
+    _, docs = run_validation_documents(cfg)
+    data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
+    if not path.is_file() or path.read_bytes() != data:
+        atomic_write_bytes(path, data)
+    return path
+
+
+def pipeline_tasks(cfg: RunConfig, stats: dict | None, val_txt: Path) -> list:
     """The harness tasks of the run: ``eval.tasks`` when set; else a cloze task on the validation
     passages, plus SQuAD QA and answer ranking on the dev-v1.1 file the data came from (if any)."""
     from openllm_ds.evaluation.tasks import TaskSpec, load_task
@@ -160,6 +207,7 @@ def pipeline_tasks(cfg: RunConfig, stats: dict, val_txt: Path) -> list:
         return [load_task(t) for t in cfg.eval.tasks]
     specs = [TaskSpec(name="validation_cloze", kind="cloze", data=str(val_txt.resolve()), metric="accuracy", limit=100,
                       max_new_tokens=6, description="last word of held-out validation passages")]
+    stats = stats or {}
     dev = Path(stats.get("location", "")) / "dev-v1.1.json"
     if dev.is_file() and "dev-v1.1.json" in stats.get("files", {}):
         for name in ("squad_v1_qa", "squad_answer_ranking"):
@@ -172,20 +220,17 @@ def _harness_results(report: dict) -> list[dict]:
     return [{k: r.get(k) for k in keep} for r in report["results"]]
 
 
-def unigram_perplexity(train_shards: Path, val_shards: Path) -> float:
+def unigram_perplexity(train, val) -> float:
     """Perplexity on the validation tokens of a unigram model fit on the training tokens (add-one)."""
     import numpy as np
 
-    from openllm_ds.tokenizer import TokenShards
-
-    train, val = TokenShards(train_shards), TokenShards(val_shards)
     counts = np.bincount(train[0 : len(train)], minlength=train.vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(np.exp(-logp[val[0 : len(val)]].mean()))
 
 
 def _write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluation, harness, samples,
-                  out_dir) -> Path:
+                  out_dir, sources) -> Path:
     import yaml
 
     ev, tr = evaluation, train_summary
@@ -193,7 +238,7 @@ def _write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluat
              f"| parameters | {tr['num_params']:,} |",
              f"| training | {tr['final_step']} steps, {tr['tokens_seen']:,} tokens, {tr['world_size']} rank(s), "
              f"{tr['precision']}, ZeRO-{tr['zero_stage']} |",
-             f"| final train loss | {tr['train_loss']:.4f} |",
+             f"| final train loss | {_fmt(tr.get('train_loss'), '.4f')} |",
              f"| validation perplexity (per token) | {ev['perplexity']:.2f} |",
              f"| validation bits per byte | {ev['bits_per_byte']:.4f} |",
              f"| validation word perplexity | {ev['word_perplexity']:.1f} |",
@@ -207,14 +252,10 @@ def _write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluat
     lines += [f"| {k} | {v.get('seconds', '-')} | {'skipped (complete, inputs unchanged)' if k in state.skipped else 'ran'} |"
               for k, v in state.data.items()]
 
-    lines += ["", "## Data", "", f"Source: {stats['source']} ({stats['location']}), min_words {stats['min_words']}.", "",
-              "| file | split | paragraphs | kept | too short | duplicates | words |", "|---|---|---:|---:|---:|---:|---:|"]
-    for name, f in sorted(stats["files"].items()):
-        lines.append(f"| {name} | {f['split']} | {f['paragraphs']:,} | {f['kept']:,} | {f['too_short']:,} | "
-                     f"{f['duplicates']:,} | {f['words']:,} |")
-    for split, f in stats["splits"].items():
-        lines.append(f"| **{f['output']}** | {split} | {f['paragraphs']:,} | {f['kept']:,} | {f['too_short']:,} | "
-                     f"{f['duplicates']:,} | {f['words']:,} |")
+    lines += ["", "## Data", ""]
+    if stats is not None:
+        lines += _squad_data_lines(stats)
+    lines += _source_lines(sources, tr)
 
     ex = tok_report.get("examples", {})
     lines += ["", "## Tokenizer", "", f"SentencePiece {tok_report['model_type']}, vocabulary {tok_report['vocab_size']:,}, "
@@ -236,6 +277,38 @@ def _write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluat
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _fmt(value, spec: str) -> str:
+    """A figure for the report, or "-" when the run did not produce it (e.g. no step trained this time)."""
+    return "-" if value is None else format(value, spec)
+
+
+def _squad_data_lines(stats: dict) -> list[str]:
+    lines = [f"Source: {stats['source']} ({stats['location']}), min_words {stats['min_words']}.", "",
+              "| file | split | paragraphs | kept | too short | duplicates | words |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, f in sorted(stats["files"].items()):
+        lines.append(f"| {name} | {f['split']} | {f['paragraphs']:,} | {f['kept']:,} | {f['too_short']:,} | "
+                     f"{f['duplicates']:,} | {f['words']:,} |")
+    for split, f in stats["splits"].items():
+        lines.append(f"| **{f['output']}** | {split} | {f['paragraphs']:,} | {f['kept']:,} | {f['too_short']:,} | "
+                     f"{f['duplicates']:,} | {f['words']:,} |")
+    return lines + [""]
+
+
+def _source_lines(sources, train_summary: dict) -> list[str]:
+    """Per training source: its shards, what tokenization dropped, its validation, its realised token share."""
+    lines = ["| training source | weight | token share trained | documents | duplicates removed | empty / bad skipped "
+             "| tokens | validation | val loss |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    trained = {s["name"]: s for s in train_summary.get("sources") or []}
+    for s in sources:
+        c, t = s.train.meta["counts"], trained.get(s.name, {})
+        share = f"{t['token_share']:.1%}" if t.get("token_share") is not None else "-"
+        val_loss = f"{t['val_loss']:.4f}" if t.get("val_loss") is not None else "-"
+        lines.append(f"| `{s.source}` | {s.weight:.1%} | {share} | {s.train.num_documents:,} | {c['duplicates']:,} | "
+                     f"{c['empty']:,} / {c['bad_records']:,} | {len(s.train):,} | {s.val_name} "
+                     f"({len(s.val):,} tokens) | {val_loss} |")
+    return lines
 
 
 def _plot_losses(tb_dir: Path, png: Path) -> Path | None:

@@ -90,11 +90,11 @@ def tokenizer_dir(prepared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def token_shards(prepared_data, tokenizer_dir) -> dict[str, Path]:
     """Token shards of both splits, at the default place beside each text file."""
-    from openllm_ds.tokenizer import tokenize_file
+    from openllm_ds.tokenizer import tokenize_corpus
 
     out = {}
     for split, name in (("train", "training_data.txt"), ("val", "validation_data.txt")):
-        meta = tokenize_file(prepared_data / name, tokenizer_dir, num_workers=2)
+        meta = tokenize_corpus(prepared_data / name, tokenizer_dir, num_workers=2)
         out[split] = Path(meta["shards_dir"])
     return out
 

@@ -15,6 +15,7 @@ built here, in this process, by the project's own shard writer.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -49,8 +50,10 @@ SQUAD = json.dumps({"version": "1.1", "data": [{"title": "Normans", "paragraphs"
     "qas": [{"id": "q1", "question": "Who gave their name to Normandy?",
              "answers": [{"text": "The Normans", "answer_start": 0}]}]}]}]})
 TRUNCATED_SQUAD = SQUAD[: len(SQUAD) // 2]
+GZ_DOCS = gzip.compress("".join(json.dumps({"text": line}) + "\n" for line in TEXT.splitlines()).encode(), mtime=0)
 GARBAGE = bytes(range(7, 107))  # 100 bytes that are neither a SentencePiece model nor safetensors
 MODEL_YAML = ("name: t\nmodel: {vocab_size: 300, d_model: 32, n_layers: 1, n_heads: 2, d_ff: 64, max_seq_len: 16}\n"
+              "tokenizer: {num_workers: 0}\n"
               "train: {data_file: training_data.txt, tokenizer_dir: tok, ds_config: {root}/ds_configs/zero0.json,"
               " micro_batch_size: 2, max_steps: 2, warmup_steps: 0, output_dir: run}\n")
 TRAIN_FILES = {"t.yaml": MODEL_YAML, "tok": "<tok>", "training_data.txt": TEXT, "validation_data.txt": TEXT}
@@ -111,8 +114,19 @@ CASES = [
          r"--input missing\.txt does not exist; run `openllm-ds prepare` first", ("tk",)),
     Case("train-tokenizer", "input empty", 2, "train-tokenizer --input empty.txt --vocab_size 300 --output_dir tk",
          r"--input empty\.txt is empty; it needs one document per line", ("tk",), files={"empty.txt": "\n \n"}),
-    Case("train-tokenizer", "input is a directory", 2, "train-tokenizer --input texts --vocab_size 300 --output_dir tk",
-         r"--input texts is a directory; pass a text file", ("tk",), files={"texts/": ""}),
+    Case("train-tokenizer", "input is a folder without files", 2, "train-tokenizer --input texts --vocab_size 300 "
+         "--output_dir tk", r"--input texts matches no files; check the path or pattern", ("tk",), files={"texts/": ""}),
+    Case("train-tokenizer", "every line longer than max_sentence_length", 2,
+         "train-tokenizer --input text.txt --vocab_size 300 --max_sentence_length 20 --output_dir tk",
+         r"every line of --input text\.txt is longer than --max_sentence_length 20 bytes.*raise --max_sentence_length",
+         ("tk",), files={"text.txt": TEXT}),
+    Case("train-tokenizer", "Latin-1 text", 2, "train-tokenizer --input text.txt --vocab_size 300 --output_dir tk",
+         r"--input text\.txt line 202 is not UTF-8 \(byte 0xe9 at column 4\); convert it to UTF-8", ("tk",),
+         files={"text.txt": TEXT.encode() + b"\nCaf\xe9 au lait\n"}),
+    Case("train-tokenizer", "JSON Lines without the text field", 2,
+         "train-tokenizer --input docs.jsonl --vocab_size 300 --output_dir tk",
+         r"docs\.jsonl line 1 has no field 'text' \(its fields: content\); pass --text_field", ("tk",),
+         files={"docs.jsonl": '{"content": "a document"}\n'}),
     Case("train-tokenizer", "vocab_size below the byte-fallback minimum", 2,
          "train-tokenizer --input text.txt --vocab_size 100 --output_dir tk",
          r"tokenizer\.vocab_size must be >= 260 \(byte fallback needs 256 \+ 4 specials\), got 100", ("tk",),
@@ -151,9 +165,46 @@ CASES = [
     Case("tokenize", "second input empty: nothing encoded", 2, "tokenize --input text.txt empty.txt --tokenizer_dir tok",
          r"--input empty\.txt is empty", ("text.tokens", "empty.tokens"),
          files={"text.txt": TEXT, "empty.txt": "", "tok": "<tok>"}),
-    Case("tokenize", "output_dir with two inputs", 2, "tokenize --input a.txt b.txt --tokenizer_dir tok --output_dir shards",
-         r"--output_dir takes one --input file, got 2", ("shards", "a.tokens", "b.tokens"),
-         files={"a.txt": TEXT, "b.txt": TEXT, "tok": "<tok>"}),
+    Case("tokenize", "one input of several missing: nothing encoded", 2,
+         "tokenize --input a.txt nothere/*.jsonl --tokenizer_dir tok --output_dir shards --num_workers 0",
+         r"--input nothere/\*\.jsonl matches no files; check the path or pattern", ("shards", "a.tokens"),
+         files={"a.txt": TEXT, "tok": "<tok>"}),
+    Case("tokenize", "malformed JSON Lines record", 2, "tokenize --input docs.jsonl --tokenizer_dir tok --num_workers 0",
+         r"docs\.jsonl line 2 is not valid JSON: Expecting ',' delimiter \(column 16\); fix the record, or pass "
+         r"--on_bad_record skip", ("docs.jsonl.tokens",),
+         files={"docs.jsonl": '{"text": "one"}\n{"text": "two" "x"}\n', "tok": "<tok>"}),
+    Case("tokenize", "missing text field", 2, "tokenize --input docs.jsonl --tokenizer_dir tok --num_workers 0",
+         r"docs\.jsonl line 1 has no field 'text' \(its fields: body\); pass --text_field", ("docs.jsonl.tokens",),
+         files={"docs.jsonl": '{"body": "one"}\n', "tok": "<tok>"}),
+    Case("tokenize", "text field of the wrong type", 2,
+         "tokenize --input docs.jsonl --tokenizer_dir tok --num_workers 0 --text_field n",
+         r"docs\.jsonl line 1 field 'n' is int, not a string; fix the record", ("docs.jsonl.tokens",),
+         files={"docs.jsonl": '{"n": 1}\n', "tok": "<tok>"}),
+    Case("tokenize", "binary file", 2, "tokenize --input blob.txt --tokenizer_dir tok --num_workers 0",
+         r"blob\.txt line 1 holds a NUL byte: .*looks binary, not text", ("blob.tokens",),
+         files={"blob.txt": b"\x7fELF\x02\x01\x00\x00binary\n", "tok": "<tok>"}),
+    Case("tokenize", "truncated gzip", 2, "tokenize --input docs.jsonl.gz --tokenizer_dir tok --num_workers 0",
+         r"docs\.jsonl\.gz is a truncated or corrupt \.gz file \(.*\); download or compress it again",
+         ("docs.jsonl.gz.tokens",), files={"docs.jsonl.gz": GZ_DOCS[:-20], "tok": "<tok>"}),
+    Case("tokenize", "nothing left after filtering", 2, "tokenize --input docs.jsonl --tokenizer_dir tok --num_workers 0",
+         r"docs\.jsonl: no document left to train on \(2 documents read, 0 duplicates, 0 empty and 0 bad records "
+         r"skipped\)|docs\.jsonl: no document left to train on \(0 documents read, 0 duplicates, 2 empty",
+         ("docs.jsonl.tokens",), files={"docs.jsonl": '{"text": " "}\n{"text": ""}\n', "tok": "<tok>"}),
+    Case("tokenize", "Latin-1 text", 2, "tokenize --input text.txt --tokenizer_dir tok --num_workers 0",
+         r"text\.txt line 201 is not UTF-8 \(byte 0xe9 at column 4\); convert .* to UTF-8", ("text.tokens",),
+         files={"text.txt": TEXT.encode() + b"Caf\xe9\n", "tok": "<tok>"}),
+    Case("tokenize", "JSON nested 100,000 deep", 2, "tokenize --input deep.jsonl --tokenizer_dir tok --num_workers 0",
+         r"deep\.jsonl line 1 is JSON nested too deeply to read", ("deep.jsonl.tokens",),
+         files={"deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n", "tok": "<tok>"}),
+    Case("tokenize", "unknown doc_separator", 2, "tokenize --input text.txt --tokenizer_dir tok --doc_separator tab",
+         r"--doc_separator must be newline or blank_line, got 'tab'", ("text.tokens",),
+         files={"text.txt": TEXT, "tok": "<tok>"}),
+    Case("tokenize", "a file of another kind in the folder", 2, "tokenize --input docs --tokenizer_dir tok",
+         r"docs/notes\.pdf \(in docs\) is not a corpus file this reads .*move it out of the folder, or pass a glob",
+         ("docs.tokens",), files={"docs/a.txt": TEXT, "docs/notes.pdf": "%PDF-1.4", "tok": "<tok>"}),
+    Case("tokenize", "hf: dataset while offline", 2, "tokenize --input hf:someone/corpus --tokenizer_dir tok",
+         r"cannot load hf:someone/corpus: offline \(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set\) and it is not in the "
+         r"local cache", ("data",), files={"tok": "<tok>"}),
     # ---- train: the config ----------------------------------------------------------------------
     Case("train", "unknown config key", 2, "train --config unk.yaml",
          r"unknown key 'train\.max_stepz' in unk\.yaml; valid keys of 'train': .*max_steps", ("models",),
@@ -198,6 +249,13 @@ CASES = [
          files={**TRAIN_FILES, "bad.json": '{"zero_optimization": {"stage": 0},'}),
     Case("train", "ds_config missing", 2, "train --config t.yaml --ds_config zero9.json",
          r"train\.ds_config zero9\.json does not exist; pass a DeepSpeed JSON", ("run",), files=TRAIN_FILES),
+    Case("train", "negative mixture weight", 2, "train --config t.yaml --data_files a.txt b.txt --data_weights 1 -1",
+         r"train\.data_weights must be >= 0, finite, and not all 0, got \[1\.0, -1\.0\]", ("run",), files=TRAIN_FILES),
+    Case("train", "weights that do not match the files", 2, "train --config t.yaml --data_files a.txt b.txt "
+         "--data_weights 0.7", r"train\.data_weights has 1 weights for 2 train\.data_files; give one weight per file",
+         ("run",), files=TRAIN_FILES),
+    Case("train", "a mixture source missing", 2, "train --config t.yaml --data_files training_data.txt none.jsonl",
+         r"train\.data_files \(--data_files\) none\.jsonl does not exist", ("run",), files=TRAIN_FILES),
     Case("train", "data file missing", 2, "train --config t.yaml --data_file nothere.txt",
          r"train\.data_file \(--data_file\) nothere\.txt does not exist; run `openllm-ds prepare` first", ("run",),
          files=TRAIN_FILES),
@@ -275,22 +333,14 @@ CASES = [
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     from openllm_ds.config import TokenizerConfig
-    from openllm_ds.tokenizer import corpus, tokenize_file, train_tokenizer
+    from openllm_ds.tokenizer import tokenize_corpus, train_tokenizer
 
     root = tmp_path_factory.mktemp("bad_input_assets")
     text = root / "training_data.txt"
     text.write_text(TEXT, encoding="utf-8")
     tok = root / "tok"
     train_tokenizer(TokenizerConfig(input=str(text), output_dir=str(tok), vocab_size=300))
-
-    def encode_here(documents, model_proto, dtype, num_workers):
-        """The Ray actor's own code, run in this process on one block."""
-        out = corpus.EncodeBlock(model_proto, dtype.name)({"text": np.array(documents, dtype=object)})
-        yield np.frombuffer(out["ids"][0], dtype=dtype), int(out["num_documents"][0])
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(corpus, "encode_with_ray", encode_here)
-        shards = Path(tokenize_file(text, tok)["shards_dir"])
+    shards = Path(tokenize_corpus(text, tok, num_workers=0)["shards_dir"])  # the workers' code, in this process
     return {"<tok>": tok, "<shards>": shards}
 
 

@@ -101,15 +101,15 @@ def udf_with_hook(udf, hook):
     return call
 
 
-def encode_block_with_hook(hook):
-    from openllm_ds.tokenizer.corpus import EncodeBlock
+def encode_units_with_hook(hook):
+    from openllm_ds.tokenizer.corpus import EncodeUnits
 
-    class EncodeBlockWithHook(EncodeBlock):
+    class EncodeUnitsWithHook(EncodeUnits):
         def __call__(self, batch):
             hook()
             return super().__call__(batch)
 
-    return EncodeBlockWithHook
+    return EncodeUnitsWithHook
 
 
 def train_worker_writing_pids(train_worker, fault_dir: Path):
@@ -183,7 +183,7 @@ def reference(private_ray, squad_dir, tmp_path_factory):
     """The undisturbed runs: prepare (its UDF calls counted), a tokenizer, and the validation
     file's shards (their UDF calls counted)."""
     from openllm_ds.data import pipeline, prepare
-    from openllm_ds.tokenizer import corpus, tokenize_file, train_tokenizer
+    from openllm_ds.tokenizer import corpus, tokenize_corpus, train_tokenizer
 
     root = tmp_path_factory.mktemp("reference")
     clean = root / "clean"
@@ -193,9 +193,9 @@ def reference(private_ray, squad_dir, tmp_path_factory):
     tokenizer_dir = root / "tokenizer"
     train_tokenizer(TokenizerConfig(input=str(clean / "training_data.txt"), output_dir=str(tokenizer_dir), vocab_size=8000))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(corpus, "EncodeBlock", encode_block_with_hook(fault_hook(root / "tokenize", None)))
-        tokenize_file(clean / "validation_data.txt", tokenizer_dir, output_dir=root / "shards", num_workers=2,
-                      tokens_per_shard=150_000)
+        mp.setattr(corpus, "EncodeUnits", encode_units_with_hook(fault_hook(root / "tokenize", None)))
+        tokenize_corpus(clean / "validation_data.txt", tokenizer_dir, output_dir=root / "shards", num_workers=2,
+                        unit_bytes=300_000)
     return {"clean": clean, "tokenizer_dir": tokenizer_dir, "shards": root / "shards",
             "prepare_calls": num_calls(root / "prepare"), "tokenize_calls": num_calls(root / "tokenize")}
 
@@ -224,24 +224,24 @@ def test_prepare_survives_a_killed_ray_data_task(reference, squad_dir, tmp_path,
 
 
 def test_tokenize_survives_a_killed_ray_data_actor(reference, tmp_path, monkeypatch, faults):
-    from openllm_ds.tokenizer import TokenShards, corpus, tokenize_file
+    from openllm_ds.tokenizer import TokenShards, corpus, tokenize_corpus
 
     fault_dir = tmp_path / "faults"
-    monkeypatch.setattr(corpus, "EncodeBlock", encode_block_with_hook(fault_hook(fault_dir, PAUSE_AT_CALL)))
+    monkeypatch.setattr(corpus, "EncodeUnits", encode_units_with_hook(fault_hook(fault_dir, PAUSE_AT_CALL)))
     kill = kill_9_when(victim_pid(fault_dir), "tokenize")
     out = tmp_path / "shards"
-    meta = tokenize_file(reference["clean"] / "validation_data.txt", reference["tokenizer_dir"], output_dir=out,
-                         num_workers=2, tokens_per_shard=150_000)
+    meta = tokenize_corpus(reference["clean"] / "validation_data.txt", reference["tokenizer_dir"], output_dir=out,
+                           num_workers=2, unit_bytes=300_000)
     stop(kill)
     assert "pid" in kill, "no Ray Data actor was killed"
     faults["injected"] += 1
-    assert "EncodeBlockWithHook" in kill["title"], kill["title"]  # the actor's process: ray::MapWorker(...)
+    assert "EncodeUnitsWithHook" in kill["title"], kill["title"]  # the actor's process: ray::MapWorker(...)
     assert not psutil.pid_exists(kill["pid"])
 
     assert num_calls(fault_dir) >= reference["tokenize_calls"] + 1
     want = file_bytes(reference["shards"])
-    assert sorted(want) == ["meta.json", "shard_00000.bin", "shard_00001.bin", "shard_00002.bin"]
-    assert file_bytes(out) == want
+    assert sorted(want) == ["meta.json"] + [f"shard_{u:05d}.bin" for u in range(6)]
+    assert file_bytes(out) == want  # no document lost or written twice; no temporary file left
     assert meta["num_documents"] == len((reference["clean"] / "validation_data.txt").read_text().splitlines())
     assert len(TokenShards(out)) == meta["num_tokens"] > 300_000
     faults["recovered"] += 1

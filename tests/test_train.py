@@ -105,7 +105,8 @@ def test_checkpoints_layout_pruning_and_weights(tiny_run, prepared_data):
     assert not (out / "checkpoints/step_00000020").exists()
     state = json.loads((out / "checkpoints/step_00000060/train_state.json").read_text())
     assert state["step"] == 60 and state["tokens_seen"] == 60 * 8 * 64
-    assert (state["epoch"], state["index"]) == (0, 60 * 8)
+    assert state["data"] == [[0, 60 * 8, 60 * 8]]  # one source: epoch 0, 480 windows of its order taken
+    assert state["source_tokens"] == [60 * 8 * 64] and len(state["data_sha256"]) == 64
     assert state["last_eval_loss"] == summary["val_loss"]
 
     # The consolidated weights, loaded without DeepSpeed, give the validation loss the run reported,
@@ -226,14 +227,14 @@ def test_a_loss_spike_rolls_back_and_skips_the_batches_since_the_checkpoint(toke
     real_next = TrainBatches.next_batch
 
     def poisoned(self, pos):  # the 43rd batch: every token the byte <0x00>, which the text never holds
-        batch, after = real_next(self, pos)
-        if (pos.epoch, pos.index) == (0, 42 * gb):
+        batch, after, taken = real_next(self, pos)
+        if pos.sources == [[0, 42 * gb, 42 * gb]]:
             batch = [(torch.full_like(x, 4), torch.full_like(y, 4)) for x, y in batch]
-        return batch, after
+        return batch, after, taken
 
     def jumping(self, pos):  # the clean reference: after batch 40, continue at batch 44
-        if (pos.epoch, pos.index) == (0, 40 * gb):
-            pos = DataPosition(0, 43 * gb)
+        if pos.sources == [[0, 40 * gb, 40 * gb]]:
+            pos = DataPosition([[0, 43 * gb, 43 * gb]])
         return real_next(self, pos)
 
     common = dict(train__max_steps=50, train__save_every=10, train__eval_every=50, train__spike_steps=1,

@@ -139,16 +139,17 @@ def test_param_groups_decay_matrices_only():
 def test_one_rank_with_accumulation_sees_the_global_batch_of_two_ranks():
     tokens = np.arange(10_000, dtype=np.int64)  # token i == i, so a row names its window
     T = 16
-    one = TrainBatches(tokens, T, micro_batch=4, grad_accum=2, env=DistEnv(0, 0, 1, "cpu"), seed=7)
-    two = [TrainBatches(tokens, T, micro_batch=4, grad_accum=1, env=DistEnv(r, r, 2, "cpu"), seed=7) for r in (0, 1)]
-    pos1 = pos2 = DataPosition()
+    one = TrainBatches([tokens], [1.0], T, micro_batch=4, grad_accum=2, env=DistEnv(0, 0, 1, "cpu"), seed=7)
+    two = [TrainBatches([tokens], [1.0], T, micro_batch=4, grad_accum=1, env=DistEnv(r, r, 2, "cpu"), seed=7)
+           for r in (0, 1)]
+    pos1 = pos2 = DataPosition.start(1)
     for _ in range(3):
-        mb1, pos1 = one.next_batch(pos1)
+        mb1, pos1, taken = one.next_batch(pos1)
         rank_batches = [b.next_batch(pos2) for b in two]
         pos2 = rank_batches[0][1]
-        assert pos1 == pos2
+        assert pos1 == pos2 and taken == [8]
         rows1 = torch.cat([x for x, _ in mb1])
-        rows2 = torch.cat([mb[0][0] for mb, _ in rank_batches])
+        rows2 = torch.cat([mb[0][0] for mb, _, _ in rank_batches])
         assert torch.equal(rows1, rows2)
         x, y = mb1[0]
         assert x.shape == (4, T) and torch.equal(y[:, :-1], x[:, 1:])  # targets are inputs shifted by one
@@ -157,20 +158,53 @@ def test_one_rank_with_accumulation_sees_the_global_batch_of_two_ranks():
 
 def test_batches_cover_an_epoch_without_repeats_and_resume_from_a_position():
     tokens = np.arange(16 * 50 + 1, dtype=np.int64)
-    b = TrainBatches(tokens, 16, micro_batch=4, grad_accum=3, env=DistEnv(0, 0, 1, "cpu"), seed=3)
-    assert b.num_windows == 50 and b.steps_per_epoch == 4
-    pos, starts = DataPosition(), []
+    b = TrainBatches([tokens], [1.0], 16, micro_batch=4, grad_accum=3, env=DistEnv(0, 0, 1, "cpu"), seed=3)
+    assert b.num_windows == [50] and b.steps_per_epoch == 4
+    pos, starts = DataPosition.start(1), []
     for _ in range(4):
-        mbs, pos = b.next_batch(pos)
+        mbs, pos, _ = b.next_batch(pos)
         starts += [int(x[i, 0]) // 16 for x, _ in mbs for i in range(x.size(0))]
     assert len(set(starts)) == 48  # no window twice within an epoch (2 left over)
-    mbs, after = b.next_batch(pos)
-    assert after == DataPosition(epoch=1, index=12)  # the 5th step starts epoch 1
-    again, _ = TrainBatches(tokens, 16, 4, 3, DistEnv(0, 0, 1, "cpu"), seed=3).next_batch(pos)
+    mbs, after, _ = b.next_batch(pos)
+    assert after == DataPosition([[1, 12, 60]])  # the 5th step starts epoch 1
+    again, _, _ = TrainBatches([tokens], [1.0], 16, 4, 3, DistEnv(0, 0, 1, "cpu"), seed=3).next_batch(pos)
     assert all(torch.equal(a[0], c[0]) for a, c in zip(mbs, again))
-    other, _ = TrainBatches(tokens, 16, 4, 3, DistEnv(0, 0, 1, "cpu"), seed=4).next_batch(DataPosition())
-    first, _ = b.next_batch(DataPosition())
+    other, _, _ = TrainBatches([tokens], [1.0], 16, 4, 3, DistEnv(0, 0, 1, "cpu"), seed=4).next_batch(DataPosition.start(1))
+    first, _, _ = b.next_batch(DataPosition.start(1))
     assert not torch.equal(other[0][0], first[0][0])
+
+
+def test_a_mixture_keeps_every_source_within_one_window_of_its_weight():
+    """Three sources weighted 5:3:2 (source k's token i is 100000 k + i, so a row names its source and window):
+    each step's slots follow the largest lag; each source's own order has no repeat within its epoch; the
+    global batch is the same whether one rank accumulates or three ranks split it."""
+    T = 8
+    sources = [np.arange(T * n + 1, dtype=np.int64) + 100_000 * k for k, n in enumerate((40, 30, 9))]
+    weights = [0.5, 0.3, 0.2]
+    one = TrainBatches(sources, weights, T, micro_batch=5, grad_accum=3, env=DistEnv(0, 0, 1, "cpu"), seed=1)
+    three = [TrainBatches(sources, weights, T, micro_batch=5, grad_accum=1, env=DistEnv(r, r, 3, "cpu"), seed=1)
+             for r in range(3)]
+    pos = DataPosition.start(3)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for step in range(1, 9):
+        mbs, after, taken = one.next_batch(pos)
+        rows = torch.cat([x for x, _ in mbs])
+        split = torch.cat([b.next_batch(pos)[0][0][0] for b in three])
+        assert torch.equal(rows, split)
+        assert sum(taken) == 15 and [p[2] for p in after.sources] == [a + t for a, t in
+                                                                        zip([p[2] for p in pos.sources], taken)]
+        for k, w in enumerate(weights):
+            assert abs(after.sources[k][2] - w * 15 * step) < 1  # within one window of the weight
+        for r in rows[:, 0].tolist():
+            seen[r // 100_000].append((r % 100_000) // T)
+        pos = after
+    first_repeat = next(i for i, w in enumerate(seen[0]) if w in seen[0][:i])
+    assert len(seen[0]) == 60 and 40 - 9 <= first_repeat <= 40  # no repeat until the epoch's last partial take
+    assert after.sources[2][0] >= 1  # the small source (9 windows) is in a later epoch
+    # resuming from a saved position continues the same sequence
+    again = TrainBatches(sources, weights, T, 5, 3, DistEnv(0, 0, 1, "cpu"), seed=1)
+    assert torch.equal(torch.cat([x for x, _ in again.next_batch(pos)[0]]),
+                       torch.cat([x for x, _ in one.next_batch(pos)[0]]))
 
 
 def test_eval_windows_split_evenly_across_ranks():

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from openllm_ds.checkpoint import load_model
+from openllm_ds.config import validation_source
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.evaluation.generate import pick_device
 from openllm_ds.evaluation.harness import run_harness
@@ -45,11 +46,7 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
     docs = _read_eval_data(eval_data) if eval_data else None
     loaded = load_model(model_dir, step=checkpoint, device=pick_device())
     if docs is None:
-        default = Path(loaded.run_config.eval_data) if loaded.run_config else None
-        if default is None or not default.is_file():
-            raise UserError(f"pass --eval_data (a text file, one document a line); the run's validation file "
-                            f"{default or '(unknown for an export)'} is not there")
-        eval_data, docs = str(default), read_documents(default)
+        eval_data, docs = run_validation_documents(loaded.run_config)
 
     from openllm_ds.tokenizer import load_tokenizer
 
@@ -70,6 +67,35 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
     if output:
         atomic_write_json(output, report)
     return report
+
+
+def run_validation_documents(run_config) -> tuple[str, list[str]]:
+    """What a training run validated on: its validation source's documents, or its held-out documents (decoded
+    from the held-out token shards of each training source)."""
+    if run_config is None:
+        raise UserError("pass --eval_data (any source: a text file, one document a line, JSONL, ...); an export "
+                        "does not know its run's validation data")
+    if run_config.eval_data:
+        if not Path(run_config.eval_data).exists():
+            raise UserError(f"pass --eval_data; the run's validation file {run_config.eval_data} is not there")
+        return run_config.eval_data, read_documents(run_config.eval_data)
+    from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for
+    from openllm_ds.train.data import is_shards_dir
+
+    names, docs = [], []
+    for spec, _ in run_config.train.sources:
+        if run_config.train.data_files and (val := validation_source(spec)):
+            names.append(val)
+            docs += read_documents(val)
+            continue
+        shards_dir = Path(spec) if is_shards_dir(spec) else shards_dir_for(spec, run_config.tokenizer.shards_root)
+        try:
+            shards = TokenShards(shards_dir, "heldout")
+        except UserError as e:
+            raise UserError(f"pass --eval_data: the run validated on the held-out documents of {spec}, but {e}") from None
+        names.append(f"held-out documents of {spec} ({shards_dir})")
+        docs += shards.documents(load_tokenizer(run_config.train.tokenizer_dir))
+    return "; ".join(names), docs
 
 
 def _read_eval_data(path, limit=None) -> list[str]:

@@ -217,7 +217,7 @@ def copy_tokenizer_files(src: ExportSource, out: Path) -> list[str]:
 def verification_texts(src: ExportSource, max_passages: int = 2) -> list[str]:
     """Fixed sentences plus the first validation passages of the run, when the file is found."""
     texts = list(VERIFY_TEXTS)
-    if src.run_config is not None:
+    if src.run_config is not None and src.run_config.eval_data:
         val = Path(src.run_config.eval_data)
         if val.is_file():
             with open(val, encoding="utf-8") as f:

@@ -1,17 +1,20 @@
-"""Binary token shards: the corpus as one stream of ids, each document followed by EOS.
+"""Binary token shards: a corpus as one stream of ids, each document followed by EOS.
 
-Layout of a shards dir (default: ``<text file>.tokens/`` beside the text):
-  shard_00000.bin, shard_00001.bin, ...  raw little-endian arrays (uint16 while vocab <= 65,536, else
-                                         uint32), up to ``tokens_per_shard`` ids each; a document
-                                         may continue into the next shard
-  meta.json                              counts, dtype, eos_id, the sha256 of the source text and of
-                                         tokenizer.model; written last, so its presence means complete
+Layout of a shards dir (``tokenize_corpus`` writes it; default ``<source>.tokens/`` beside the source):
+  shard_00000.bin, shard_00003.bin, ...     raw little-endian ids (uint16 while vocab <= 65,536, else
+                                            uint32), one file per input unit that kept a document (the
+                                            number is the unit's); documents never span files
+  heldout_00000.bin, ...                    the held-out documents of each unit, when a share is held out
+  meta.json                                 counts per file and in total, dtype, eos_id, the largest id
+                                            of each file, the tokenizer's sha256, what was read and how;
+                                            written last, so its presence means complete
+
+``TokenShards(dir)`` reads the training stream, ``TokenShards(dir, "heldout")`` the held-out one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,68 +22,35 @@ import numpy as np
 from openllm_ds.errors import DataError
 
 META_FILE = "meta.json"
-SHARD_NAME = "shard_{:05d}.bin"
-TOKENS_PER_SHARD = 100_000_000
-META_KEYS = ("vocab_size", "dtype", "num_tokens", "num_documents", "eos_id", "tokenizer_sha256",
-             "source_file", "source_sha256", "shards")
+FORMAT = 2
+SPLITS = {"train": "shard", "heldout": "heldout"}  # split -> file prefix
+META_KEYS = ("format", "vocab_size", "dtype", "eos_id", "tokenizer_sha256", "source", "num_tokens", "num_documents",
+             "shards")
 
 
-def shards_dir_for(text_file: str | Path) -> Path:
-    """data/clean/training_data.txt -> data/clean/training_data.tokens"""
-    return Path(text_file).with_suffix(".tokens")
+def shard_name(split: str, unit: int) -> str:
+    return f"{SPLITS[split]}_{unit:05d}.bin"
+
+
+def is_shard_file(name: str) -> bool:
+    return any(name.startswith(prefix + "_") and name.endswith(".bin") for prefix in SPLITS.values())
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-class ShardWriter:
-    """Append id arrays; a new shard file starts every ``tokens_per_shard`` ids."""
-
-    def __init__(self, out_dir: Path, dtype: np.dtype, tokens_per_shard: int = TOKENS_PER_SHARD):
-        if tokens_per_shard < 1:
-            raise ValueError(f"tokens_per_shard must be >= 1, got {tokens_per_shard}")
-        self.out_dir, self.dtype, self.tokens_per_shard = Path(out_dir), np.dtype(dtype), tokens_per_shard
-        self.shards: list[dict] = []
-        self._file = None
-
-    def write(self, ids: np.ndarray) -> None:
-        ids = np.asarray(ids, dtype=self.dtype)
-        while ids.size:
-            if self._file is None or self.shards[-1]["num_tokens"] == self.tokens_per_shard:
-                self._open_next()
-            room = self.tokens_per_shard - self.shards[-1]["num_tokens"]
-            head, ids = ids[:room], ids[room:]
-            self._file.write(head.tobytes())
-            self.shards[-1]["num_tokens"] += int(head.size)
-
-    def _open_next(self) -> None:
-        self._close_file()
-        name = SHARD_NAME.format(len(self.shards))
-        self._file = open(self.out_dir / name, "wb")
-        self.shards.append({"file": name, "num_tokens": 0})
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-
-    def close(self) -> list[dict]:
-        self._close_file()
-        return self.shards
-
-
 class TokenShards:
-    """Read-only view of a shards dir as one int64-indexable token stream (memmapped)."""
+    """Read-only view of one split of a shards dir as one int64-indexable token stream (memmapped)."""
 
-    def __init__(self, shards_dir: str | Path):
-        self.dir = Path(shards_dir)
+    def __init__(self, shards_dir: str | Path, split: str = "train"):
+        self.dir, self.split = Path(shards_dir), split
         self.meta = read_meta(self.dir)
+        part = split_meta(self.meta, split, self.dir)
         self.dtype = np.dtype(self.meta["dtype"])
+        self.num_documents = int(part["num_documents"])
         self.arrays: list[np.ndarray] = []
-        for shard in self.meta["shards"]:
+        for shard in part["shards"]:
             path = self.dir / shard["file"]
             expected = shard["num_tokens"] * self.dtype.itemsize
             size = path.stat().st_size if path.is_file() else None
@@ -89,11 +59,14 @@ class TokenShards:
                     f"token shard {path} has {'no file' if size is None else f'{size} bytes'}, meta.json says "
                     f"{expected} bytes; delete {self.dir} and tokenize again"
                 )
+            if shard.get("max_id", 0) >= self.vocab_size:
+                raise DataError(f"token shard {path} holds id {shard['max_id']} >= vocab_size {self.vocab_size} "
+                                f"(meta.json); delete {self.dir} and tokenize again")
             self.arrays.append(np.memmap(path, dtype=self.dtype, mode="r") if expected else np.empty(0, self.dtype))
         self.offsets = np.cumsum([0] + [a.size for a in self.arrays])  # start of each shard in the stream
-        if self.offsets[-1] != self.meta["num_tokens"]:
-            raise DataError(f"{self.dir / META_FILE}: shards hold {self.offsets[-1]} tokens, num_tokens says "
-                            f"{self.meta['num_tokens']}; delete {self.dir} and tokenize again")
+        if self.offsets[-1] != part["num_tokens"]:
+            raise DataError(f"{self.dir / META_FILE}: {split} shards hold {self.offsets[-1]} tokens, num_tokens says "
+                            f"{part['num_tokens']}; delete {self.dir} and tokenize again")
 
     @property
     def vocab_size(self) -> int:
@@ -102,10 +75,6 @@ class TokenShards:
     @property
     def eos_id(self) -> int:
         return self.meta["eos_id"]
-
-    @property
-    def num_documents(self) -> int:
-        return self.meta["num_documents"]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -141,26 +110,54 @@ class TokenShards:
             parts.append(self.arrays[k][max(start, lo) - lo:min(stop, hi) - lo])
         return np.concatenate(parts).astype(np.int64)
 
+    def documents(self, tokenizer) -> list[str]:
+        """The documents of this split, decoded (each ends at an EOS)."""
+        ids = self[:]
+        ends = np.flatnonzero(ids == self.eos_id)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        return [tokenizer.decode(ids[a:b]) for a, b in zip(starts, ends)]
+
+    def shard_of(self, index: int) -> Path:
+        """The file holding token ``index`` (for messages)."""
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.dir / split_meta(self.meta, self.split, self.dir)["shards"][k]["file"]
+
     def __getstate__(self) -> dict:
-        return {"dir": self.dir}  # DataLoader workers re-open the memmaps instead of copying tokens
+        return {"dir": self.dir, "split": self.split}  # DataLoader workers re-open the memmaps instead of copying
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["dir"])
+        self.__init__(state["dir"], state.get("split", "train"))
 
     def __repr__(self) -> str:
-        return f"TokenShards({str(self.dir)!r}, num_tokens={len(self)}, shards={len(self.arrays)}, dtype={self.dtype})"
+        return (f"TokenShards({str(self.dir)!r}, {self.split!r}, num_tokens={len(self)}, shards={len(self.arrays)}, "
+                f"dtype={self.dtype})")
+
+
+def split_meta(meta: dict, split: str, shards_dir: Path) -> dict:
+    """The counts and shard list of one split ("train": the top level of meta.json)."""
+    if split == "train":
+        return meta
+    part = meta.get(split)
+    if not part:
+        raise DataError(f"{shards_dir} holds no {split} documents (tokenized with holdout 0); tokenize again with a "
+                        "held-out share, or pass the validation data yourself")
+    return part
 
 
 def read_meta(shards_dir: Path) -> dict:
     path = shards_dir / META_FILE
     if not path.is_file():
         raise DataError(f"{path} is missing: {shards_dir} is not a complete token shards dir; "
-                        "run tokenization (openllm-ds train tokenizes the data file first)")
+                        "run tokenization (openllm-ds tokenize, or openllm-ds train, which tokenizes its data first)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e}); delete {shards_dir} and tokenize again") from None
     missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
     if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}; delete {shards_dir} and tokenize again")
+        raise DataError(f"{path} lacks {', '.join(missing)} (written by an older version?); delete {shards_dir} "
+                        "and tokenize again")
+    if meta["format"] != FORMAT:
+        raise DataError(f"{path} has format {meta['format']}, this version reads {FORMAT}; delete {shards_dir} and "
+                        "tokenize again")
     return meta

@@ -7,8 +7,9 @@ SentencePiece settings and why:
   NFKC-normalises and collapses whitespace, and with no rewriting inside SentencePiece a plain
   `tokenizer.json` (no precompiled charsmap) gives the same ids as SentencePiece on any text.
 - split_digits: numbers are spelled digit by digit, as in Llama.
-- Deterministic: the whole corpus is read (input_sentence_size=0, no sampling or shuffling);
-  the pieces do not depend on num_threads.
+- Deterministic: by default the whole corpus is read (input_sentence_size=0, no sampling or
+  shuffling); the pieces do not depend on num_threads. For a corpus too large to hold in memory,
+  tokenizer.input_sentence_size=N trains on N lines that SentencePiece samples from all of it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from tqdm import tqdm
+
 from openllm_ds.config import TokenizerConfig
+from openllm_ds.data.documents import UNIT_BYTES, plan_units, read_unit, resolve_sources
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer.hf_files import SPECIAL_TOKENS, write_hf_files
 from openllm_ds.tokenizer.tokenizer import MODEL_FILE, Tokenizer
@@ -30,24 +34,48 @@ from openllm_ds.utils import atomic_dir, ensure_writable_dir
 
 TOKENIZER_FILES = (MODEL_FILE, "tokenizer.vocab", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PARITY_SAMPLE_LINES = 200
+REPORT_DOCUMENTS = 5000  # documents of the input the report reads when no validation file is given
 WORD = re.compile(r"[^\W\d_]+")  # runs of letters, any script
 
 
-def train_tokenizer(cfg: TokenizerConfig, validation_file: str | None = None, *, verbose: bool = False) -> dict:
-    """Train on ``cfg.input``; write the SentencePiece and Hugging Face files into ``cfg.output_dir``.
+def train_tokenizer(cfg: TokenizerConfig, validation_file: str | None = None, *, verbose: bool = False,
+                    sources: list[str] | None = None) -> dict:
+    """Train on ``cfg.input`` (or ``sources``: any sources `tokenize` reads); write the SentencePiece and
+    Hugging Face files into ``cfg.output_dir``.
 
-    Returns (and prints) a report: vocab size, tokens per word on ``validation_file`` (else on the
-    input), and how a common and a rare word split. ``verbose`` shows SentencePiece's own log.
+    A plain text file (a document a line) goes to SentencePiece as it is; other sources are streamed to it
+    line by line (each document's lines; blank lines dropped). Returns (and prints) a report: vocab size,
+    tokens per word on ``validation_file`` (else on the input's first documents), and how a common and a
+    rare word split. ``verbose`` shows SentencePiece's own log.
     """
-    input_file = check_text_file(cfg.input, "--input")
-    report_file = check_text_file(validation_file, "validation file") if validation_file else input_file
+    sources = list(sources or [cfg.input])
+    options = cfg.read_options()
+    files = resolve_sources(sources, options, "--input")
+    plain = len(files) == 1 and files[0].format == "text" and not files[0].compression \
+        and options.doc_separator == "newline"
+    report_file = check_text_file(validation_file, "validation file") if validation_file else None
     out = check_output_dir(Path(cfg.output_dir))
-    corpus = scan_corpus(input_file, cfg.max_sentence_length)
+    name = ", ".join(sources)
+    if plain:
+        input_file = check_text_file(sources[0], "--input")
+        corpus = scan_corpus(input_file, cfg.max_sentence_length)
+    else:
+        corpus = {"num_lines": 0, "num_long_lines": 0, "num_bytes": sum(f.size for f in files)}
+    if plain and corpus["num_lines"] == corpus["num_long_lines"]:
+        raise DataError(f"every line of --input {name} is longer than --max_sentence_length {cfg.max_sentence_length} "
+                        "bytes, so SentencePiece would train on nothing; raise --max_sentence_length")
 
-    print(f"training SentencePiece {cfg.model_type} (vocab {cfg.vocab_size}) on {input_file} "
-          f"({corpus['num_lines']:,} lines, {corpus['num_bytes'] / 1e6:.1f} MB)")
+    print(f"training SentencePiece {cfg.model_type} (vocab {cfg.vocab_size}) on {name} "
+          f"({corpus['num_lines']:,} lines, {corpus['num_bytes'] / 1e6:.1f} MB)" if plain else
+          f"training SentencePiece {cfg.model_type} (vocab {cfg.vocab_size}) on {name} "
+          f"({len(files)} file(s), {corpus['num_bytes'] / 1e6:.1f} MB)")
     start = time.perf_counter()
-    model_bytes = run_sentencepiece(cfg, input_file, verbose)
+    if plain:
+        model_bytes = run_sentencepiece(cfg, name, verbose, input_file_path=input_file)
+    else:
+        lines = SourceLines(files, options, cfg.max_sentence_length)
+        model_bytes = run_sentencepiece(cfg, name, verbose, sentences=lines)
+        corpus["num_lines"], corpus["num_long_lines"] = lines.num_lines, lines.num_long
     train_seconds = time.perf_counter() - start
 
     with atomic_dir(out) as tmp:
@@ -58,18 +86,18 @@ def train_tokenizer(cfg: TokenizerConfig, validation_file: str | None = None, *,
                                f"{[tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id]}; expected {cfg.vocab_size}, [0, 1, 2, 3]")
         write_vocab_file(tok, tmp / "tokenizer.vocab")
         hf_tokenizer = write_hf_files(tmp / MODEL_FILE, tmp, cfg.model_type)
-        lines = read_lines(report_file)
+        lines = read_lines(report_file) if report_file else first_documents(files, options, REPORT_DOCUMENTS)
         check_parity(tok, hf_tokenizer, lines[:PARITY_SAMPLE_LINES], cfg.model_type)
         report = {
             "output_dir": str(out),
-            "input": str(input_file),
+            "input": name,
             "model_type": cfg.model_type,
             "vocab_size": tok.vocab_size,
             "num_lines": corpus["num_lines"],
             "lines_over_max_sentence_length": corpus["num_long_lines"],
             "train_seconds": round(train_seconds, 2),
             "tokens_per_word": tokens_per_word(tok, lines),
-            "tokens_per_word_file": str(report_file),
+            "tokens_per_word_file": str(report_file) if report_file else f"the first {len(lines):,} documents of {name}",
             "examples": example_splits(tok, lines),
             "tokenizer_sha256": tok.sha256,
         }
@@ -77,9 +105,8 @@ def train_tokenizer(cfg: TokenizerConfig, validation_file: str | None = None, *,
     return report
 
 
-def sentencepiece_args(cfg: TokenizerConfig, input_file: Path, verbose: bool) -> dict:
+def sentencepiece_args(cfg: TokenizerConfig, verbose: bool) -> dict:
     return dict(
-        input=[str(input_file)],  # a list, so a path with a comma stays one file
         model_type=cfg.model_type,
         vocab_size=cfg.vocab_size,
         character_coverage=cfg.character_coverage,
@@ -93,21 +120,29 @@ def sentencepiece_args(cfg: TokenizerConfig, input_file: Path, verbose: bool) ->
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=True,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
+        input_sentence_size=cfg.input_sentence_size,
+        shuffle_input_sentence=cfg.input_sentence_size > 0,  # an even sample, not the corpus's first lines
         num_threads=min(os.cpu_count() or 1, 16),
         train_extremely_large_corpus=False,
         minloglevel=0 if verbose else 2,
     )
 
 
-def run_sentencepiece(cfg: TokenizerConfig, input_file: Path, verbose: bool) -> bytes:
-    """Train in memory; SentencePiece's size errors become one-line UserErrors naming --vocab_size."""
+def run_sentencepiece(cfg: TokenizerConfig, input_file: str, verbose: bool, *, input_file_path: Path | None = None,
+                      sentences=None) -> bytes:
+    """Train in memory on a file or an iterator of lines; SentencePiece's size errors become one-line
+    UserErrors naming --vocab_size."""
     model = io.BytesIO()
+    where = ({"input": [str(input_file_path)]} if input_file_path is not None  # a list: a comma stays in the path
+             else {"sentence_iterator": iter(sentences)})
     try:
-        spm.SentencePieceTrainer.train(**sentencepiece_args(cfg, input_file, verbose), model_writer=model)
+        spm.SentencePieceTrainer.train(**sentencepiece_args(cfg, verbose), **where, model_writer=model)
     except RuntimeError as e:
         msg = str(e)
+        if sentences is not None and sentences.num_lines == sentences.num_long:
+            raise DataError(f"--input {input_file} has no line SentencePiece can train on ({sentences.num_lines:,} "
+                            f"lines, every one empty or longer than --max_sentence_length {cfg.max_sentence_length} "
+                            "bytes); check the input, --text_field, or raise --max_sentence_length") from None
         if m := re.search(r"Vocabulary size (?:is )?too high.*?<=\s*(\d+)", msg):
             raise UserError(
                 f"--vocab_size {cfg.vocab_size} is too large for {input_file}: SentencePiece finds at most "
@@ -154,14 +189,49 @@ def read_lines(path: Path) -> list[str]:
 
 
 def scan_corpus(path: Path, max_sentence_length: int) -> dict:
+    """Lines, lines SentencePiece leaves out (too long) and bytes of a text file, which must be UTF-8."""
     num_lines = num_long = num_bytes = 0
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             num_bytes += len(line)
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"--input {path} line {number} is not UTF-8 (byte 0x{line[e.start]:02x} at column "
+                                f"{e.start + 1}); convert it to UTF-8, e.g. with iconv -f latin1 -t utf-8") from None
             if line.strip():
                 num_lines += 1
                 num_long += len(line.rstrip(b"\r\n")) > max_sentence_length
     return {"num_lines": num_lines, "num_long_lines": num_long, "num_bytes": num_bytes}
+
+
+class SourceLines:
+    """The non-blank lines of every document of ``files``, in order, for SentencePiece; counts them as it goes."""
+
+    def __init__(self, files, options, max_sentence_length: int, unit_bytes: int = UNIT_BYTES):
+        self.units = plan_units(files, unit_bytes)
+        self.options, self.max_bytes = options, max_sentence_length
+        self.num_lines = self.num_long = 0
+
+    def __iter__(self):
+        for unit in tqdm(self.units, desc="reading for SentencePiece", unit="unit", disable=len(self.units) < 2):
+            for doc in read_unit(unit, self.options):
+                for line in doc.split("\n"):
+                    if line.strip():
+                        self.num_lines += 1
+                        self.num_long += len(line.encode("utf-8")) > self.max_bytes
+                        yield line
+
+
+def first_documents(files, options, limit: int) -> list[str]:
+    """Up to ``limit`` documents from the start of ``files`` (the tokens-per-word report)."""
+    docs: list[str] = []
+    for unit in plan_units(files):
+        for doc in read_unit(unit, options):
+            docs.append(doc)
+            if len(docs) >= limit:
+                return docs
+    return docs
 
 
 def write_vocab_file(tok: Tokenizer, path: Path) -> None:

@@ -46,12 +46,22 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0
-    epoch: int = 0  # data position: epoch of the window order ...
-    index: int = 0  # ... and windows of it consumed
-    last_eval_loss: float | None = None
+    data: list = dataclasses.field(default_factory=list)  # data position: per source [epoch, index, taken]
+    source_tokens: list = dataclasses.field(default_factory=list)  # tokens trained on, per source
+    data_sha256: str | None = None  # what the run trains on (its sources' documents and weights)
+    last_eval_loss: float | None = None  # the sources' validation losses, weighted as they are sampled
+    source_eval_losses: list = dataclasses.field(default_factory=list)
     nonfinite_skipped: int = 0  # steps whose update was dropped for non-finite gradients
     loss_avg: float | None = None  # running average of the training loss (spike detection)
     rollbacks: int = 0  # rollbacks to an earlier checkpoint after a loss spike
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        d = dict(d)
+        if "epoch" in d or "index" in d:  # one source, written before mixtures
+            d["data"] = [[d.pop("epoch", 0), d.pop("index", 0), 0]]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def rng_state() -> dict:
@@ -211,7 +221,7 @@ def load_checkpoint(engine, tag_dir: Path, env: DistEnv) -> TrainState:
     rngs = client_state.get("rng") or []
     if len(rngs) == env.world_size:
         set_rng_state(rngs[env.rank])
-    return TrainState(**client_state["train_state"])
+    return TrainState.from_dict(client_state["train_state"])
 
 
 def check_fresh_output_dir(cfg: RunConfig) -> None:

@@ -1,107 +1,238 @@
-"""Training and validation batches from binary token shards.
+"""Training and validation batches from binary token shards, of one source or a weighted mixture.
 
-A window is ``max_seq_len + 1`` consecutive tokens (inputs and next-token targets); window ``i``
-starts at token ``i * max_seq_len``, so the inputs of different windows never overlap. Each epoch
-visits the windows in a permutation seeded by (train.seed, epoch). A step takes the next
-``global_batch = micro x grad_accum x world size`` windows of that order; rank ``r`` takes the
-``r``-th contiguous slice of ``micro x grad_accum`` windows and splits it into ``grad_accum`` micro
-batches. So one rank with micro 8 x accum 2 and two ranks with micro 8 x accum 1 train on the same
-16 windows per step. The data position (epoch, index into the epoch's order) is all a checkpoint
-needs to continue the same sequence; a step that would run past the end of an epoch starts the
-next one (the last partial batch is dropped).
+Sources. ``train.data_file``, or ``train.data_files`` sampled by ``train.data_weights``: each any
+source ``openllm-ds tokenize`` reads (or a shards dir it wrote). Rank 0 tokenizes a source into its
+default shards dir when those shards are missing or stale. Each source validates on
+``train.eval_data`` (one source only), on validation_data.txt beside a training_data.txt, or else on
+its own held-out share (``train.holdout_fraction`` of its documents, chosen by hash, never trained on).
+
+Windows. A window is ``max_seq_len + 1`` consecutive tokens of one source (inputs and next-token
+targets); window ``i`` starts at token ``i * max_seq_len``. Each source visits its windows in a
+permutation seeded by (train.seed, epoch) -- and the source's index, after the first source. A step
+takes ``global_batch = micro x grad_accum x world size`` windows: slot by slot, the source whose
+share so far lags its weight most (ties: the earlier source), so every source's realised share stays
+within one window of its weight at every step; from each source the next windows of its order (a take
+that would run past the end of its epoch starts its next epoch). Rank ``r`` takes the ``r``-th
+contiguous slice of ``micro x grad_accum`` windows and splits it into ``grad_accum`` micro batches: one
+rank with micro 8 x accum 2 and two ranks with micro 8 x accum 1 train on the same 16 windows per step.
+With one source this is one permutation per epoch, taken ``global_batch`` windows at a time (the last
+partial batch of an epoch dropped). The data position -- per source (epoch, windows of the epoch
+taken, windows taken in all) -- is all a checkpoint needs to continue the same sequence.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import DataError
 from openllm_ds.train.distributed import DistEnv, broadcast_object
 
 
 @dataclass
-class DataPosition:
-    epoch: int = 0
-    index: int = 0  # windows of this epoch's order already consumed
+class DataSource:
+    name: str  # short label: TensorBoard tags, logs
+    source: str  # as the user wrote it
+    weight: float
+    train: object  # TokenShards
+    val: object  # TokenShards: the validation source's, or this source's held-out split
+    val_name: str  # what the validation windows come from, for messages
 
 
-def ensure_token_shards(text_file: str | Path, tokenizer_dir: str | Path, tokenizer_sha256: str, env: DistEnv,
-                        num_workers: int = 2):
-    """The shards of ``text_file`` (built beside it by rank 0 when missing or stale), checked against the tokenizer."""
-    from openllm_ds.tokenizer import TokenShards, shards_dir_for, tokenize_file
+def load_sources(cfg: RunConfig, tokenizer_sha256: str, env: DistEnv) -> list[DataSource]:
+    """Every training source with its validation tokens, tokenized first where needed (rank 0)."""
+    from openllm_ds.tokenizer import TokenShards
 
-    failure = None
+    sources, names = [], set()
+    key = "train.data_files" if cfg.train.data_files else "train.data_file (--data_file)"
+    for spec, weight in cfg.train.sources:
+        val_spec = cfg.eval_data if not cfg.train.data_files else validation_source(spec)
+        holdout = 0.0 if val_spec else cfg.train.holdout_fraction
+        train_dir = ensure_token_shards(spec, cfg, tokenizer_sha256, env, holdout, key)
+        if val_spec:
+            val = TokenShards(ensure_token_shards(val_spec, cfg, tokenizer_sha256, env, 0.0, "train.eval_data (--eval_data)"))
+            val_name = val_spec
+        else:
+            val = TokenShards(train_dir, "heldout")
+            val_name = f"the held-out {cfg.train.holdout_fraction:g} of {spec}"
+        name = source_name(spec, names)
+        sources.append(DataSource(name, spec, weight, TokenShards(train_dir), val, val_name))
+    return sources
+
+
+def shards_dirs(cfg: RunConfig) -> list[Path]:
+    """The shards dirs ``load_sources`` reads (and builds when missing)."""
+    from openllm_ds.tokenizer import shards_dir_for
+
+    specs = [spec for spec, _ in cfg.train.sources]
+    specs += [cfg.eval_data] if cfg.eval_data else [v for s in specs if cfg.train.data_files and (v := validation_source(s))]
+    return [Path(s) if is_shards_dir(s) else shards_dir_for(s, cfg.tokenizer.shards_root) for s in specs]
+
+
+def source_name(spec: str, taken: set[str]) -> str:
+    base = Path(spec.removeprefix("hf:").rstrip("/")).name.split(".")[0] or "data"
+    base = "".join(c if c.isalnum() or c in "-_" else "_" for c in base)
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def ensure_token_shards(spec: str, cfg: RunConfig, tokenizer_sha256: str, env: DistEnv, holdout: float,
+                        what: str) -> Path:
+    """The shards dir of ``spec``: itself when it is one, else built (by rank 0) when missing or stale;
+    checked against the tokenizer. Every rank gets rank 0's path."""
+    from openllm_ds.tokenizer import shards_dir_for, tokenize_corpus
+    from openllm_ds.tokenizer.shards import read_meta
+
+    tk = cfg.tokenizer
+    result = None
     if env.is_rank_zero:
         try:
-            tokenize_file(text_file, tokenizer_dir, num_workers=num_workers)
-        except Exception as e:  # noqa: BLE001 - every rank must stop, not wait for rank 0 at a barrier
-            failure = e
-    message = broadcast_object(None if failure is None else str(failure), env)
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise DataError(f"rank 0 could not build the token shards of {text_file}: {message}")
-    shards = TokenShards(shards_dir_for(text_file))
-    if shards.meta["tokenizer_sha256"] != tokenizer_sha256:
-        raise DataError(f"token shards {shards.dir} were built with another tokenizer (tokenizer.model sha256 "
-                        f"{shards.meta['tokenizer_sha256'][:12]}..., expected {tokenizer_sha256[:12]}...); "
-                        f"delete {shards.dir} to rebuild them with train.tokenizer_dir")
-    return shards
+            if is_shards_dir(spec):
+                out = Path(spec)
+                meta = read_meta(out)
+                if holdout and not meta.get("heldout"):
+                    raise DataError(f"token shards {out} hold no held-out documents to validate on; pass --eval_data, "
+                                    f"or tokenize again with --holdout {holdout:g}")
+            else:
+                out = shards_dir_for(spec, tk.shards_root)
+                meta = tokenize_corpus(spec, cfg.train.tokenizer_dir, out, options=tk.read_options(), dedup=tk.dedup,
+                                       holdout=holdout, num_workers=tk.num_workers, unit_bytes=tk.unit_bytes,
+                                       what=what)
+            if meta["tokenizer_sha256"] != tokenizer_sha256:
+                raise DataError(f"token shards {out} were built with another tokenizer (tokenizer.model sha256 "
+                                f"{meta['tokenizer_sha256'][:12]}..., expected {tokenizer_sha256[:12]}...); tokenize "
+                                "the data again with train.tokenizer_dir, or pass its source instead")
+            result = ("ok", str(out.resolve()))
+        except Exception as e:  # noqa: BLE001 - every rank must stop, not wait for rank 0 at a collective
+            result = ("error", e)
+    kind, value = broadcast_object(result if env.world_size == 1 else _picklable(result), env)
+    if kind == "error":
+        if isinstance(value, Exception):
+            raise value
+        raise DataError(f"rank 0 could not build the token shards of {spec}: {value}")
+    return Path(value)
+
+
+def _picklable(result):
+    if result is not None and result[0] == "error":
+        return result if isinstance(result[1], DataError) else ("error", str(result[1]))
+    return result
+
+
+def is_shards_dir(spec: str) -> bool:
+    from openllm_ds.tokenizer.shards import META_FILE
+
+    p = Path(spec)
+    return not spec.startswith("hf:") and p.is_dir() and (p / META_FILE).is_file()
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
     return max(0, (num_tokens - 1) // seq_len)
 
 
+def windows_needed(weights, global_batch: int) -> list[int]:
+    """The most windows one step can take from each source (its share of the global batch, plus the at most
+    one window by which the slot order runs ahead of it): what each source must hold at least."""
+    return [min(global_batch, math.ceil(w * global_batch) + 1) for w in weights]
+
+
+@dataclass
+class DataPosition:
+    """Per source: [epoch, windows of that epoch's order taken, windows taken in all]."""
+
+    sources: list[list[int]]
+
+    @classmethod
+    def start(cls, num_sources: int) -> DataPosition:
+        return cls([[0, 0, 0] for _ in range(num_sources)])
+
+
 class TrainBatches:
     """This rank's micro batches of each global batch, in a seeded, resumable order."""
 
-    def __init__(self, tokens, seq_len: int, micro_batch: int, grad_accum: int, env: DistEnv, seed: int):
-        self.tokens, self.seq_len, self.micro, self.accum, self.env, self.seed = \
-            tokens, seq_len, micro_batch, grad_accum, env, seed
+    def __init__(self, tokens: list, weights: list[float], seq_len: int, micro_batch: int, grad_accum: int,
+                 env: DistEnv, seed: int):
+        self.tokens, self.weights = list(tokens), np.asarray(weights, dtype=np.float64)
+        self.seq_len, self.micro, self.accum, self.env, self.seed = seq_len, micro_batch, grad_accum, env, seed
         self.global_batch = micro_batch * grad_accum * env.world_size
-        self.num_windows = num_windows(len(tokens), seq_len)
-        if self.num_windows < self.global_batch:  # preflight.check_lengths reports this to the user
-            raise ValueError(f"{self.num_windows} windows < one global batch of {self.global_batch}")
-        self._order_epoch, self._order = -1, None
+        self.num_windows = [num_windows(len(t), seq_len) for t in self.tokens]
+        need = windows_needed(self.weights / self.weights.sum(), self.global_batch)
+        if any(have < n for have, n in zip(self.num_windows, need)):  # preflight.check_lengths tells the user
+            raise ValueError(f"{self.num_windows} windows < the most a step takes from each source, {need}")
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_windows // self.global_batch
+        """Steps until the first source's (or the only one's) windows have all been seen."""
+        return int(self.num_windows[0] // max(1.0, self.global_batch * self.weights[0] / self.weights.sum()))
 
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._order_epoch = epoch
-        return self._order
+    def order(self, source: int, epoch: int) -> np.ndarray:
+        cached = self._orders.get(source)
+        if cached is None or cached[0] != epoch:
+            key = [self.seed, epoch] if source == 0 else [self.seed, epoch, source]
+            cached = (epoch, np.random.default_rng(key).permutation(self.num_windows[source]))
+            self._orders[source] = cached
+        return cached[1]
 
-    def next_batch(self, pos: DataPosition) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], DataPosition]:
-        """The ``grad_accum`` (inputs, targets) micro batches of this rank, and the position after them."""
-        epoch, index = pos.epoch, pos.index
-        if index + self.global_batch > self.num_windows:
-            epoch, index = epoch + 1, 0
-        windows = self.order(epoch)[index : index + self.global_batch]
+    def slots(self, taken: list[int]) -> list[int]:
+        """The source of each of the next global batch's windows, given the windows taken so far."""
+        counts = np.asarray(taken, dtype=np.float64)
+        out = []
+        for _ in range(self.global_batch):
+            lag = self.weights * (counts.sum() + 1) - counts
+            s = int(np.argmax(lag))  # the first of equal lags
+            out.append(s)
+            counts[s] += 1
+        return out
+
+    def next_batch(self, pos: DataPosition) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], DataPosition, list[int]]:
+        """This rank's ``grad_accum`` (inputs, targets) micro batches, the position after them, and how many
+        windows of the global batch came from each source."""
+        slots = self.slots([p[2] for p in pos.sources])
+        new = [list(p) for p in pos.sources]
+        picked: dict[int, list[int]] = {}
+        for s in range(len(self.tokens)):
+            n = slots.count(s)
+            if not n:
+                continue
+            epoch, index, taken = new[s]
+            if index + n > self.num_windows[s]:
+                epoch, index = epoch + 1, 0
+            picked[s] = self.order(s, epoch)[index:index + n].tolist()
+            new[s] = [epoch, index + n, taken + n]
+        windows = [(s, picked[s].pop(0)) for s in slots]
         share = self.micro * self.accum
-        mine = windows[self.env.rank * share : (self.env.rank + 1) * share]
-        rows = self.read(mine)
-        micro_batches = []
-        for k in range(self.accum):
-            block = rows[k * self.micro : (k + 1) * self.micro]
-            micro_batches.append((block[:, :-1], block[:, 1:]))
-        return micro_batches, DataPosition(epoch, index + self.global_batch)
+        rows = self.read(windows[self.env.rank * share:(self.env.rank + 1) * share])
+        micro_batches = [(rows[k * self.micro:(k + 1) * self.micro, :-1], rows[k * self.micro:(k + 1) * self.micro, 1:])
+                         for k in range(self.accum)]
+        return micro_batches, DataPosition(new), [slots.count(s) for s in range(len(self.tokens))]
 
-    def read(self, windows: np.ndarray) -> torch.Tensor:
+    def read(self, windows: list[tuple[int, int]]) -> torch.Tensor:
         T = self.seq_len
-        rows = np.stack([self.tokens[int(w) * T : int(w) * T + T + 1] for w in windows])
+        rows = np.stack([self.tokens[s][w * T:w * T + T + 1] for s, w in windows])
+        check_ids(rows, self.tokens[windows[0][0]])
         return torch.from_numpy(rows).to(self.env.torch_device)
 
 
+def check_ids(rows: np.ndarray, tokens) -> None:
+    """Ids past the vocabulary (shard bytes changed after they were written) stop the run with the file's name."""
+    vocab_size = getattr(tokens, "vocab_size", None)  # a plain array (tests) has none
+    if vocab_size is not None and rows.size and (rows.max() >= vocab_size or rows.min() < 0):
+        raise DataError(f"token shards {tokens.dir} hold id {int(rows.max())}, past the vocabulary of "
+                        f"{vocab_size}: the files changed after they were written; delete {tokens.dir} and "
+                        "tokenize again")
+
+
 class EvalWindows:
-    """A fixed set of validation windows, spread evenly over the file; each rank scores a disjoint share."""
+    """A fixed set of validation windows, spread evenly over the tokens; each rank scores a disjoint share."""
 
     def __init__(self, tokens, seq_len: int, num_requested: int, micro_batch: int, env: DistEnv):
         available = num_windows(len(tokens), seq_len)
@@ -118,5 +249,6 @@ class EvalWindows:
         T = self.seq_len
         for i in range(0, len(mine), self.micro):
             rows = np.stack([self.tokens[int(w) * T : int(w) * T + T + 1] for w in mine[i : i + self.micro]])
+            check_ids(rows, self.tokens)
             rows = torch.from_numpy(rows).to(self.env.torch_device)
             yield rows[:, :-1], rows[:, 1:]

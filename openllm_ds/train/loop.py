@@ -21,7 +21,7 @@ from openllm_ds.config import RunConfig
 from openllm_ds.errors import UserError
 from openllm_ds.model import Transformer
 from openllm_ds.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
-from openllm_ds.train.data import DataPosition, EvalWindows, TrainBatches, ensure_token_shards
+from openllm_ds.train.data import DataPosition, DataSource, EvalWindows, TrainBatches, load_sources
 from openllm_ds.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, import_deepspeed, init_distributed
 from openllm_ds.train.ds_config import zero_stage
 from openllm_ds.train.metrics import RunLog, flops_per_token, measure_matmul_peak, memory_mb, perplexity
@@ -38,7 +38,7 @@ class TrainingError(UserError):
 
 
 def train(cfg: RunConfig) -> dict:
-    """Train ``cfg.model`` on ``cfg.train.data_file`` with DeepSpeed; returns a summary of the run."""
+    """Train ``cfg.model`` on the training sources with DeepSpeed; returns a summary of the run."""
     env = init_distributed()
     if env.device == "cpu":
         keep_freed_memory()  # no page faults for every step's fresh buffers
@@ -47,22 +47,25 @@ def train(cfg: RunConfig) -> dict:
     log = RunLog(env, out)
 
     t = cfg.train
-    train_tokens = ensure_token_shards(t.data_file, t.tokenizer_dir, inputs.tokenizer.sha256, env, cfg.tokenizer.num_workers)
-    val_tokens = ensure_token_shards(cfg.eval_data, t.tokenizer_dir, inputs.tokenizer.sha256, env, cfg.tokenizer.num_workers)
-    check_lengths(cfg, len(train_tokens), len(val_tokens), env.world_size)
+    sources = load_sources(cfg, inputs.tokenizer.sha256, env)
+    check_lengths(cfg, sources, env.world_size)
     if env.is_rank_zero:  # only once the inputs are known to be usable
         prepare_output_dir(cfg, out)
     T = cfg.model.max_seq_len
-    batches = TrainBatches(train_tokens, T, t.micro_batch_size, t.gradient_accumulation_steps, env, t.seed)
-    eval_windows = EvalWindows(val_tokens, T, t.eval_batches * t.micro_batch_size, t.micro_batch_size, env)
+    batches = TrainBatches([s.train for s in sources], [s.weight for s in sources], T, t.micro_batch_size,
+                           t.gradient_accumulation_steps, env, t.seed)
+    eval_sets = [EvalWindows(s.val, T, t.eval_batches * t.micro_batch_size, t.micro_batch_size, env) for s in sources]
+    data_sha256 = data_fingerprint(sources)
 
     engine = build_engine(cfg, inputs, env)
     num_params = engine.module.num_params()
     stage = zero_stage(inputs.ds_config)
-    state = TrainState()
+    state = TrainState(data=DataPosition.start(len(sources)).sources, source_tokens=[0] * len(sources),
+                       data_sha256=data_sha256)
     if inputs.resume_from is not None:
-        state = load_checkpoint(engine, inputs.resume_from, env)
-        log.info(f"resumed from {inputs.resume_from} at step {state.step} (epoch {state.epoch}, window {state.index})")
+        state = check_resumed_data(load_checkpoint(engine, inputs.resume_from, env), sources, data_sha256, cfg,
+                                   inputs.resume_from, log)
+        log.info(f"resumed from {inputs.resume_from} at step {state.step} (data position {state.data})")
     resumed_step = state.step
 
     peak = measure_matmul_peak(env.torch_device, PRECISION_DTYPES[inputs.precision])
@@ -72,6 +75,8 @@ def train(cfg: RunConfig) -> dict:
              f"{cfg.model.n_heads} heads, context {T}); {env.world_size} rank(s) on {env.device}, {inputs.precision}, "
              f"ZeRO-{stage}; global batch {batches.global_batch} x {T} tokens; "
              f"{batches.steps_per_epoch} steps per epoch; output {out}")
+    if len(sources) > 1:
+        log.info("data: " + ", ".join(f"{s.name} {s.weight:.1%} ({len(s.train):,} tokens)" for s in sources))
 
     last_ckpt = inputs.resume_from
     loss = None
@@ -81,12 +86,13 @@ def train(cfg: RunConfig) -> dict:
     try:
         while state.step < t.max_steps:
             t0 = time.perf_counter()
-            micro_batches, pos = batches.next_batch(DataPosition(state.epoch, state.index))
+            micro_batches, pos, taken = batches.next_batch(DataPosition(state.data))
             lr = engine.get_lr()[0]
             loss, grad_norm, skipped = train_step(engine, micro_batches, env, stage, inputs.precision)
             dt = time.perf_counter() - t0
             state.step += 1
-            state.epoch, state.index = pos.epoch, pos.index
+            state.data = pos.sources
+            state.source_tokens = [n + k * T for n, k in zip(state.source_tokens, taken)]
             state.tokens_seen += tokens_per_step
             state.nonfinite_skipped += skipped
             run_tokens += tokens_per_step
@@ -99,15 +105,20 @@ def train(cfg: RunConfig) -> dict:
                     "train/tokens_per_sec": tokens_per_sec,
                     "train/mfu": flops_tok * tokens_per_sec / (peak * env.world_size),
                     "train/memory": memory_mb(env.torch_device),
+                    **({f"data/share/{s.name}": share for s, share in zip(sources, token_shares(state))}
+                       if len(sources) > 1 else {}),
                 })
             guard.observe(state, loss)
             if guard.tripped:
                 state = roll_back(engine, state, last_ckpt, guard, cfg, env, log)
                 continue
             if state.step % t.eval_every == 0 or state.step == t.max_steps:
-                state.last_eval_loss = evaluate(engine, eval_windows, env)
+                state.source_eval_losses = [evaluate(engine, w, env) for w in eval_sets]
+                state.last_eval_loss = sum(s.weight * v for s, v in zip(sources, state.source_eval_losses))
                 log.scalars(state.step, {"eval/loss": state.last_eval_loss,
-                                         "eval/perplexity": perplexity(state.last_eval_loss)})
+                                         "eval/perplexity": perplexity(state.last_eval_loss),
+                                         **({f"eval/{s.name}/loss": v for s, v in zip(sources, state.source_eval_losses)}
+                                            if len(sources) > 1 else {})})
                 log.info(f"step {state.step}: train loss {loss:.4f}, val loss {state.last_eval_loss:.4f}, "
                          f"val perplexity {perplexity(state.last_eval_loss):.2f}")
                 if inputs.eval_tasks:
@@ -141,8 +152,48 @@ def train(cfg: RunConfig) -> dict:
         "zero_stage": stage,
         "elapsed_s": round(elapsed, 2),
         "tokens_per_sec": run_tokens / elapsed if elapsed > 0 else None,
+        "sources": [{"name": s.name, "source": s.source, "weight": s.weight, "token_share": share,
+                     "train_tokens": len(s.train), "validation": s.val_name, "val_loss": v}
+                    for s, share, v in zip(sources, token_shares(state),
+                                           state.source_eval_losses or [None] * len(sources))],
     }
     return summary
+
+
+def token_shares(state: TrainState) -> list[float]:
+    total = sum(state.source_tokens)
+    return [n / total if total else 0.0 for n in state.source_tokens]
+
+
+def data_fingerprint(sources: list[DataSource]) -> str:
+    """What the run trains on: each source's documents (meta.json's source_sha256), how they were split and
+    deduplicated, and its weight."""
+    import hashlib
+    import json
+
+    parts = [[s.train.meta["source_sha256"], s.train.meta["source"]["holdout"], s.train.meta["source"]["dedup"],
+              round(s.weight, 12)] for s in sources]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def check_resumed_data(state: TrainState, sources: list[DataSource], data_sha256: str, cfg: RunConfig,
+                       tag_dir: Path, log: RunLog) -> TrainState:
+    """A checkpoint goes on with the data it was trained on; other data only when the user says so."""
+    if state.data_sha256 in (None, data_sha256) and len(state.data) == len(sources):
+        state.data_sha256 = data_sha256
+        state.source_tokens = state.source_tokens or [state.tokens_seen] + [0] * (len(sources) - 1)
+        return state
+    if not cfg.train.allow_data_change:
+        raise UserError(f"checkpoint {tag_dir} was trained on other data than {', '.join(s.source for s in sources)} "
+                        "(their documents, holdout or weights differ); resume with the run's own --data_file/"
+                        "--data_files, pass train.allow_data_change=true to go on from this step with the new data "
+                        "(from the start of its order), or start a new --output_dir")
+    log.info(f"train.allow_data_change: {tag_dir.name} was trained on other data; going on from step {state.step} "
+             "with the new data from the start of its order")
+    state.data = DataPosition.start(len(sources)).sources
+    state.source_tokens = [0] * len(sources)
+    state.data_sha256 = data_sha256
+    return state
 
 
 def roll_back(engine, state: TrainState, last_ckpt: Path | None, guard: SpikeGuard, cfg: RunConfig, env: DistEnv,
@@ -159,7 +210,7 @@ def roll_back(engine, state: TrainState, last_ckpt: Path | None, guard: SpikeGua
                             "train.warmup_steps, or check the data")
     restored = load_checkpoint(engine, last_ckpt, env)
     skipped = state.step - restored.step
-    restored.epoch, restored.index = state.epoch, state.index  # skip every batch since the checkpoint
+    restored.data = state.data  # skip every batch since the checkpoint
     restored.rollbacks = state.rollbacks + 1
     log.scalars(state.step, {"train/rollbacks": restored.rollbacks, "train/rollback_to_step": restored.step})
     log.info(f"step {state.step}: {what}; rolled back to {last_ckpt.name} and skipped the {skipped} batch(es) "

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from openllm_ds.config import RunConfig
+from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
 from openllm_ds.train.checkpointing import check_fresh_output_dir, find_resume_checkpoint
-from openllm_ds.train.data import num_windows
+from openllm_ds.train.data import num_windows, windows_needed
 from openllm_ds.train.distributed import DistEnv
 from openllm_ds.train.ds_config import build_ds_config, resolve_precision
 from openllm_ds.utils import ensure_writable_dir
@@ -38,10 +38,8 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer in {t.tokenizer_dir} has "
                           f"{tokenizer.vocab_size} tokens; set model.vocab_size={tokenizer.vocab_size} "
                           "(or train the tokenizer with that --vocab_size)")
-    for key, path in (("train.data_file (--data_file)", t.data_file), ("train.eval_data (--eval_data)", cfg.eval_data)):
-        if not Path(path).is_file():
-            raise DataError(f"{key} {path} does not exist; run `openllm-ds prepare` first or pass an existing "
-                            "text file (one document a line)")
+    for key, spec in data_keys(cfg):
+        check_source_exists(key, spec)
     eval_tasks = load_eval_tasks(t.eval_tasks)
     check_output_dir(cfg, tokenizer.model_file)
     resume_from = find_resume_checkpoint(cfg)
@@ -71,19 +69,50 @@ def check_output_dir(cfg: RunConfig, tokenizer_model: Path) -> None:
                           f"train.tokenizer_dir {cfg.train.tokenizer_dir}; choose another --output_dir")
 
 
-def check_lengths(cfg: RunConfig, train_tokens: int, val_tokens: int, world_size: int) -> None:
-    """Enough tokens for one global batch of training windows and one validation window per rank."""
+def data_keys(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(config key, source) of every training and validation source the user named."""
+    t = cfg.train
+    key = "train.data_files (--data_files)" if t.data_files else "train.data_file (--data_file)"
+    keys = [(key, spec) for spec, _ in t.sources]
+    if cfg.eval_data:
+        keys.append(("train.eval_data (--eval_data)", cfg.eval_data))
+    elif t.data_files:
+        keys += [("train.data_files: its validation", v) for spec, _ in t.sources if (v := validation_source(spec))]
+    return keys
+
+
+def check_source_exists(key: str, spec: str) -> None:
+    import glob
+
+    from openllm_ds.data.documents import is_glob, is_hub_source
+
+    if is_hub_source(spec) or Path(spec).exists() or is_glob(spec) and glob.glob(spec, recursive=True):
+        return
+    raise DataError(f"{key} {spec} does not exist; run `openllm-ds prepare` first or pass an existing file, folder, "
+                    "glob pattern or hf:NAME")
+
+
+def check_lengths(cfg: RunConfig, sources: list, world_size: int) -> None:
+    """Every source has enough tokens for one global batch of training windows and one validation window per rank."""
     T = cfg.model.max_seq_len
-    need = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size
-    have = num_windows(train_tokens, T)
-    if have < need:
-        raise DataError(
-            f"train.data_file {cfg.train.data_file} has {train_tokens:,} tokens = {have} windows of "
-            f"model.max_seq_len+1 = {T + 1} tokens, fewer than one global batch of {need} windows (micro "
-            f"{cfg.train.micro_batch_size} x grad_accum {cfg.train.gradient_accumulation_steps} x {world_size} "
-            "rank(s)); lower --batch_size or model.max_seq_len, or train on more text")
-    have = num_windows(val_tokens, T)
-    if have < world_size:
-        raise DataError(
-            f"train.eval_data {cfg.eval_data} has {val_tokens:,} tokens = {have} windows of model.max_seq_len+1 = "
-            f"{T + 1} tokens; validation needs at least {world_size}; use a longer file or a smaller model.max_seq_len")
+    batch = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size
+    key = "train.data_files" if cfg.train.data_files else "train.data_file"
+    for s, need in zip(sources, windows_needed([s.weight for s in sources], batch)):
+        tokens = len(s.train)
+        have = num_windows(tokens, T)
+        if have < need:
+            what = (f"one global batch of {need} windows" if need == batch else
+                    f"the {need} windows a step takes from it (weight {s.weight:.3g} of a global batch of {batch})")
+            raise DataError(
+                f"{key} {s.source} has {tokens:,} tokens = {have} windows of model.max_seq_len+1 = {T + 1} tokens, "
+                f"fewer than {what} (micro {cfg.train.micro_batch_size} x grad_accum "
+                f"{cfg.train.gradient_accumulation_steps} x {world_size} rank(s)); lower --batch_size or "
+                "model.max_seq_len, or train on more text")
+        tokens = len(s.val)
+        have = num_windows(tokens, T)
+        if have < world_size:
+            fix = ("raise train.holdout_fraction or pass --eval_data" if s.val.split == "heldout"
+                   else "use a longer file or a smaller model.max_seq_len")
+            raise DataError(
+                f"validation data ({s.val_name}) has {tokens:,} tokens = {have} windows of model.max_seq_len+1 = "
+                f"{T + 1} tokens; validation needs at least {world_size}; {fix}")

@@ -35,19 +35,28 @@ from openllm_ds.errors import UserError
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """The same run with file paths made absolute (workers may run in another directory)."""
+    from openllm_ds.data.documents import is_hub_source
+
+    def source(spec: str) -> str:
+        return spec if is_hub_source(spec) else str(Path(spec).expanduser().resolve())
+
     t = cfg.train
-    absolute = {k: str(Path(getattr(t, k)).resolve()) for k in ("data_file", "tokenizer_dir", "ds_config")}
+    absolute = {k: str(Path(getattr(t, k)).resolve()) for k in ("tokenizer_dir", "ds_config")}
     absolute["output_dir"] = str(Path(cfg.output_dir).resolve())
-    absolute["eval_data"] = str(Path(cfg.eval_data).resolve())
+    absolute["data_file"] = source(t.data_file)
+    absolute["data_files"] = tuple(source(f) for f in t.data_files)
+    if t.eval_data:
+        absolute["eval_data"] = source(t.eval_data)
     if t.resume not in ("auto", "none"):
         absolute["resume"] = str(Path(t.resume).resolve())
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, **absolute))
+    tokenizer = dataclasses.replace(cfg.tokenizer, shards_root=str(Path(cfg.tokenizer.shards_root).resolve()))
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, **absolute), tokenizer=tokenizer)
 
 
 def train_with_ray(cfg: RunConfig) -> dict:
     import torch
 
-    from openllm_ds.train.data import ensure_token_shards
+    from openllm_ds.train.data import load_sources
     from openllm_ds.train.distributed import DistEnv
     from openllm_ds.train.preflight import check_lengths, check_run_inputs
 
@@ -57,9 +66,7 @@ def train_with_ray(cfg: RunConfig) -> dict:
     device = "cuda" if use_gpu else "cpu"
     inputs = check_run_inputs(cfg, DistEnv(rank=0, local_rank=0, world_size=n, device=device))
     driver = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
-    shards = [ensure_token_shards(f, cfg.train.tokenizer_dir, inputs.tokenizer.sha256, driver, cfg.tokenizer.num_workers)
-              for f in (cfg.train.data_file, cfg.eval_data)]
-    check_lengths(cfg, len(shards[0]), len(shards[1]), n)
+    check_lengths(cfg, load_sources(cfg, inputs.tokenizer.sha256, driver), n)  # tokenized here, before the workers
 
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -1,0 +1,239 @@
+"""A user's own corpus: every source type to token shards and back, deduplication, the held-out share,
+bad records, and the same shards from any number of Ray workers on one node or two.
+
+Documents are real SQuAD passages (``prepared_data``) written out in each format by the test.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pytest
+
+from openllm_ds.data.documents import ReadOptions, plan_units, read_unit, resolve_sources
+from openllm_ds.errors import DataError, UserError
+from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for, tokenize_corpus
+
+from test_shards import file_bytes
+
+
+@pytest.fixture(scope="module")
+def passages(prepared_data) -> list[str]:
+    lines = (prepared_data / "validation_data.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    return lines[:240]
+
+
+def decoded(shards_dir, tokenizer_dir, split="train") -> list[str]:
+    return TokenShards(shards_dir, split).documents(load_tokenizer(tokenizer_dir))
+
+
+def jsonl(docs, field="text") -> str:
+    return "".join(json.dumps({"id": i, field: d}, ensure_ascii=False) + "\n" for i, d in enumerate(docs))
+
+
+@pytest.fixture(scope="module")
+def corpus(passages, tmp_path_factory):
+    """One folder holding each source type; each type's expected documents (before deduplication)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    root = tmp_path_factory.mktemp("corpus")
+    p = passages
+    want = {}
+    (root / "a_lines.txt").write_text("\n".join(p[:40]) + "\n", encoding="utf-8")
+    want["a_lines.txt"] = p[:40]
+    paragraphs = ["\n".join(p[i:i + 3]) for i in range(40, 70, 3)]
+    (root / "b_paragraphs.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    want["b_paragraphs.txt"] = paragraphs
+    (root / "c.jsonl").write_text(jsonl(p[70:100]), encoding="utf-8")
+    want["c.jsonl"] = p[70:100]
+    with gzip.open(root / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(jsonl(p[100:120]))
+    want["d.jsonl.gz"] = p[100:120]
+    (root / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl(p[120:140]).encode()))
+    want["e.jsonl.zst"] = p[120:140]
+    (root / "f_array.json").write_text(json.dumps([{"text": d} for d in p[140:160]]), encoding="utf-8")
+    want["f_array.json"] = p[140:160]
+    pq.write_table(pa.table({"text": p[160:200], "n": list(range(40))}), root / "g.parquet", row_group_size=7)
+    want["g.parquet"] = p[160:200]
+    datasets.Dataset.from_dict({"text": p[200:240]}).save_to_disk(str(root / "h_saved"), num_shards=2)
+    want["h_saved"] = p[200:240]
+    return root, want
+
+
+def read_all(source, unit_bytes, **options) -> list[str]:
+    opts = ReadOptions(**options)
+    return [d for u in plan_units(resolve_sources([str(source)], opts), unit_bytes) for d in read_unit(u, opts)]
+
+
+@pytest.mark.parametrize("name", ["a_lines.txt", "b_paragraphs.txt", "c.jsonl", "d.jsonl.gz", "e.jsonl.zst",
+                                  "f_array.json", "g.parquet", "h_saved"])
+def test_every_source_type_is_read_whole_whatever_the_unit_size(corpus, name):
+    root, want = corpus
+    options = {"doc_separator": "blank_line"} if name.startswith("b_") else {}
+    for unit_bytes in (1, 97, 4096, 10**9):  # 1 byte: every byte a unit of its own
+        assert read_all(root / name, unit_bytes, **options) == want[name], unit_bytes
+
+
+def test_a_folder_of_every_type_tokenizes_to_its_documents(corpus, tokenizer_dir, tmp_path):
+    """A folder mixes the types (the paragraphs file read a line a document); the shards decode to every
+    document in folder order, and Ray's 1 and 2 workers write the bytes written in-process."""
+    root, want = corpus
+    expected = [d for name in sorted(want) for d in (want[name] if not name.startswith("b_") else
+                                                        [x for x in "\n\n".join(want[name]).split("\n") if x])]
+    meta = tokenize_corpus(root, tokenizer_dir, tmp_path / "w0", num_workers=0, unit_bytes=3000)
+    assert decoded(tmp_path / "w0", tokenizer_dir) == expected
+    assert meta["counts"]["duplicates"] == 0 and meta["num_documents"] == len(expected)
+    assert len(meta["files"]) == 7 + len(list((root / "h_saved").glob("*.arrow")))
+    assert len(meta["shards"]) > 10
+    for n in (1, 2):
+        tokenize_corpus(root, tokenizer_dir, tmp_path / f"w{n}", num_workers=n, unit_bytes=3000)
+        assert file_bytes(tmp_path / f"w{n}") == file_bytes(tmp_path / "w0")
+    # a glob picks files out of the folder, in name order
+    glob_meta = tokenize_corpus(str(root / "*.jsonl*"), tokenizer_dir, tmp_path / "glob", num_workers=0)
+    assert decoded(tmp_path / "glob", tokenizer_dir) == want["c.jsonl"] + want["d.jsonl.gz"] + want["e.jsonl.zst"]
+    assert glob_meta["num_documents"] == 70
+
+
+def test_text_field_and_blank_line_documents(passages, tokenizer_dir, tmp_path):
+    src = tmp_path / "content.jsonl"
+    src.write_text(jsonl(passages[:20], field="content"), encoding="utf-8")
+    with pytest.raises(DataError, match=r"content\.jsonl line 1 has no field 'text' \(its fields: id, content\); "
+                                        r"pass --text_field"):
+        tokenize_corpus(src, tokenizer_dir, tmp_path / "x", num_workers=0)
+    tokenize_corpus(src, tokenizer_dir, tmp_path / "ok", num_workers=0, options=ReadOptions(text_field="content"))
+    assert decoded(tmp_path / "ok", tokenizer_dir) == passages[:20]
+    assert shards_dir_for(str(src)) == tmp_path / "content.jsonl.tokens"
+    assert shards_dir_for("hf:Salesforce/wikitext/wikitext-2-raw-v1:test").parent.as_posix() == "data/tokens"
+
+
+def test_exact_duplicates_are_removed_across_sources_first_copy_kept(passages, tokenizer_dir, tmp_path):
+    a, b = passages[:30], passages[20:50]  # 10 shared; and one passage twice within a
+    (tmp_path / "a.txt").write_text("\n".join(a + [a[3]]) + "\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(jsonl(b), encoding="utf-8")
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    meta = tokenize_corpus(inputs, tokenizer_dir, tmp_path / "dedup", num_workers=2, unit_bytes=2000)
+    assert decoded(tmp_path / "dedup", tokenizer_dir) == a + b[10:]
+    assert meta["counts"]["duplicates"] == 11 and meta["counts"]["documents_read"] == 61
+    assert [(f["documents"], f["duplicates"]) for f in meta["files"]] == [(31, 1), (30, 10)]
+    kept = tokenize_corpus(inputs, tokenizer_dir, tmp_path / "all", num_workers=0, dedup=False)
+    assert decoded(tmp_path / "all", tokenizer_dir) == a + [a[3]] + b and kept["counts"]["duplicates"] == 0
+
+
+def test_held_out_share_is_chosen_by_hash(passages, tokenizer_dir, tmp_path):
+    src = tmp_path / "docs.txt"
+    src.write_text("\n".join(passages + passages[:30]) + "\n", encoding="utf-8")  # 30 repeats
+    meta = tokenize_corpus(src, tokenizer_dir, tmp_path / "h", num_workers=0, holdout=0.25, dedup=False,
+                           unit_bytes=5000)
+    train, held = decoded(tmp_path / "h", tokenizer_dir), decoded(tmp_path / "h", tokenizer_dir, "heldout")
+    assert 30 < len(held) < 120 and len(train) + len(held) == len(passages) + 30
+    assert not set(train) & set(held)  # every copy of a text on the same side
+    assert sorted(train + held) == sorted(passages + passages[:30])
+    assert meta["heldout"]["num_documents"] == len(held)
+    assert meta["heldout"]["num_bytes"] == sum(len(d.encode()) + 1 for d in held)
+    assert meta["heldout"]["num_words"] == sum(len(d.split()) for d in held)
+    again = tokenize_corpus(src, tokenizer_dir, tmp_path / "h2", num_workers=2, holdout=0.25, dedup=False)
+    assert decoded(tmp_path / "h2", tokenizer_dir, "heldout") == held and again["heldout"] == {
+        **meta["heldout"], "shards": again["heldout"]["shards"]}
+
+
+def test_bad_records(passages, tokenizer_dir, tmp_path):
+    src = tmp_path / "docs.jsonl"
+    lines = jsonl(passages[:10]).splitlines()
+    lines[3] = '{"text": "cut off'
+    lines[6] = '{"text": 42}'
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"docs\.jsonl line 4 is not valid JSON: Unterminated string .*\(column 10\); "
+                                        r"fix the record, or pass --on_bad_record skip"):
+        tokenize_corpus(src, tokenizer_dir, tmp_path / "x", num_workers=0, unit_bytes=50)
+    meta = tokenize_corpus(src, tokenizer_dir, tmp_path / "skip", num_workers=0, unit_bytes=50,
+                           options=ReadOptions(on_bad_record="skip"))
+    assert decoded(tmp_path / "skip", tokenizer_dir) == [d for i, d in enumerate(passages[:10]) if i not in (3, 6)]
+    assert meta["counts"]["bad_records"] == 2
+    assert meta["counts"]["bad_examples"] == [f"{src.resolve()} line 4 is not valid JSON: Unterminated string "
+                                              "starting at (column 10)",
+                                              f"{src.resolve()} line 7 field 'text' is int, not a string"]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("case", ["latin1", "binary", "truncated_gz", "empty_after_filtering", "nested", "unknown_in_dir",
+                                  "not_array", "parquet_column", "hf_offline"])
+def test_bad_sources_are_one_clear_error(case, tokenizer_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    src, match = tmp_path / "src", None
+    if case == "latin1":
+        src = tmp_path / "latin1.txt"
+        src.write_bytes("Caf\u00e9 cr\u00e8me\nna\u00efve\n".encode("latin-1"))
+        match = r"latin1\.txt line 1 is not UTF-8 \(byte 0xe9 at column 4\); convert .* iconv -f latin1"
+    elif case == "binary":
+        src = tmp_path / "model.txt"
+        src.write_bytes(b"GGUF\x00\x01\x02binary\n")
+        match = r"model\.txt line 1 holds a NUL byte: .* looks binary"
+    elif case == "truncated_gz":
+        src = tmp_path / "cut.jsonl.gz"
+        src.write_bytes(gzip.compress(jsonl(["a document"] * 200).encode())[:-30])
+        match = r"cut\.jsonl\.gz is a truncated or corrupt \.gz file"
+    elif case == "empty_after_filtering":
+        src = tmp_path / "blank.jsonl"
+        src.write_text('{"text": "   "}\n{"text": ""}\n', encoding="utf-8")
+        match = r"no document left to train on \(2 documents read|no document left to train on \(0 documents read, 0 " \
+                r"duplicates, 2 empty"
+    elif case == "nested":
+        src = tmp_path / "deep.jsonl"
+        src.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+        match = r"deep\.jsonl line 1 is JSON nested too deeply to read"
+    elif case == "unknown_in_dir":
+        src.mkdir()
+        (src / "a.txt").write_text("one document\n")
+        (src / "notes.docx").write_bytes(b"PK\x03\x04")
+        match = r"notes\.docx \(in .*src\) is not a corpus file this reads .*; move it out of the folder, or pass a glob"
+    elif case == "not_array":
+        src = tmp_path / "squad.json"
+        src.write_text(json.dumps({"data": [{"paragraphs": []}]}) + "\n")
+        match = r"squad\.json line 1 is a JSON dict, not an object with a 'text' field|squad\.json line 1 has no field 'text'"
+    elif case == "parquet_column":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        src = tmp_path / "t.parquet"
+        pq.write_table(pa.table({"body": ["x"]}), src)
+        match = r"t\.parquet has no column 'text' \(columns: body\); pass --text_field"
+    elif case == "hf_offline":
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        src = "hf:nobody-here/no-such-corpus:train"
+        match = r"cannot load hf:nobody-here/no-such-corpus:train: offline \(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set\) " \
+                r"and it is not in the local cache .*save_to_disk\(DIR\) and pass DIR instead"
+    with pytest.raises(UserError, match=match):
+        tokenize_corpus(str(src), tokenizer_dir, out, num_workers=0)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing that looks complete, no temp dir
+
+
+def test_a_two_node_cluster_writes_one_output_dir(passages, tokenizer_dir, tmp_path):
+    """Two Ray nodes (1 CPU each): the actors run on both, each writes its units' shards into the one
+    output directory, and the result is byte-equal to an in-process run."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    src = tmp_path / "docs.txt"
+    src.write_text("\n".join(passages) + "\n", encoding="utf-8")
+    tokenize_corpus(src, tokenizer_dir, tmp_path / "local", num_workers=0, unit_bytes=4000)
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        meta = tokenize_corpus(src, tokenizer_dir, tmp_path / "cluster", num_workers=2, unit_bytes=4000)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(meta["nodes"]) == 2  # workers on both nodes encoded units
+    assert len(meta["shards"]) >= 10
+    assert file_bytes(tmp_path / "cluster") == file_bytes(tmp_path / "local")
+    shutil.rmtree(tmp_path / "cluster")
