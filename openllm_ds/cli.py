@@ -203,10 +203,12 @@ def cmd_export(args):
 def cmd_serve(args):
     from openllm_ds.serve import serve
 
-    api_key = args.api_key if args.api_key is not None else (os.environ.get("OPENLLM_API_KEY") or None)
+    # an empty OPENLLM_API_KEY is refused as an empty --api_key is: never silently no authentication
+    api_key = args.api_key if args.api_key is not None else os.environ.get("OPENLLM_API_KEY")
     serve(model_path=args.model_path, host=args.host, port=args.port, max_length=args.max_length,
           engine=args.engine, backend=args.backend, api_key=api_key, model_name=args.model_name,
-          max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes)
+          max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes, num_threads=args.num_threads,
+          replicas=args.replicas, address=args.address, vllm_args=tuple(args.vllm_arg))
     return None
 
 
@@ -302,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quantize_int8", action="store_true", help="onnx: int8 dynamic quantisation")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
 
-    sp = add("serve", cmd_serve, "Serve an export with an OpenAI-compatible API (vLLM on a GPU, else the built-in server).")
+    sp = add("serve", cmd_serve, "Serve an export with an OpenAI-compatible API (vLLM where installed, else the built-in "
+             "server; --replicas N: N of them on Ray Serve).")
     sp.add_argument("--model_path", default="exports/huggingface", help="Hugging Face export dir")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=8000)
@@ -315,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="built-in server: generations run at once; further requests wait their turn (default 4)")
     sp.add_argument("--max_body_bytes", type=int, default=None,
                     help="built-in server: largest request body accepted, else 413 (default 1048576)")
+    sp.add_argument("--num_threads", type=int, default=None,
+                    help="built-in server: intra-op threads per generation (default: cores / --max_concurrency, at least 1)")
+    sp.add_argument("--replicas", type=int, default=None,
+                    help="run N replicas (built-in or vLLM) behind one endpoint on Ray Serve")
+    sp.add_argument("--address", default=None,
+                    help="with --replicas: the Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray instance)")
+    sp.add_argument("--vllm_arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for vLLM's server, repeatable (e.g. --vllm_arg=--enforce-eager)")
 
     sp = add("pipeline", cmd_pipeline, "All stages: prepare, tokenizer, tokenize, train, evaluate, export; skips completed stages.")
     sp.add_argument("--config", default="configs/tiny.yaml", help="run preset YAML")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -136,3 +138,54 @@ def ray_head(tmp_path):
         yield env, address
     finally:
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+# A small trained model for the serving tests: vLLM, the built-in server, transformers and `generate` must
+# agree on its greedy tokens and first logits (a random model's near-uniform logits would make ties).
+
+TRAINED_SHAPE = dict(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=128, dropout=0.0)  # head size 32
+
+
+@pytest.fixture(scope="session")
+def trained_export(prepared_data, tokenizer_dir, tmp_path_factory):
+    """(Hugging Face export dir, model): TRAINED_SHAPE trained 150 steps on the training passages by a plain
+    PyTorch loop (seconds), saved as a training output and exported with `openllm-ds export`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from openllm_ds.config import ExportConfig, ModelConfig, RunConfig, TrainConfig
+    from openllm_ds.export import export
+    from openllm_ds.model import Transformer
+    from openllm_ds.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    ids = []
+    for line in (prepared_data / "training_data.txt").read_text(encoding="utf-8").splitlines()[:1500]:
+        ids += tok.encode(line) + [tok.eos_id]  # documents end with EOS, as in the token shards
+    data = torch.tensor(ids)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, tie_embeddings=True, **TRAINED_SHAPE)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        start = torch.randint(0, len(data) - 65, (16,), generator=g)
+        window = torch.stack([data[i:i + 65] for i in start])
+        _, loss = model(window[:, :-1], window[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    root = tmp_path_factory.mktemp("trained")
+    step = root / "run" / "checkpoints" / "step_00000150"
+    step.mkdir(parents=True)
+    run = RunConfig(name="trained-tiny", model=cfg, train=TrainConfig(tokenizer_dir=str(tokenizer_dir), max_steps=150))
+    run.save(root / "run" / "run_config.yaml")
+    run.save(step / "run_config.yaml")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(step / "model.safetensors"))
+    (step / "train_state.json").write_text(json.dumps({"step": 150, "val_loss": loss.item(), "tokens_seen": 150 * 1024}))
+    (root / "run" / "checkpoints" / "latest").write_text(step.name)
+    shutil.copytree(tokenizer_dir, root / "run" / "tokenizer")
+    export(ExportConfig(model_dir=str(root / "run"), format="huggingface", output_dir=str(root / "hf"), verify=True))
+    return root / "hf", model

@@ -104,10 +104,10 @@ def test_huggingface_export_matches_transformers_and_loads_back(which, request, 
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["intermediate_size"]) == (64, 2, 4, 128)
     assert cfg["num_key_value_heads"] == (4 if which == "tied" else 2)
     assert cfg["max_position_embeddings"] == 128 and cfg["head_dim"] == 16
-    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 3)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 2, 3)  # BOS = </s>: the prompt prefix
     assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
     gen = json.loads((out / "generation_config.json").read_text())
-    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 3)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (2, 2, 3)
     info = json.loads((out / "openllm_ds.json").read_text())
     assert info["step"] == 10 and info["run_name"] == "fake-run" and info["val_loss"] == VAL_LOSS
     assert info["source_checkpoint"] == str(run_dir / "checkpoints" / "step_00000010")
@@ -374,3 +374,28 @@ def test_export_from_a_real_zero3_checkpoint(tmp_path, tokenizer_dir):
     want = Transformer(loaded.model_config).state_dict()
     got = loaded.model.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_hf_export_is_readable_by_all_and_generates_with_transformers(trained_export, tokenizer_dir):
+    """0644 files (a server running as another user reads them), model_input_names, and generate(**tok(text))
+    starting where `openllm-ds generate` does (after </s>), with the same greedy tokens."""
+    import stat
+
+    transformers = pytest.importorskip("transformers")
+    out, model = trained_export
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["tokenizer.json"] == 0o644, modes
+    assert all(m & 0o044 == 0o044 for m in modes.values()) and stat.S_IMODE(out.stat().st_mode) & 0o055 == 0o055
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["model_input_names"] == ["input_ids", "attention_mask"] and cfg["bos_token"] == "</s>"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tok = load_tokenizer(tokenizer_dir)
+    for text in ("The Normans were", "Super Bowl 50 was"):
+        inputs = hf_tok(text, return_tensors="pt")
+        assert set(inputs) == {"input_ids", "attention_mask"}
+        assert inputs["input_ids"][0].tolist() == tok.encode_prompt(text)
+        out_ids = hf.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, inputs["input_ids"].size(1):]
+        with torch.no_grad():
+            want = torch.stack(list(model.generate(inputs["input_ids"], 10, temperature=0)), 1)[0]
+        assert out_ids.tolist() == want.tolist()

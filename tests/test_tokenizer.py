@@ -79,10 +79,12 @@ def test_trained_files_and_report(tokenizer_dir, prepared_data):
 
     cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert (cfg["bos_token"], cfg["eos_token"], cfg["unk_token"], cfg["pad_token"]) == ("<s>", "</s>", "<unk>", "<pad>")
-    assert cfg["add_bos_token"] is False and cfg["add_eos_token"] is False
+    # the prompt convention: transformers' BOS is </s> (a document starts after one), as GPT-2's is <|endoftext|>
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["unk_token"], cfg["pad_token"]) == ("</s>", "</s>", "<unk>", "<pad>")
+    assert cfg["add_bos_token"] is True and cfg["add_eos_token"] is False
+    assert cfg["model_input_names"] == ["input_ids", "attention_mask"]
     specials = json.loads((tokenizer_dir / "special_tokens_map.json").read_text())
-    assert specials == {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    assert specials == {"unk_token": "<unk>", "bos_token": "</s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
 def test_report_values(prepared_data, tmp_path, capsys):
@@ -125,7 +127,7 @@ def test_autotokenizer_matches_sentencepiece_on_validation(tokenizer_dir, prepar
     hf = hf_tokenizer(tokenizer_dir)
     want = sp.encode_batch(passages)
     assert hf(passages, add_special_tokens=False).input_ids == want
-    assert hf(passages).input_ids == want  # add_bos_token/add_eos_token are off: no special tokens either way
+    assert hf(passages).input_ids == [sp.encode_prompt(p) for p in passages] == [[2] + ids for ids in want]
     assert all(8 < len(ids) for ids in want)
 
     from tokenizers import Tokenizer  # the runtime dependency alone gives the same ids
@@ -162,7 +164,7 @@ def test_whitespace_digits_and_decoding(tokenizer_dir):
         assert sp.decode(ids) == text
         assert hf.decode(ids) == text
     # Special ids are recognised by both sides, and the pad id pads.
-    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 3, 0)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (2, 2, 3, 0)
     batch = hf(["one", "one two three"], padding=True).input_ids
     assert batch[0][0] == 3 and batch[1][0] != 3  # left padding for generation
 
@@ -175,11 +177,12 @@ def test_special_token_text_and_chat_template(tokenizer_dir):
     assert 2 not in sp.encode("end</s>")
     prompt = hf.apply_chat_template([{"role": "user", "content": "Who wrote Hamlet?"}], tokenize=False,
                                     add_generation_prompt=True)
-    assert prompt == "User: Who wrote Hamlet?\nAssistant:"
+    assert prompt == "</s>User: Who wrote Hamlet?\nAssistant:"  # the conversation starts after </s>
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
     ids = hf.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    eos = ids.index(2)
-    assert ids[:eos] == sp.encode("User: Hi\nAssistant: Hello")
+    assert ids[0] == 2
+    eos = ids.index(2, 1)
+    assert ids[1:eos] == sp.encode("User: Hi\nAssistant: Hello")
     assert ids[eos + 1:] == sp.encode("User: Bye\nAssistant:")
 
 

@@ -20,7 +20,8 @@ def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: fl
                   num_samples: int = 1, checkpoint: int | None = None, stream: bool = True) -> list[str]:
     """Continue ``prompt`` ``num_samples`` times; returns the continuations (prompt not included).
 
-    The model sees EOS (the document boundary it learned) + the prompt's tokens and samples until EOS or ``max_length`` new tokens
+    The model sees the prompt prefix (EOS, the document boundary it learned; ``Tokenizer.encode_prompt``) + the
+    prompt's tokens, as the built-in server, transformers and vLLM do, and samples until EOS or ``max_length`` new tokens
     (or until its context is full). With ``stream`` the prompt and each continuation are printed
     to stdout as the tokens come. ``seed`` makes sampling reproducible (one torch.Generator drives
     all samples, drawn one after another); temperature 0 is greedy.
@@ -42,8 +43,7 @@ def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: fl
     loaded = load_model(model_dir, step=checkpoint, device=device)
     tokenizer = load_tokenizer(loaded.tokenizer_dir)
     model = loaded.model
-    # training documents follow the previous document's EOS: start a prompt the same way
-    prompt_ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    prompt_ids = tokenizer.encode_prompt(prompt)  # the prompt convention: after EOS, as a training document
     if len(prompt_ids) >= model.cfg.max_seq_len:
         raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {model.cfg.max_seq_len}: "
                         "shorten the prompt")

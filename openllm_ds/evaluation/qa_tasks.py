@@ -56,7 +56,8 @@ def qa_prompt(context: str, question: str) -> str:
 def fit_prompt(start_id: int, ids: list[int], budget: int) -> tuple[list[int], bool]:
     """[start] + ids, dropping ids from the front to fit ``budget`` tokens; (ids, truncated).
 
-    ``start`` is the EOS id: in training every document follows the previous one's EOS.
+    ``start`` is the prompt prefix (``Tokenizer.prompt_prefix_id``, EOS): in training every document follows
+    the previous one's EOS.
     """
     if 1 + len(ids) <= budget:
         return [start_id] + ids, False
@@ -105,7 +106,8 @@ def run_squad_qa(spec, model, tokenizer, progress: bool) -> dict:
     predictions, examples = {}, []
     num_truncated = 0
     for q in tqdm(chosen, desc=f"{spec.name}", unit="q", disable=not progress):
-        ids, truncated = fit_prompt(tokenizer.eos_id, tokenizer.encode(shot_text + qa_prompt(q.context, q.question)), budget)
+        ids, truncated = fit_prompt(tokenizer.prompt_prefix_id,
+                                    tokenizer.encode(shot_text + qa_prompt(q.context, q.question)), budget)
         num_truncated += truncated
         text = greedy_continuation(model, tokenizer, ids, spec.max_new_tokens, stop_when)
         for s in spec.stop:
@@ -197,7 +199,7 @@ def run_cloze(spec, model, tokenizer, progress: bool) -> dict:
 
     correct, expected_chance, shown = 0, 0.0, []
     for context, target, context_words in tqdm(chosen, desc=spec.name, unit="passage", disable=not progress):
-        ids, _ = fit_prompt(tokenizer.eos_id, tokenizer.encode(context), budget)
+        ids, _ = fit_prompt(tokenizer.prompt_prefix_id, tokenizer.encode(context), budget)
         text = greedy_continuation(model, tokenizer, ids, spec.max_new_tokens, word_done)
         split = text.split()
         predicted = split[0].strip(_STRIP) if split else ""
@@ -294,7 +296,7 @@ def run_answer_ranking(spec, model, tokenizer, progress: bool) -> dict:
         for c in choices:
             whole = tokenizer.encode(f"{prompt} {c}")
             cont = whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else tokenizer.encode(c)
-            requests.append(([tokenizer.eos_id] + ctx_ids, cont))
+            requests.append(([tokenizer.prompt_prefix_id] + ctx_ids, cont))
         scores = continuation_logprobs(model, requests)
         per_byte = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, choices)]
         correct += max(range(len(choices)), key=scores.__getitem__) == gold

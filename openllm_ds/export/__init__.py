@@ -8,6 +8,7 @@ complete.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
 from openllm_ds.export.huggingface import VerificationError, export_huggingface
 from openllm_ds.export.source import ExportSource, check_output_dir, load_export_source
-from openllm_ds.utils import atomic_dir
+from openllm_ds.utils import _umask, atomic_dir
 
 FORMATS = ("huggingface", "pytorch", "onnx")
 
@@ -49,6 +50,7 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
         try:
             with atomic_dir(out) as tmp:
                 report = _write(cfg, src, tmp)
+                readable_by_all(tmp)
                 files = sorted(p.name for p in tmp.iterdir() if p.is_file())
                 sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
                 bar.update()
@@ -67,6 +69,15 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
         **report,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def readable_by_all(root: Path) -> None:
+    """Files get the usual mode (0644 under umask 022), whatever wrote them: safetensors and the ONNX writers
+    create 0600 files, which a server running as another user could not read."""
+    umask = _umask()
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _write(cfg: ExportConfig, src: ExportSource, tmp: Path) -> dict:

@@ -3,11 +3,14 @@
 Files: config.json, model.safetensors (HF parameter names, through the explicit map in hf_map.py;
 a tied embedding is stored once as model.embed_tokens.weight with tie_word_embeddings true),
 generation_config.json, the tokenizer files, README.md (model card) and openllm_ds.json.
+
+The tokenizer files carry the prompt convention (tokenizer/hf_files.py): BOS is `</s>`, put before
+every text by the tokenizer itself, so `model.generate(**tok(text))` and vLLM start generating where
+`openllm-ds generate` and the built-in server do.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +21,7 @@ from openllm_ds.export.source import (
     verification_texts,
 )
 from openllm_ds.errors import UserError
+from openllm_ds.tokenizer.hf_files import PROMPT_PREFIX, apply_prompt_convention
 from openllm_ds.utils import atomic_write_json, atomic_write_text
 
 # Largest max|logits difference| accepted by --verify, per export dtype. fp32 must match to float
@@ -37,7 +41,7 @@ def hf_state_dict(src: ExportSource, dtype: str) -> dict[str, torch.Tensor]:
 
 def hf_config(src: ExportSource, dtype: str) -> dict:
     tok = src.tokenizer
-    cfg = to_hf_config(src.model_config, bos_id=tok.bos_id, eos_id=tok.eos_id,
+    cfg = to_hf_config(src.model_config, bos_id=tok.prompt_prefix_id, eos_id=tok.eos_id,
                        pad_id=tok.pad_id if tok.pad_id >= 0 else None, dtype=HF_DTYPE_NAMES[dtype])
     cfg["dtype"] = cfg["torch_dtype"]  # transformers 5 reads "dtype", older readers "torch_dtype"
     return cfg
@@ -52,25 +56,17 @@ def export_huggingface(src: ExportSource, out: Path, dtype: str = "fp32", verify
     atomic_write_json(out / "config.json", hf_config(src, dtype))
     tok = src.tokenizer
     atomic_write_json(out / "generation_config.json", {
-        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "bos_token_id": tok.prompt_prefix_id, "eos_token_id": tok.eos_id,
         "pad_token_id": tok.pad_id if tok.pad_id >= 0 else None,
     })
     copy_tokenizer_files(src, out)
-    _set_tokenizer_max_length(out, src.model_config.max_seq_len)
+    # the prompt convention, and model_max_length = the model's context (the tokenizer has no limit)
+    apply_prompt_convention(out, tok.prompt_prefix_id, src.model_config.max_seq_len)
     atomic_write_json(out / EXPORT_INFO, {**src.info(), "format": "huggingface", "dtype": dtype})
     atomic_write_text(out / "README.md", model_card(src, dtype))
     report = {"dtype": dtype}
     report["verification"] = verify_huggingface(out, src, dtype) if verify else {"skipped": "--no-verify"}
     return report
-
-
-def _set_tokenizer_max_length(out: Path, max_len: int) -> None:
-    """tokenizer_config.json's model_max_length becomes the model's context (the tokenizer has no limit)."""
-    f = out / "tokenizer_config.json"
-    if f.is_file():
-        cfg = json.loads(f.read_text(encoding="utf-8"))
-        cfg["model_max_length"] = max_len
-        atomic_write_json(f, cfg)
 
 
 def verify_huggingface(out: Path, src: ExportSource, dtype: str = "fp32") -> dict:
@@ -92,6 +88,10 @@ def verify_huggingface(out: Path, src: ExportSource, dtype: str = "fp32") -> dic
         if got != want:
             raise VerificationError(f"AutoTokenizer on {out} gives other ids than SentencePiece for {text[:60]!r}: "
                                     f"{got[:8]}... vs {want[:8]}...")
+        prompt = hf_tok(text, verbose=False)["input_ids"]
+        if prompt != src.tokenizer.encode_prompt(text):
+            raise VerificationError(f"AutoTokenizer on {out} does not start a prompt with {tok_prefix(src)} for "
+                                    f"{text[:60]!r}: {prompt[:8]}...")
         if hf_tok.decode(want) != src.tokenizer.decode(want):
             raise VerificationError(f"AutoTokenizer on {out} decodes {text[:60]!r} differently from SentencePiece")
         ids = torch.tensor([encode_for_verification(src, text)])
@@ -100,14 +100,19 @@ def verify_huggingface(out: Path, src: ExportSource, dtype: str = "fp32") -> dic
             got_logits = hf_model(ids).logits.float()
         max_diff = max(max_diff, (ref - got_logits).abs().max().item())
         num_tokens += ids.numel()
-    for name in ("bos", "eos", "pad"):
-        if getattr(hf_tok, f"{name}_token_id") != getattr(src.tokenizer, f"{name}_id"):
-            raise VerificationError(f"AutoTokenizer on {out}: {name}_token_id differs from the SentencePiece model")
+    want_ids = {"bos": src.tokenizer.prompt_prefix_id, "eos": src.tokenizer.eos_id, "pad": src.tokenizer.pad_id}
+    for name, want_id in want_ids.items():
+        if getattr(hf_tok, f"{name}_token_id") != want_id:
+            raise VerificationError(f"AutoTokenizer on {out}: {name}_token_id is not {want_id}")
     tol = VERIFY_TOLERANCE[dtype]
     if not max_diff < tol:
         raise VerificationError(f"transformers' logits differ from ours by {max_diff:.3g} (> {tol}) on {out}")
     return {"verified": True, "max_abs_diff": max_diff, "tolerance": tol, "num_texts": len(texts),
             "num_tokens": num_tokens, "tokenizer_ids_match": True}
+
+
+def tok_prefix(src: ExportSource) -> str:
+    return f"{PROMPT_PREFIX} (id {src.tokenizer.prompt_prefix_id})"
 
 
 def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -167,8 +172,10 @@ It is a small base model for experiments: it continues text, it is not instructi
 ## Tokenizer
 
 SentencePiece {tok_type.upper()} with byte fallback, {tok.vocab_size:,} tokens; `<unk>`={tok.unk_id},
-`<s>`={tok.bos_id}, `</s>`={tok.eos_id}, `<pad>`={tok.pad_id}. Text is encoded without a BOS token;
-documents end with `</s>`. `tokenizer.json` gives the same ids as `tokenizer.model`.
+`<s>`={tok.bos_id} (unused), `</s>`={tok.eos_id}, `<pad>`={tok.pad_id}. Training documents each end
+with `</s>`, so a document starts after one: the tokenizer's BOS token is `</s>` (as GPT-2's is
+`<|endoftext|>`) and `tok(text)` puts it first; `tok(text, add_special_tokens=False)` gives the same
+ids as `tokenizer.model`.
 
 ## Use
 
@@ -176,10 +183,11 @@ documents end with `</s>`. `tokenizer.json` gives the same ids as `tokenizer.mod
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("path/to/this/dir")
 model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
-ids = tok("The Normans were", return_tensors="pt").input_ids
-print(tok.decode(model.generate(ids, max_new_tokens=30, do_sample=False)[0]))
+out = model.generate(**tok("The Normans were", return_tensors="pt"), max_new_tokens=30, do_sample=False)
+print(tok.decode(out[0], skip_special_tokens=True))
 ```
 
-Serve it with an OpenAI-compatible API: `vllm serve path/to/this/dir` on a GPU, or
-`openllm-ds serve --model_path path/to/this/dir` anywhere.
+Serve it with an OpenAI-compatible API: `openllm-ds serve --model_path path/to/this/dir` (vLLM where it
+is installed, else the built-in server), or vLLM directly:
+`python -m vllm.entrypoints.openai.api_server --model path/to/this/dir`.
 """

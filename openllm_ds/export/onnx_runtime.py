@@ -78,6 +78,7 @@ class OnnxCausalLM:
             raise UserError(f"{self.dir} has no {missing[0]}; export with --optimize_for_inference / --quantize_int8")
         self.variant = variant
         self.cfg = ModelConfig(**json.loads((self.dir / "config.json").read_text()))
+        self.num_threads = num_threads  # intra-op threads of every session (None: onnxruntime's default)
         self._options = session_options(num_threads, spinning)
         self._ort = ort
         self._sessions: dict[str, object] = {}

@@ -1,54 +1,113 @@
-"""Serve a model with an OpenAI-compatible API: vLLM on a GPU, else the built-in server.
+"""Serve a model with an OpenAI-compatible API: vLLM where it is installed, else the built-in server;
+``--replicas N`` puts N of either behind one endpoint on Ray Serve.
 
 ``serve(...)`` blocks (the CLI's ``openllm-ds serve``). ``start_server(...)`` runs the built-in
-server in a background thread and returns a handle with ``.base_url`` and ``.stop()``, for tests,
-benchmarks and notebooks.
+server (uvicorn) in a background thread and returns a handle with ``.base_url`` and ``.stop()``, for
+tests, benchmarks and notebooks; ``VLLMServer`` and ``start_replicas`` do the same for vLLM and Ray Serve.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Thread
 
 from openllm_ds.errors import UserError
-from openllm_ds.serve.engine import CompletionEngine, SamplingParams, load_engine
-from openllm_ds.serve.http import OpenAIServer, start_in_thread
-from openllm_ds.serve.vllm import choose_engine, exec_vllm, vllm_command
+from openllm_ds.serve.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, build_app
+from openllm_ds.serve.engine import CompletionEngine, DecodePath, SamplingParams, load_engine
+from openllm_ds.serve.vllm import VLLMServer, choose_engine, vllm_command
 
 __all__ = ["serve", "start_server", "RunningServer", "load_engine", "CompletionEngine", "SamplingParams",
-           "choose_engine", "vllm_command"]
+           "DecodePath", "build_app", "choose_engine", "vllm_command", "VLLMServer", "check_api_key"]
+
+
+def check_api_key(api_key: str | None) -> None:
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api_key (or OPENLLM_API_KEY) is empty: pass a key, or leave both unset to serve "
+                        "without authentication")
+
+
+def check_limits(max_body_bytes: int | None, max_concurrency: int) -> None:
+    if max_body_bytes is not None and max_body_bytes < 1024:
+        raise UserError(f"--max_body_bytes must be >= 1024, got {max_body_bytes}")
+    if max_concurrency < 1:
+        raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: a free one), or a UserError naming the address."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
+    return sock
+
+
+def uvicorn_server(app, sock: socket.socket, log_requests: bool = True):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="info" if log_requests else "warning", access_log=log_requests,
+                            timeout_keep_alive=30, backlog=2048, server_header=False, lifespan="off",
+                            http=json_error_protocol())
+    return uvicorn.Server(config)
+
+
+def json_error_protocol():
+    """uvicorn's h11 protocol, with its answer to a request it cannot parse (a 400 it writes itself, before any
+    app sees the request) in OpenAI's JSON error shape instead of plain text.
+
+    h11 rather than httptools: h11 bounds a request's line and headers (16 KiB, then 400), httptools keeps
+    whatever a client sends; the parsing costs well under a millisecond a request either way.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol as Protocol
+
+    from openllm_ds.serve.app import _dumps
+    from openllm_ds.serve.protocol import APIError
+
+    class JSONErrorProtocol(Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = _dumps(APIError(400, f"malformed HTTP request: {msg}", code="bad_request").body())
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+            self.transport.close()
+
+    return JSONErrorProtocol
 
 
 @dataclass
 class RunningServer:
-    server: OpenAIServer
-    thread: Thread
-    owns_engine: bool = False  # stop() then also removes the engine's temporary files
+    server: object  # uvicorn.Server
+    thread: threading.Thread
+    sock: socket.socket
+    engine: CompletionEngine
+    owns_engine: bool = False  # stop() then also closes the engine and removes its temporary files
 
     @property
     def port(self) -> int:
-        return self.server.server_address[1]
+        return self.sock.getsockname()[1]
 
     @property
     def url(self) -> str:
-        return self.server.url
+        host = self.sock.getsockname()[0]
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     @property
     def base_url(self) -> str:
         """What the OpenAI client takes as base_url."""
-        return f"{self.server.url}/v1"
-
-    @property
-    def engine(self) -> CompletionEngine:
-        return self.server.engine
+        return f"{self.url}/v1"
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
         if self.owns_engine:
+            self.engine.close()
             for d in self.engine.cleanup:
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -59,63 +118,73 @@ class RunningServer:
         self.stop()
 
 
-def check_api_key(api_key: str | None) -> None:
-    if api_key is not None and not api_key.strip():
-        raise UserError("--api_key is empty: pass a key, or leave it out to serve without authentication")
-
-
-def build_server(engine: CompletionEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 log_requests: bool = True, max_body_bytes: int | None = None) -> OpenAIServer:
-    check_api_key(api_key)
-    if max_body_bytes is not None and max_body_bytes < 1024:
-        raise UserError(f"--max_body_bytes must be >= 1024, got {max_body_bytes}")
-    kwargs = {"max_body_bytes": max_body_bytes} if max_body_bytes else {}
-    try:
-        return OpenAIServer((host, port), engine, api_key=api_key, log_requests=log_requests, **kwargs)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
-
-
 def start_server(model_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 0, max_length: int = 512,
                  backend: str = "torch", api_key: str | None = None, model_name: str | None = None,
-                 engine: CompletionEngine | None = None, log_requests: bool = False,
-                 max_concurrency: int = 4, max_body_bytes: int | None = None) -> RunningServer:
+                 engine: CompletionEngine | None = None, log_requests: bool = False, max_concurrency: int = 4,
+                 max_body_bytes: int | None = None, num_threads: int | None = None,
+                 body_timeout: float = BODY_TIMEOUT_S) -> RunningServer:
     """Start the built-in server in a daemon thread (port 0: a free port). Pass ``engine`` to reuse a loaded model."""
+    check_api_key(api_key)
+    check_limits(max_body_bytes, max_concurrency)
     owns_engine = engine is None
     if engine is None:
         if model_path is None:
             raise UserError("start_server needs model_path or engine")
-        engine = load_engine(model_path, backend, max_length, model_name, max_concurrency=max_concurrency)
-    server = build_server(engine, host, port, api_key, log_requests=log_requests, max_body_bytes=max_body_bytes)
-    return RunningServer(server, start_in_thread(server), owns_engine)
+        engine = load_engine(model_path, backend, max_length, model_name, max_concurrency=max_concurrency,
+                             num_threads=num_threads)
+    sock = listen(host, port)
+    server = uvicorn_server(build_app(engine, api_key, max_body_bytes or MAX_BODY_BYTES, body_timeout), sock,
+                            log_requests)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name=f"openllm-ds-server-{sock.getsockname()[1]}")
+    thread.start()
+    while not server.started and thread.is_alive():
+        threading.Event().wait(0.01)
+    return RunningServer(server, thread, sock, engine, owns_engine)
 
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_length: int = 512, engine: str = "auto",
           backend: str = "torch", api_key: str | None = None, model_name: str | None = None,
-          max_concurrency: int = 4, max_body_bytes: int | None = None) -> None:
-    """Serve ``model_path`` until interrupted: vLLM (``engine`` vllm/auto with a GPU) or the built-in server."""
+          max_concurrency: int = 4, max_body_bytes: int | None = None, num_threads: int | None = None,
+          replicas: int | None = None, address: str | None = None, vllm_args: tuple[str, ...] = ()) -> None:
+    """Serve ``model_path`` until interrupted: vLLM or the built-in server; with ``replicas`` (or ``address``)
+    that many of them behind one endpoint on Ray Serve (a local Ray instance, or the cluster at ``address``)."""
     path = Path(model_path)
     if not path.exists():
         raise UserError(f"--model_path {path} does not exist; export a model first "
                         "(openllm-ds export --model_dir models/NAME --format huggingface)")
     check_api_key(api_key)
-    if choose_engine(engine, backend, path) == "vllm":
-        exec_vllm(path, host, port, max_length, api_key=api_key, model_name=model_name)
+    check_limits(max_body_bytes, max_concurrency)
+    if replicas is not None and replicas < 1:
+        raise UserError(f"--replicas must be >= 1, got {replicas}")
+    choice = choose_engine(engine, backend, path)
+    if replicas is not None or address is not None:
+        from openllm_ds.serve.replicas import serve_replicas
+
+        serve_replicas(path, choice, replicas or 1, host=host, port=port, address=address, max_length=max_length,
+                       backend=backend, api_key=api_key, model_name=model_name, max_concurrency=max_concurrency,
+                       max_body_bytes=max_body_bytes, num_threads=num_threads, vllm_args=vllm_args)
         return
-    if max_concurrency < 1:
-        raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
-    loaded = load_engine(path, backend, max_length, model_name, max_concurrency=max_concurrency)
-    server = build_server(loaded, host, port, api_key, max_body_bytes=max_body_bytes)
-    auth = "Bearer token required" if api_key else "no authentication"
-    print(f"serving '{loaded.model_name}' ({backend} backend, context {loaded.max_length} tokens, {auth}) "
-          f"at {server.url}/v1  (Ctrl-C stops)", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: listening on {host} without --api_key: anyone who can reach this port can use the model", flush=True)
+    if choice == "vllm":
+        from openllm_ds.serve.vllm import run_vllm
+
+        run_vllm(path, host, port, max_length, api_key=api_key, model_name=model_name, extra_args=vllm_args)
+        return
+    loaded = load_engine(path, backend, max_length, model_name, max_concurrency=max_concurrency, num_threads=num_threads)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
+        sock = listen(host, port)
+        server = uvicorn_server(build_app(loaded, api_key, max_body_bytes or MAX_BODY_BYTES), sock)
+        host_shown = f"[{host}]" if ":" in host else host
+        auth = "Bearer token required" if api_key else "no authentication"
+        print(f"serving '{loaded.model_name}' ({backend} backend, context {loaded.max_length} tokens, {auth}, "
+              f"{loaded.max_concurrency} generations at once, {loaded.num_threads} thread(s) each) at "
+              f"http://{host_shown}:{sock.getsockname()[1]}/v1  (Ctrl-C stops)", flush=True)
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            print(f"warning: listening on {host} without --api_key: anyone who can reach this port can use the model",
+                  flush=True)
+        server.run(sockets=[sock])  # uvicorn: Ctrl-C or SIGTERM ends it gracefully
+        print("stopped", flush=True)
     finally:
-        server.server_close()
+        loaded.close()
         for d in loaded.cleanup:
             shutil.rmtree(d, ignore_errors=True)

@@ -25,7 +25,7 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:
-            return _render_builtin(messages, add_generation_prompt, self.tokens["eos_token"])
+            return _render_builtin(messages, add_generation_prompt, self.tokens["bos_token"], self.tokens["eos_token"])
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
 
 
@@ -51,9 +51,9 @@ def _compile(source: str):
         raise UserError(f"the chat_template in tokenizer_config.json does not compile: {e}") from None
 
 
-def _render_builtin(messages: list[dict], add_generation_prompt: bool, eos: str) -> str:
+def _render_builtin(messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
     """The tokenizer stage's CHAT_TEMPLATE, rendered without jinja2."""
-    parts = []
+    parts = [bos]
     for m in messages:
         if m["role"] == "system":
             parts.append(f"{m['content']}\n\n")

@@ -1,21 +1,33 @@
 """The built-in server's generation engine: prompt -> tokens -> KV-cache generation -> text.
 
-Concurrency design: lock-free per request. Every HTTP request runs its own generation in its own
-handler thread (ThreadingHTTPServer). The model is read-only in eval mode, each generation owns
-its KV cache and its seeded ``torch.Generator``, and PyTorch and onnxruntime release the GIL inside
-their kernels, so requests proceed side by side without sharing state. A semaphore bounds how many
-generations run at once (``max_concurrency``); further requests wait for a slot. Prompts of
-different lengths are not batched together: the model has no padding mask, and per-request
-generation keeps every answer identical to a sequential one.
+Concurrency: generations run on a fixed pool of ``max_concurrency`` worker threads, each request's
+generation on one of them from start to end; further requests wait in the pool's queue (no 503s).
+The model is read-only in eval mode, each generation owns its KV cache and its seeded
+``torch.Generator``, and PyTorch and onnxruntime release the GIL inside their kernels, so
+generations proceed side by side without sharing state. Prompts of different lengths are not
+batched together: the model has no padding mask, and per-request generation keeps every answer
+identical to a sequential one.
+
+Speed (one client should see the engine's in-process tokens/s): the workers are long-lived threads
+(OpenMP's and MKL's per-thread state is built once, not per request), every generation uses
+``num_threads`` intra-op threads (default: the cores shared out among the ``max_concurrency``
+workers; on a 2-core machine one thread each, which is also the fastest for a small model), and a
+warm-up generation at load makes the transposed weight copies of the decode fast path
+(``model/transformer.py``'s ``Linear``) before the first request. Each generation records the
+path it took (``DecodePath``): inference mode, transposed weights, threads, worker thread.
+
+A generation stops within one decode step when its ``cancel`` event is set (the client went away).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
 import tempfile
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +39,7 @@ from openllm_ds.serve.chat import ChatTemplate, load_chat_template
 from openllm_ds.tokenizer import Tokenizer, load_tokenizer
 
 PROMPT_CONTEXT_TOKENS = 8  # prompt tokens decoded ahead of the completion, so its first space survives
+WORKER_PREFIX = "openllm-ds-generate"
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,21 @@ class SamplingParams:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class DecodePath:
+    """How a generation ran: the fast path is inference mode, transposed weights (torch) and the engine's threads."""
+
+    backend: str
+    inference_mode: bool | None  # torch: the generated tokens are inference tensors
+    transposed_weights: bool | None  # torch: every Linear holds its transposed copy (the decode-step matmul)
+    threads: int  # intra-op threads the generation ran with
+    worker: str  # the thread it ran on
+
+    @property
+    def fast(self) -> bool:
+        return self.inference_mode is not False and self.transposed_weights is not False
 
 
 @dataclass
@@ -100,13 +128,21 @@ class StepUpdate:
     finish_reason: str | None
 
 
+def default_threads(max_concurrency: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, max_concurrency))
+
+
 class CompletionEngine:
-    """Tokenizer + language model (``Transformer`` or ``OnnxCausalLM``) + chat template."""
+    """Tokenizer + language model (``Transformer`` or ``OnnxCausalLM``) + chat template + worker threads."""
 
     def __init__(self, lm, tokenizer: Tokenizer, model_name: str, max_length: int,
-                 chat_template: ChatTemplate | None = None, max_concurrency: int = 4, backend: str = "torch"):
+                 chat_template: ChatTemplate | None = None, max_concurrency: int = 4, backend: str = "torch",
+                 num_threads: int | None = None):
         if max_length < 2:
             raise UserError(f"--max_length must be >= 2, got {max_length}")
+        if max_concurrency < 1:
+            raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
         self.lm = lm
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -114,20 +150,35 @@ class CompletionEngine:
         self.chat_template = chat_template
         self.backend = backend
         self.max_concurrency = max_concurrency
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self.num_threads = num_threads or default_threads(max_concurrency)
+        self.running = 0  # generations in progress
+        self.cancelled = 0  # generations stopped early because their client went away
+        self.last_cancelled_steps = 0  # decode steps the last of them ran
+        self.last_decode_path: DecodePath | None = None
+        self._lock = threading.Lock()
+        self._threads_before = torch.get_num_threads()
+        if backend == "torch":
+            torch.set_num_threads(self.num_threads)  # process-wide; close() gives the old value back
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix=WORKER_PREFIX)
         ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)
         self._special = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}  # "<s>" -> 1, "</s>" -> 2, ...
         # longest first, so that one special token that starts another never wins over it
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")")
         self.cleanup: list = []  # temporary dirs owned by the engine (an on-the-fly ONNX export)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.cfg.vocab_size
+
     # --- prompts -----------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """SentencePiece ids, with special-token text ("</s>") mapped to its id as transformers and vLLM do.
+    def encode(self, text: str, add_prefix: bool = True) -> list[int]:
+        """The prompt's ids: the prompt prefix (``Tokenizer.encode_prompt``: EOS, where training documents start)
+        unless ``add_prefix`` is false (a chat template writes it itself), then SentencePiece's ids, with
+        special-token text ("</s>") mapped to its id as transformers and vLLM do.
 
         One pass over the text (a prompt of 250,000 "</s>" is as cheap as any other megabyte).
         """
-        ids: list[int] = []
+        ids: list[int] = [self.tokenizer.prompt_prefix_id] if add_prefix else []
         for i, part in enumerate(self._special_re.split(text)):
             if i % 2:  # the split's captured separators: special tokens
                 ids.append(self._special[part])
@@ -141,14 +192,17 @@ class CompletionEngine:
         return self.chat_template.render(messages)
 
     # --- generation --------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> "Generation":
-        return Generation(self, prompt_ids, params)
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 cancel: threading.Event | None = None) -> "Generation":
+        """Step by step in the calling thread; see ``submit`` to run on the engine's workers."""
+        return Generation(self, prompt_ids, params, cancel)
 
-    def complete(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[str], list[str], int]:
+    def complete(self, prompt_ids: list[int], params: SamplingParams,
+                 cancel: threading.Event | None = None) -> tuple[list[str], list[str], int]:
         """Run to the end: (texts, finish_reasons, completion tokens over all choices)."""
         texts = [""] * params.n
         reasons = ["length"] * params.n
-        run = self.generate(prompt_ids, params)
+        run = self.generate(prompt_ids, params, cancel)
         for updates in run:
             for u in updates:
                 texts[u.index] += u.text
@@ -156,54 +210,98 @@ class CompletionEngine:
                     reasons[u.index] = u.finish_reason
         return texts, reasons, run.completion_tokens
 
+    def submit(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` on one of the engine's ``max_concurrency`` worker threads."""
+        return self._pool.submit(fn, *args)
+
+    def warm_up(self) -> None:
+        """One short generation on a worker: the decode fast path's transposed weights exist before any request."""
+        self.submit(self.complete, [self.tokenizer.prompt_prefix_id], SamplingParams(max_tokens=2, temperature=0)).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.backend == "torch":
+            torch.set_num_threads(self._threads_before)
+
+    def _record_path(self, first_token: torch.Tensor) -> None:
+        if self.backend == "torch":
+            from openllm_ds.model.transformer import Linear
+
+            linears = [m for m in self.lm.modules() if isinstance(m, Linear)]
+            transposed = all(m.packed is not None and m.packed[0] == (m.weight.data_ptr(), m.weight._version)
+                             for m in linears)
+            path = DecodePath("torch", first_token.is_inference(), transposed, torch.get_num_threads(),
+                              threading.current_thread().name)
+        else:
+            path = DecodePath(self.backend, None, None, self.lm.num_threads, threading.current_thread().name)
+        self.last_decode_path = path
+
 
 class Generation:
     """Iterate to get, step by step, the text each choice adds; finished choices carry a finish_reason.
 
     Choices end on EOS or a stop string ("stop"), or after max_tokens / at the context end ("length").
+    A set ``cancel`` event ends the iteration before the next decode step.
     """
 
-    def __init__(self, engine: CompletionEngine, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, engine: CompletionEngine, prompt_ids: list[int], params: SamplingParams,
+                 cancel: threading.Event | None = None):
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.cancel = cancel or threading.Event()
         self.choices = [Choice(i, engine.tokenizer, prompt_ids, params.stop) for i in range(params.n)]
+        self.steps = 0  # decode steps run
 
     @property
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
 
     def __iter__(self) -> Iterator[list[StepUpdate]]:
-        p, choices = self.params, self.choices
+        p, choices, engine = self.params, self.choices, self.engine
+        if self.cancel.is_set():
+            return
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
         idx = torch.tensor([self.prompt_ids] * p.n, dtype=torch.long)
-        eos = self.engine.tokenizer.eos_id
-        with self.engine._slots:
-            steps = self.engine.lm.generate(idx, p.max_tokens, temperature=p.temperature,
-                                            top_p=p.top_p if p.top_p < 1.0 else None, eos_id=eos, generator=generator)
-            try:
-                for tokens in steps:
-                    updates = []
-                    for c, tok in zip(choices, tokens.tolist()):
-                        if c.finish_reason is not None:
-                            continue
-                        delta = c.add(tok, eos)
-                        if c.finish_reason is None and c.num_tokens >= p.max_tokens:
-                            delta += c.finish("length")
-                        if delta or c.finish_reason is not None:
-                            updates.append(StepUpdate(c.index, delta, c.finish_reason))
-                    if updates:
-                        yield updates
-                    if all(c.finish_reason is not None for c in choices):
-                        break
-            finally:
-                steps.close()
+        eos = engine.tokenizer.eos_id
+        with engine._lock:
+            engine.running += 1
+        steps = engine.lm.generate(idx, p.max_tokens, temperature=p.temperature,
+                                   top_p=p.top_p if p.top_p < 1.0 else None, eos_id=eos, generator=generator)
+        tokens = None
+        try:
+            for tokens in steps:
+                self.steps += 1
+                updates = []
+                for c, tok in zip(choices, tokens.tolist()):
+                    if c.finish_reason is not None:
+                        continue
+                    delta = c.add(tok, eos)
+                    if c.finish_reason is None and c.num_tokens >= p.max_tokens:
+                        delta += c.finish("length")
+                    if delta or c.finish_reason is not None:
+                        updates.append(StepUpdate(c.index, delta, c.finish_reason))
+                if updates:
+                    yield updates
+                if all(c.finish_reason is not None for c in choices) or self.cancel.is_set():
+                    break
+        finally:
+            steps.close()
+            with engine._lock:
+                engine.running -= 1
+        if tokens is not None:
+            engine._record_path(tokens)
+        if self.cancel.is_set():
+            with engine._lock:
+                engine.cancelled += 1
+                engine.last_cancelled_steps = self.steps
+            return
         tail = [StepUpdate(c.index, c.finish("length"), "length") for c in choices if c.finish_reason is None]
         if tail:  # the context filled up before max_tokens
             yield tail
 
 
 def load_engine(model_path: str | Path, backend: str = "torch", max_length: int = 512, model_name: str | None = None,
-                max_concurrency: int = 4) -> CompletionEngine:
+                max_concurrency: int = 4, num_threads: int | None = None, warm_up: bool = True) -> CompletionEngine:
     """Load an export or training output for the built-in server.
 
     backend torch: a Hugging Face export, a training output or a PyTorch export.
@@ -216,6 +314,11 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
     path = Path(model_path)
     if not path.exists():
         raise UserError(f"--model_path {path} does not exist; export a model first (openllm-ds export --format huggingface)")
+    if max_concurrency < 1:
+        raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
+    if num_threads is not None and num_threads < 1:
+        raise UserError(f"--num_threads must be >= 1, got {num_threads}")
+    threads = num_threads or default_threads(max_concurrency)
     name = model_name or path.resolve().name
     cleanup = []
     if backend == "torch":
@@ -226,6 +329,7 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
         else:
             loaded = load_model(path)
             lm, tok_dir = loaded.model, loaded.tokenizer_dir
+        lm.eval()
     elif backend == "onnx":
         if is_onnx_export(path):
             tok_dir = path
@@ -238,7 +342,7 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             tok_dir = path = tmp
-        lm = OnnxCausalLM(path)
+        lm = OnnxCausalLM(path, num_threads=threads)
     else:
         raise UserError(f"--backend must be torch or onnx, got {backend!r}")
     tokenizer = load_tokenizer(tok_dir)
@@ -246,8 +350,10 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
         raise UserError(f"tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model has vocab_size "
                         f"{lm.cfg.vocab_size}; serve an export made by `openllm-ds export`")
     engine = CompletionEngine(lm, tokenizer, name, max_length, load_chat_template(tok_dir, tokenizer),
-                              max_concurrency=max_concurrency, backend=backend)
+                              max_concurrency=max_concurrency, backend=backend, num_threads=threads)
     engine.cleanup = cleanup
+    if warm_up:
+        engine.warm_up()
     return engine
 
 

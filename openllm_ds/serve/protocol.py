@@ -1,16 +1,22 @@
-"""OpenAI API request validation and response bodies for /v1/completions and /v1/chat/completions.
+"""The OpenAI API's /v1/completions and /v1/chat/completions requests as pydantic models, and their answers.
 
-Every bad field becomes an ``APIError`` (HTTP 4xx, OpenAI's ``{"error": {...}}`` body) that names
-the parameter, before any generation starts. Unknown parameters are refused as OpenAI refuses them.
+A request body is validated by ``CompletionRequest`` / ``ChatCompletionRequest`` (strict types: ``"2"``
+is not 2, ``true`` is not 1; unknown parameters refused as OpenAI refuses them), then checked against
+the model (name, vocabulary, context length) by ``generation_request``. Every problem becomes an
+``APIError``: an HTTP 4xx with OpenAI's ``{"error": {message, type, param, code}}`` body naming the
+parameter, before any generation starts.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from openllm_ds.errors import UserError
 from openllm_ds.serve.engine import CompletionEngine, SamplingParams
 
 MAX_N = 16
@@ -20,20 +26,10 @@ MAX_PROMPTS = 16
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# Accepted only at their neutral value: this server does not implement them.
+# Parameters this server does not implement: accepted only at their neutral value (of that exact type).
 NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
            "echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "tools": ([],), "functions": ([],),
            "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "modalities": (["text"],)}
-# Accepted and ignored (they do not change the answer), if of the right type.
-IGNORED = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "parallel_tool_calls": bool,
-           "safety_identifier": str, "prompt_cache_key": str}
-COMMON_KEYS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-               "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", *IGNORED}
-KNOWN_KEYS = {
-    "completion": COMMON_KEYS | {"prompt", "suffix", "echo", "best_of"},
-    "chat": COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
-                           "functions", "function_call", "modalities"},
-}
 
 
 class APIError(Exception):
@@ -50,6 +46,224 @@ def bad(param: str | None, message: str, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+# --- request models ------------------------------------------------------------------------------
+
+def _neutral(name: str, v):
+    if v is not None and not any(v == n and type(v) is type(n) for n in NEUTRAL[name]):
+        raise ValueError(f"'{name}' is not supported by this server (leave it unset)")
+    return v
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """The parameters both endpoints take."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Any = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    logprobs: Any = None
+    # accepted and ignored: they do not change the answer
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info: ValidationInfo):
+        return cls.model_fields[info.field_name].default if v is None else v
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "logprobs")
+    @classmethod
+    def _only_neutral(cls, v, info: ValidationInfo):
+        return _neutral(info.field_name, v)
+
+    @field_validator("stream_options", mode="before")
+    @classmethod
+    def _options(cls, v):
+        if v is not None and (not isinstance(v, dict) or not isinstance(v.get("include_usage", False), bool)):
+            raise ValueError("'stream_options' must be an object like {\"include_usage\": true}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v) -> tuple[str, ...]:
+        if v is None:
+            return ()
+        stops = [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("'stop' must be a string or a list of strings")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("'stop' strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"'stop' strings may be at most {MAX_STOP_CHARS} characters long")
+        return tuple(stops)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions. ``prompt``: a string, a list of strings, token ids, or a list of token-id lists."""
+
+    prompt: Any = Field(None, validate_default=True)
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("echo", "best_of", "suffix")
+    @classmethod
+    def _only_neutral_here(cls, v, info: ValidationInfo):
+        return _neutral(info.field_name, v)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v, info: ValidationInfo):
+        vocab = (info.context or {}).get("vocab_size", 1 << 62)
+        if v is None:
+            raise ValueError("you must provide a prompt")
+
+        def ids_ok(x) -> bool:
+            return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+                                               for i in x)
+
+        if isinstance(v, str) or ids_ok(v) and v:
+            return v
+        if isinstance(v, list) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+        if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(ids_ok(p) for p in v)):
+            return v
+        raise ValueError(f"'prompt' must be a string, a list of strings, or token ids in [0, {vocab})")
+
+    def prompt_list(self) -> list:
+        """Strings and id lists, one per prompt."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: str
+    content: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, m):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in CHAT_ROLES:
+            raise ValueError("{param} needs a role of " + ", ".join(CHAT_ROLES))
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ContentError("only text content parts are supported")
+            m = {**m, "content": "".join(p["text"] for p in content)}
+        elif not isinstance(content, str):
+            raise ContentError("{param} must be a string")
+        return {"role": CHAT_ROLES[m["role"]], "content": m["content"]}
+
+
+class ContentError(ValueError):
+    """A message's content is wrong: the error's param is messages[i].content."""
+
+
+class ChatCompletionRequest(_Request):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | None = None
+    functions: list | None = None
+    function_call: str | None = None
+    modalities: list | None = None
+
+    @field_validator("top_logprobs", "tools", "tool_choice", "functions", "function_call", "modalities")
+    @classmethod
+    def _only_neutral_here(cls, v, info: ValidationInfo):
+        return _neutral(info.field_name, v)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, v):
+        if not isinstance(v, list) or not v:
+            raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        if v is not None and v != {"type": "text"}:
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return v
+
+
+# --- pydantic's errors -> OpenAI's -------------------------------------------------------------------
+
+_TYPE_WORDS = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+               "string_type": "a string", "bool_type": "true or false", "dict_type": "an object",
+               "list_type": "a list", "model_type": "an object", "model_attributes_type": "an object"}
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+           "less_than": ("<", "lt")}
+
+
+def _param(loc: tuple) -> str | None:
+    """('messages', 0, 'content') -> 'messages[0].content'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def api_error(e: ValidationError) -> APIError:
+    """The first validation error as OpenAI words it."""
+    err = e.errors(include_url=False)[0]
+    kind, loc, value = err["type"], tuple(err["loc"]), err.get("input")
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ContentError):
+        loc = (*loc, "content")
+    param = _param(loc)
+    if kind == "extra_forbidden":
+        return bad(param, f"Unrecognized request argument supplied: {param}", code="unknown_parameter")
+    if kind == "missing":
+        return bad(param, f"you must provide a {param} parameter")
+    if kind in _TYPE_WORDS:
+        return bad(param, f"'{param}' must be {_TYPE_WORDS[kind]}, got {type(value).__name__}")
+    if kind == "finite_number":
+        return bad(param, f"'{param}' must be a finite number, got {value}")
+    if kind in _BOUNDS:
+        op, key = _BOUNDS[kind]
+        bound = err["ctx"][key]
+        return bad(param, f"'{param}' must be {op} {f'{bound:g}' if isinstance(bound, float) else bound}, got {value}")
+    if kind == "value_error" and cause is not None:
+        return bad(param, str(cause).replace("{param}", str(param)))
+    return bad(param, f"'{param}': {err['msg']}")
+
+
+# --- a validated request, checked against the model ----------------------------------------------------
+
 @dataclass
 class GenerationRequest:
     kind: str  # "completion" or "chat"
@@ -59,182 +273,59 @@ class GenerationRequest:
     include_usage: bool
 
 
-def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise bad(key, f"'{key}' must be a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise bad(key, f"'{key}' must be a finite number, got {v}")
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise bad(key, f"'{key}' must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}, got {v}")
-    return float(v)
-
-
-def _integer(body: dict, key: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise bad(key, f"'{key}' must be an integer, got {type(v).__name__}")
-    if lo is not None and v < lo:
-        raise bad(key, f"'{key}' must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise bad(key, f"'{key}' must be <= {hi}, got {v}")
-    return v
-
-
-def _check_model(body: dict, engine: CompletionEngine) -> None:
-    model = body.get("model")
-    if model is None:
-        raise bad("model", "you must provide a model parameter")
-    if not isinstance(model, str):
-        raise bad("model", f"'model' must be a string, got {type(model).__name__}")
-    if model != engine.model_name:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{engine.model_name}'",
-                       param="model", code="model_not_found")
-
-
-def _check_keys(body: dict, kind: str) -> None:
-    unknown = [k for k in body if k not in KNOWN_KEYS[kind]]
-    if unknown:
-        raise bad(unknown[0], f"Unrecognized request argument supplied: {unknown[0]}", code="unknown_parameter")
-    for key, typ in IGNORED.items():
-        v = body.get(key)
-        if v is not None and (not isinstance(v, typ) or (typ is not bool and isinstance(v, bool))):
-            raise bad(key, f"'{key}' must be a {typ.__name__}, got {type(v).__name__}")
-
-
-def _check_unsupported(body: dict) -> None:
-    for key, neutral in NEUTRAL.items():
-        v = body.get(key)
-        if v is not None and not any(v == n and type(v) is type(n) for n in neutral):
-            raise bad(key, f"'{key}' is not supported by this server (leave it unset)")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("response_format", "only response_format {'type': 'text'} is supported")
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    v = body.get("stop")
-    if v is None:
-        return ()
-    stops = [v] if isinstance(v, str) else v
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad("stop", "'stop' must be a string or a list of strings")
-    if len(stops) > MAX_STOP:
-        raise bad("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}")
-    if any(s == "" for s in stops):
-        raise bad("stop", "'stop' strings must not be empty")
-    if any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise bad("stop", f"'stop' strings may be at most {MAX_STOP_CHARS} characters long")
-    return tuple(stops)
-
-
-def _prompts(body: dict, engine: CompletionEngine) -> list[list[int]]:
-    v = body.get("prompt")
-    if v is None:
-        raise bad("prompt", "you must provide a prompt")
-    vocab = engine.lm.cfg.vocab_size
-
-    def ids_ok(x) -> bool:
-        return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in x)
-
-    if isinstance(v, list) and len(v) > MAX_PROMPTS and not ids_ok(v):
-        raise bad("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
-    if isinstance(v, str):
-        prompts = [engine.encode(v)]
-    elif isinstance(v, list) and v and all(isinstance(p, str) for p in v):
-        prompts = [engine.encode(p) for p in v]
-    elif ids_ok(v) and v:
-        prompts = [list(v)]
-    elif isinstance(v, list) and v and all(ids_ok(p) for p in v):
-        prompts = [list(p) for p in v]
-    else:
-        raise bad("prompt", f"'prompt' must be a string, a list of strings, or token ids in [0, {vocab})")
-    if len(prompts) > MAX_PROMPTS:
-        raise bad("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
-    return prompts
-
-
-def _messages(body: dict) -> list[dict]:
-    v = body.get("messages")
-    if not isinstance(v, list) or not v:
-        raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
-    out = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in CHAT_ROLES:
-            raise bad(f"messages[{i}]", f"messages[{i}] needs a role of {', '.join(CHAT_ROLES)}")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise bad(f"messages[{i}].content", "only text content parts are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string")
-        out.append({"role": CHAT_ROLES[m["role"]], "content": content})
-    return out
-
-
 def parse_request(body, engine: CompletionEngine, kind: str) -> GenerationRequest:
-    """Validate a completions ("completion") or chat completions ("chat") request body."""
+    """Validate a completions ("completion") or chat completions ("chat") body for ``engine``."""
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object")
-    _check_model(body, engine)
-    _check_keys(body, kind)
-    _check_unsupported(body)
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad("stream", "'stream' must be true or false")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise bad("stream_options", "'stream_options' must be an object like {\"include_usage\": true}")
-    if kind == "chat":
-        from openllm_ds.errors import UserError
+    model = CompletionRequest if kind == "completion" else ChatCompletionRequest
+    try:
+        req = model.model_validate(body, context={"vocab_size": engine.vocab_size})
+    except ValidationError as e:
+        raise api_error(e) from None
+    return generation_request(req, engine)
 
-        messages = _messages(body)
+
+def generation_request(req: CompletionRequest | ChatCompletionRequest, engine: CompletionEngine) -> GenerationRequest:
+    if req.model != engine.model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{engine.model_name}'",
+                       param="model", code="model_not_found")
+    if isinstance(req, ChatCompletionRequest):
+        kind, prompt_param = "chat", "messages"
+        if req.messages is None:
+            raise bad("messages", "you must provide a messages parameter")
         try:
-            prompt_text = engine.render_chat(messages)
+            text = engine.render_chat([m.model_dump() for m in req.messages])
         except UserError as e:
             raise bad("messages", str(e)) from None
         except Exception as e:  # a template's raise_exception(), or a jinja error on these messages
             raise bad("messages", f"the chat template cannot render these messages: {e}") from None
-        prompts = [engine.encode(prompt_text)]
-        max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        _integer(body, "max_tokens", None, lo=1)  # checked even when max_completion_tokens wins
+        prompts = [engine.encode(text, add_prefix=False)]  # the template starts with the prefix itself
+        max_key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     else:
-        prompts = _prompts(body, engine)
-        max_key = "max_tokens"
-    max_tokens = _integer(body, max_key, None, lo=1)
+        kind, prompt_param, max_key, max_tokens = "completion", "prompt", "max_tokens", req.max_tokens
+        prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in req.prompt_list()]
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise bad("prompt", "the prompt is empty: it must hold at least one token")
     room = engine.max_length - longest
     if room < 1:
-        raise bad("messages" if kind == "chat" else "prompt",
-                  f"This model's maximum context length is {engine.max_length} tokens; the prompt has {longest} tokens "
-                  "and leaves no room for a completion. Shorten the prompt.", code="context_length_exceeded")
+        raise bad(prompt_param, f"This model's maximum context length is {engine.max_length} tokens; the prompt has "
+                  f"{longest} tokens and leaves no room for a completion. Shorten the prompt.",
+                  code="context_length_exceeded")
     if max_tokens is None:
         max_tokens = room if kind == "chat" else min(DEFAULT_COMPLETION_TOKENS, room)
     elif max_tokens > room:
         raise bad(max_key, f"This model's maximum context length is {engine.max_length} tokens. However, you requested "
                            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the completion). "
                            "Reduce the prompt or the completion length.", code="context_length_exceeded")
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        n=_integer(body, "n", 1, lo=1, hi=MAX_N),
-        stop=_stop(body),
-        seed=_integer(body, "seed", None, *SEED_RANGE),
-    )
-    return GenerationRequest(kind, prompts, params, stream, bool(options.get("include_usage", False)) and stream)
+    params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, n=req.n,
+                            stop=req.stop, seed=req.seed)
+    return GenerationRequest(kind, prompts, params, req.stream, req.include_usage)
 
 
 # --- responses ------------------------------------------------------------------------------------
+
 def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
 
@@ -283,3 +374,4 @@ def usage_chunk(req: GenerationRequest, rid: str, created: int, model: str, prom
 
 def now() -> int:
     return int(time.time())
+

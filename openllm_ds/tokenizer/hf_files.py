@@ -17,10 +17,17 @@ score: a 4k unigram model on SQuAD differed on 1 of 6,426 validation + WikiText 
 
 Known difference: a special token written as text ("</s>") is one id for transformers and plain
 characters for SentencePiece. The chat template relies on it to end an assistant turn.
+
+Prompt convention (see `Tokenizer.encode_prompt`): generation starts after `</s>`, where every
+training document starts. The Hugging Face files say so as GPT-2's do with `<|endoftext|>`: the BOS
+token is `</s>` and the post-processor puts it before every text (`tok(text)`; `add_special_tokens=False`
+gives the plain ids), so transformers' `generate(**tok(text))`, vLLM and lm-eval start there by
+themselves; the chat template opens with it too (chat prompts are tokenized without special tokens).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import sentencepiece as spm
@@ -29,11 +36,17 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 from openllm_ds.utils import atomic_write_json
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+# The roles transformers reads: its BOS is the prompt prefix, `</s>` (SentencePiece's <s> stays unused).
+HF_SPECIAL_TOKENS = {**SPECIAL_TOKENS, "bos_token": SPECIAL_TOKENS["eos_token"]}
+PROMPT_PREFIX = SPECIAL_TOKENS["eos_token"]
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # no token_type_ids: generate(**tok(text)) must work
 NO_MAX_LENGTH = int(1e30)  # transformers' VERY_LARGE_INTEGER: "no limit"; the export sets the model's context
 
 # Plain-text chat format for the built-in server and vLLM: the model is a base LM, not chat-tuned.
-# An assistant turn ends with EOS, and the next turn starts like a new training document.
+# The conversation starts after the prompt prefix (bos_token, "</s>"); an assistant turn ends with
+# EOS, and the next turn starts like a new training document.
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
@@ -41,6 +54,9 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+
+OLDER_CHAT_TEMPLATES = (CHAT_TEMPLATE.removeprefix("{{ bos_token }}"),)  # before the prompt prefix
 
 
 def is_normal_piece(sp: spm.SentencePieceProcessor, i: int) -> bool:
@@ -92,10 +108,16 @@ def build_hf_tokenizer(model_file: str | Path, model_type: str = "bpe") -> Token
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
     ])
-    # No BOS/EOS on encode: training documents carry no BOS and end with an EOS the data pipeline adds.
-    tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    tok.post_processor = prompt_post_processor(sp.eos_id())
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS.values()])
     return tok
+
+
+def prompt_post_processor(prefix_id: int) -> processors.TemplateProcessing:
+    """With special tokens, a text starts after the prompt prefix `</s>` (where training documents start); no EOS
+    is appended: training documents end with an EOS the data pipeline adds."""
+    return processors.TemplateProcessing(single=f"{PROMPT_PREFIX} $A:0", pair=f"{PROMPT_PREFIX} $A:0 $B:1",
+                                         special_tokens=[(PROMPT_PREFIX, prefix_id)])
 
 
 def tokenizer_config(max_length: int = NO_MAX_LENGTH) -> dict:
@@ -105,9 +127,10 @@ def tokenizer_config(max_length: int = NO_MAX_LENGTH) -> dict:
     }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        **SPECIAL_TOKENS,
-        "add_bos_token": False,
+        **HF_SPECIAL_TOKENS,
+        "add_bos_token": True,  # the post-processor in tokenizer.json adds it; this flag says so to other readers
         "add_eos_token": False,
+        "model_input_names": MODEL_INPUT_NAMES,
         "added_tokens_decoder": added,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
@@ -122,5 +145,24 @@ def write_hf_files(model_file: str | Path, out_dir: str | Path, model_type: str 
     tok = build_hf_tokenizer(model_file, model_type)
     tok.save(str(out / "tokenizer.json"))
     atomic_write_json(out / "tokenizer_config.json", tokenizer_config())
-    atomic_write_json(out / "special_tokens_map.json", dict(SPECIAL_TOKENS))
+    atomic_write_json(out / "special_tokens_map.json", dict(HF_SPECIAL_TOKENS))
     return tok
+
+
+def apply_prompt_convention(out_dir: str | Path, prefix_id: int, max_length: int = NO_MAX_LENGTH) -> None:
+    """Bring the Hugging Face files of ``out_dir`` (any earlier version of ours) to the prompt convention:
+    the post-processor, BOS = `</s>`, ``model_input_names``, the chat template, and ``model_max_length``."""
+    out = Path(out_dir)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.post_processor = prompt_post_processor(prefix_id)
+    tok.save(str(out / "tokenizer.json"))
+    cfg_file = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    fresh = tokenizer_config(max_length)
+    for key in ("tokenizer_class", *HF_SPECIAL_TOKENS, "add_bos_token", "add_eos_token", "model_input_names",
+                "model_max_length"):
+        cfg[key] = fresh[key]
+    if not cfg.get("chat_template") or cfg["chat_template"] in OLDER_CHAT_TEMPLATES:
+        cfg["chat_template"] = CHAT_TEMPLATE
+    atomic_write_json(cfg_file, cfg)
+    atomic_write_json(out / "special_tokens_map.json", dict(HF_SPECIAL_TOKENS))

@@ -14,7 +14,13 @@ MODEL_FILE = "tokenizer.model"
 
 
 class Tokenizer:
-    """`encode` adds no BOS/EOS: the token shards append one EOS after each document."""
+    """`encode` adds no BOS/EOS: the token shards append one EOS after each document.
+
+    The prompt convention: a text to continue starts where a training document starts, after an EOS
+    (`encode_prompt`). Generation, evaluation, the built-in server and the Hugging Face export (whose
+    BOS token is `</s>`, as GPT-2's is `<|endoftext|>`, so transformers, vLLM and lm-eval add it
+    themselves) all put `prompt_prefix_id` before the text.
+    """
 
     def __init__(self, model_file: str | Path):
         self.model_file = Path(model_file)
@@ -22,6 +28,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a model continues: the prompt prefix (EOS), then the text's tokens."""
+        return [self.prompt_prefix_id] + self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
@@ -42,6 +52,11 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def prompt_prefix_id(self) -> int:
+        """The token every prompt starts with: EOS, the boundary that precedes each training document."""
         return self.sp.eos_id()
 
     @property
