@@ -38,7 +38,8 @@ def ours(argv: list[str]) -> tuple[str, list[str]] | None:
         job = argv[argv.index("--") + 1:]
         assert job[0] == "python" and (ROOT / job[1]).is_file(), job
         script = Path(job[1]).stem
-        return ("train", job[2:]) if script == "train" else ("cli", [{"eval": "evaluate"}.get(script, script), *job[2:]])
+        return ("train", job[2:]) if script == "train" else ("cli", [{"eval": "evaluate", "tokenize_corpus": "tokenize"}
+                                                                     .get(script, script), *job[2:]])
     return None
 
 
