@@ -88,15 +88,30 @@ def test_pipeline_end_to_end_resumes_and_skips(squad_dir, tmp_path, capsys, monk
     assert stage_lines(capsys.readouterr().out) == {s: "skipped" for s in STAGES}
 
 
-def test_pipeline_as_a_ray_job_on_a_real_head(squad_dir, tmp_path, ray_head):
+def test_pipeline_on_own_data_as_a_ray_job_on_a_real_head(prepared_data, tmp_path, ray_head):
+    """The pipeline on a user's JSON Lines corpus (text in a "content" field), submitted as a Ray job: no
+    prepare; the tokenizer trained on the corpus; validation on its held-out 1%, evaluated and reported."""
     env, address = ray_head
+    passages = (prepared_data / "training_data.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"content": p}) + "\n" for p in passages), encoding="utf-8")
     work = tmp_path / "job"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-           "--", "python", "ray_jobs/pipeline.py", *pipeline_argv(squad_dir, work)[1:]]
+           "--", "python", "ray_jobs/pipeline.py", "--config", str(ROOT / "configs/tiny.yaml"), "--work_dir", str(work),
+           *OVERRIDES, f"train.data_file={corpus}", "tokenizer.text_field=content"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert stage_lines(r.stdout) == {s: "running" for s in STAGES}
+    assert stage_lines(r.stdout) == {"prepare": "skipped", **{s: "running" for s in STAGES[1:]}}
+    assert not (work / "data/clean").exists()
     state = json.loads((work / "runs/tiny/state.json").read_text())
     assert state["train"]["result"]["world_size"] == 1  # one Ray Train worker: the job's default
     assert state["train"]["result"]["final_step"] == 20
-    assert (work / "runs/tiny/report.md").is_file() and (work / "exports/huggingface/model.safetensors").is_file()
+    (source,) = state["train"]["result"]["sources"]
+    assert source["validation"] == f"the held-out 0.01 of {corpus}"
+    held = [json.loads(line)["text"] for line in (work / "runs/tiny/validation.jsonl").read_text().splitlines()]
+    assert 0 < len(held) < 0.03 * len(passages) and set(held) <= set(passages)
+    assert state["evaluate"]["result"]["num_documents"] == len(held)
+    assert state["train-tokenizer"]["result"]["input"] == str(corpus)
+    report = (work / "runs/tiny/report.md").read_text()
+    assert f"| `{corpus}` | 100.0% | 100.0% | {len(passages) - len(held):,} | 0 |" in report
+    assert (work / "exports/huggingface/model.safetensors").is_file()
