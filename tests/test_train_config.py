@@ -68,7 +68,7 @@ def test_precision_resolution():
     z2 = ROOT / "ds_configs/zero2.json"
     gpu = build_ds_config(run_cfg(z2), 1, "cuda")
     assert gpu["fp16"]["enabled"] is True and gpu["fp16"]["loss_scale"] == 0 and gpu["bf16"]["enabled"] is False
-    assert "torch_adam" not in gpu["optimizer"]["params"]
+    assert gpu["optimizer"]["params"]["torch_adam"] is True  # torch's fused AdamW: no FusedAdam build (nvcc)
     # contiguous gradient buffer: against GPU memory fragmentation; on a CPU only a copy
     assert gpu["zero_optimization"]["contiguous_gradients"] is True
     assert build_ds_config(run_cfg(z2), 1, "cpu")["zero_optimization"]["contiguous_gradients"] is False
@@ -214,3 +214,22 @@ def test_eval_windows_split_evenly_across_ranks():
     seen = [int(x[i, 0]) // 32 for w in shares for x, _ in w.batches() for i in range(x.size(0))]
     assert sorted(seen) == [0, 16, 33, 50, 66, 83]
     assert [sum(x.size(0) for x, _ in w.batches()) for w in shares] == [3, 3]
+
+
+def test_ids_past_the_vocabulary_stop_the_run_naming_the_shards(tmp_path):
+    """Shard bytes changed after they were written (same size, so meta.json's counts still agree): the batch
+    holding them stops the run with a DataError naming the shards dir, not an IndexError in the embedding."""
+    from openllm_ds.errors import DataError
+    from openllm_ds.tokenizer import TokenShards
+
+    from test_shards import write_shards
+
+    write_shards(tmp_path, np.arange(16 * 10 + 1) % 90, [], 100)
+    raw = np.fromfile(tmp_path / "shard_00000.bin", dtype="<u2")
+    raw[40] = 4000  # within uint16, past the vocabulary of 100
+    raw.tofile(tmp_path / "shard_00000.bin")
+    shards = TokenShards(tmp_path)
+    b = TrainBatches([shards], [1.0], 16, micro_batch=10, grad_accum=1, env=DistEnv(0, 0, 1, "cpu"), seed=0)
+    with pytest.raises(DataError, match=rf"token shards {tmp_path} hold id 4000, past the vocabulary of 100: .*tokenize "
+                                        r"again"):
+        b.next_batch(DataPosition.start(1))

@@ -389,7 +389,9 @@ class OnRay:
                                  [drops], holdout),  # the model bytes: workers need no shared tokenizer dir
             batch_size=1,
             batch_format="numpy",
-            compute=ActorPoolStrategy(size=self.num_workers),
+            # one unit in flight per actor: a free actor takes the next unit, so no actor idles at the end while
+            # another still holds queued units (a unit is seconds of work; handing it out costs milliseconds)
+            compute=ActorPoolStrategy(size=self.num_workers, max_tasks_in_flight_per_actor=1),
             num_cpus=self.cpus,
         )
         results = []
