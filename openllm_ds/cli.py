@@ -135,7 +135,7 @@ def cmd_train_tokenizer(args):
 
 
 def cmd_tokenize(args):
-    from openllm_ds.data.documents import ReadOptions
+    from openllm_ds.data.units import ReadOptions
     from openllm_ds.tokenizer import load_tokenizer, tokenize_corpus
     from openllm_ds.tokenizer.corpus import check_inputs, summary
 

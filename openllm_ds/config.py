@@ -81,7 +81,7 @@ class TokenizerConfig:
                               f"{self.unit_bytes} and {self.input_sentence_size}")
 
     def read_options(self):
-        from openllm_ds.data.documents import ReadOptions
+        from openllm_ds.data.units import ReadOptions
 
         return ReadOptions(self.text_field, self.doc_separator, self.on_bad_record)
 

@@ -80,7 +80,7 @@ def uses_prepare(cfg: RunConfig) -> bool:
 
 def _source_fingerprint(spec: str):
     """A local file's sha256; the files (paths, sizes, mtimes) of a folder or glob; an hf: dataset's name."""
-    from openllm_ds.data.documents import ReadOptions, is_hub_source, resolve_sources
+    from openllm_ds.data.units import ReadOptions, is_hub_source, resolve_sources
 
     if is_hub_source(spec):
         return spec

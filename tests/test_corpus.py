@@ -12,7 +12,8 @@ import shutil
 
 import pytest
 
-from openllm_ds.data.documents import ReadOptions, plan_units, read_unit, resolve_sources
+from openllm_ds.data.documents import read_unit
+from openllm_ds.data.units import ReadOptions, plan_units, resolve_sources
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for, tokenize_corpus
 

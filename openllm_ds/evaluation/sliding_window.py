@@ -40,11 +40,11 @@ class TextStats:
 def read_documents(path: str | Path, limit: int | None = None) -> list[str]:
     """Documents of a one-per-line text file: split on newlines, blank lines dropped; or of any other source
     `openllm-ds tokenize` reads (JSON Lines, Parquet, a folder, a glob, hf:NAME...)."""
-    from openllm_ds.data import documents
+    from openllm_ds.data import documents, units
 
     p = Path(path)
-    if documents.is_hub_source(str(path)) or p.is_dir() or not p.is_file() and documents.is_glob(str(path)) \
-            or p.is_file() and documents.format_of(p.name) not in (("text", None), (None, None)):
+    if units.is_hub_source(str(path)) or p.is_dir() or not p.is_file() and units.is_glob(str(path)) \
+            or p.is_file() and units.format_of(p.name) not in (("text", None), (None, None)):
         return documents.read_documents(str(path), limit=limit, what="eval data")
     if not p.is_file():
         raise DataError(f"eval file {p} does not exist; pass a text file with one document a line "

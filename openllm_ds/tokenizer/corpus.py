@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from openllm_ds.data.documents import (UNIT_BYTES, ReadOptions, Unit, UnitCounts, is_glob, is_hub_source, plan_units,
-                                       read_unit, resolve_sources)
+from openllm_ds.data.documents import read_unit
+from openllm_ds.data.units import (UNIT_BYTES, ReadOptions, Unit, UnitCounts, is_glob, is_hub_source, plan_units,
+                                   resolve_sources)
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer.shards import FORMAT, META_FILE, TokenShards, is_shard_file, shard_name, token_dtype
 from openllm_ds.tokenizer.tokenizer import load_tokenizer

@@ -26,7 +26,8 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from openllm_ds.config import TokenizerConfig
-from openllm_ds.data.documents import UNIT_BYTES, plan_units, read_unit, resolve_sources
+from openllm_ds.data.documents import read_unit
+from openllm_ds.data.units import UNIT_BYTES, plan_units, resolve_sources
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer.hf_files import SPECIAL_TOKENS, write_hf_files
 from openllm_ds.tokenizer.tokenizer import MODEL_FILE, Tokenizer

@@ -84,7 +84,7 @@ def data_keys(cfg: RunConfig) -> list[tuple[str, str]]:
 def check_source_exists(key: str, spec: str) -> None:
     import glob
 
-    from openllm_ds.data.documents import is_glob, is_hub_source
+    from openllm_ds.data.units import is_glob, is_hub_source
 
     if is_hub_source(spec) or Path(spec).exists() or is_glob(spec) and glob.glob(spec, recursive=True):
         return

@@ -35,7 +35,7 @@ from openllm_ds.errors import UserError
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """The same run with file paths made absolute (workers may run in another directory)."""
-    from openllm_ds.data.documents import is_hub_source
+    from openllm_ds.data.units import is_hub_source
 
     def source(spec: str) -> str:
         return spec if is_hub_source(spec) else str(Path(spec).expanduser().resolve())
