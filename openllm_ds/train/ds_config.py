@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import ConfigError
 
@@ -31,6 +33,9 @@ def resolve_precision(precision: str, device: str) -> str:
     if device == "cpu" and precision == "fp16":
         raise ConfigError("train.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); "
                           "use train.precision=auto or fp32 on CPU")
+    if device == "cuda" and precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision=bf16 needs a GPU with bf16 (compute capability 8.0 or newer; this "
+                          f"{torch.cuda.get_device_name()} has none); use train.precision=fp16 (or auto)")
     return precision
 
 
@@ -123,10 +128,14 @@ def build_ds_config(cfg: RunConfig, world_size: int, device: str) -> dict:
     for key, value in (("lr", t.learning_rate), ("betas", [t.beta1, t.beta2]), ("eps", ADAM_EPS),
                        ("weight_decay", t.weight_decay)):
         _resolve(params, key, value)
-    if device == "cpu" and opt.get("type", "").lower() in ("adam", "adamw") and not offload:
-        # DeepSpeed's FusedAdam is a C++ op JIT-compiled on first use (~2 min on 2 cores);
-        # torch.optim.AdamW gives the same update with no build. Offload keeps DeepSpeedCPUAdam.
+    if opt.get("type", "").lower() in ("adam", "adamw") and not offload:
+        # DeepSpeed's FusedAdam is an op JIT-compiled on first use: ~2 min on 2 CPU cores, and on a GPU it
+        # needs nvcc of the CUDA version torch was built with, which a pip-installed torch does not bring.
+        # torch.optim.AdamW gives the same update with no build; on a GPU its fused kernel (one launch for
+        # all parameters). Offload keeps DeepSpeedCPUAdam; "torch_adam": false in the base JSON, FusedAdam.
         params.setdefault("torch_adam", True)
+        if device == "cuda" and params["torch_adam"] is True:
+            params.setdefault("fused", True)
 
     if "scheduler" in ds:
         sched = ds["scheduler"].setdefault("params", {})
