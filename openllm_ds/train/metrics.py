@@ -12,10 +12,13 @@ import json
 import logging
 import math
 import os
+import re
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,11 +35,110 @@ def flops_per_token(cfg: ModelConfig, num_params: int) -> float:
     return 6.0 * num_params + 12.0 * cfg.n_layers * cfg.d_model * cfg.max_seq_len
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
-                        repeats: int = 3) -> float:
-    """FLOP/s of a square ``torch.mm`` on this device: the peak MFU is measured against.
+# Dense (no sparsity) tensor-core peak of fp16/bf16 matmuls with fp32 accumulation, TFLOP/s, from NVIDIA's
+# datasheets (their "with sparsity" figures halved; the H20 has none, its figure is the one NVIDIA gave its
+# customers and the press reported), matched against torch.cuda.get_device_name() in order:
+# the more specific names first. None: no bf16 tensor cores. GeForce cards accumulate fp32 at half rate, and
+# PyTorch accumulates fp16/bf16 matmuls in fp32, so theirs are the fp32-accumulate figures.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float, float | None], ...] = (
+    (r"\bH100\b.*\bPCIe\b", 756.0, 756.0),
+    (r"\bH[12]00\b.*\bNVL\b", 835.5, 835.5),
+    (r"\bH800\b.*\bPCIe\b", 756.0, 756.0),
+    (r"\b(H100|H200|GH200|H800)\b", 989.4, 989.4),  # SXM ("NVIDIA H100 80GB HBM3"), H200, Grace Hopper
+    (r"\bH20\b", 148.0, 148.0),
+    (r"\bB200\b", 2250.0, 2250.0),
+    (r"\bB100\b", 1750.0, 1750.0),
+    (r"\b(A100|A800)\b", 312.0, 312.0),
+    (r"\bA30\b", 165.0, 165.0),
+    (r"\bA40\b", 149.7, 149.7),
+    (r"\bA10\b", 125.0, 125.0),
+    (r"\bL40S\b", 362.05, 362.05),
+    (r"\bL40\b", 181.05, 181.05),
+    (r"\bL4\b", 121.0, 121.0),
+    (r"\bRTX A6000\b", 154.8, 154.8),
+    (r"\bRTX 4090\b", 165.2, 165.2),
+    (r"\bRTX 3090\b", 71.0, 71.0),
+    (r"\bV100S\b", 130.0, None),
+    (r"\bV100\b.*\bPCIE\b", 112.0, None),
+    (r"\bV100\b", 125.0, None),
+    (r"\bT4\b", 65.0, None),
+)
 
-    Its random operands come from a private generator: the training RNG streams stay untouched."""
+# Dense fp16 tensor-core FLOPs per clock per SM (fp32 accumulation) by compute capability, for GPUs not in the
+# table: peak = SMs x max SM clock x this. Datasheet checks: A100 108 x 1410 MHz x 2048 = 312 TFLOP/s,
+# H100 SXM 132 x 1830 MHz x 4096 = 989 TFLOP/s, L4 58 x 2040 MHz x 1024 = 121 TFLOP/s. bf16 from sm_80 on.
+TENSOR_FLOPS_PER_CLOCK_PER_SM: dict[tuple[int, int], int] = {
+    (7, 0): 1024, (7, 5): 1024, (8, 0): 2048, (8, 6): 1024, (8, 9): 1024, (9, 0): 4096, (10, 0): 8192,
+}
+
+
+class PeakFlops(NamedTuple):
+    flops: float  # FLOP/s
+    source: str  # where the figure comes from, for reports
+
+
+def spec_peak_flops(name: str, capability: tuple[int, int], sm_count: int, max_sm_clock_mhz: float | None,
+                    dtype: torch.dtype) -> PeakFlops | None:
+    """The dense fp16/bf16 peak of one GPU from its name (datasheet table), else estimated from its compute
+    capability, SM count and maximum SM clock; None when neither knows it (or the GPU lacks the dtype)."""
+    kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    if kind is None:
+        return None
+    for pattern, fp16, bf16 in GPU_PEAK_TFLOPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            tflops = fp16 if kind == "fp16" else bf16
+            if tflops is None:
+                return None
+            return PeakFlops(tflops * 1e12, f"datasheet, {name}: {tflops:g} TFLOP/s dense {kind}")
+    per_clock = TENSOR_FLOPS_PER_CLOCK_PER_SM.get(tuple(capability))
+    if per_clock is None or not max_sm_clock_mhz or (kind == "bf16" and tuple(capability) < (8, 0)):
+        return None
+    flops = sm_count * max_sm_clock_mhz * 1e6 * per_clock
+    return PeakFlops(flops, f"estimate, {name}: {sm_count} SMs x {max_sm_clock_mhz:g} MHz x {per_clock} FLOP/clock "
+                            f"(sm_{capability[0]}{capability[1]}) = {flops / 1e12:.1f} TFLOP/s {kind}")
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> PeakFlops:
+    """The FLOP/s MFU is measured against: on a GPU its own dense fp16/bf16 peak (``spec_peak_flops``); on a
+    CPU, and for fp32 or a GPU neither table knows, a timed ``torch.mm`` (``measure_matmul_peak``)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        capability = (props.major, props.minor)
+        known = spec_peak_flops(props.name, capability, props.multi_processor_count, None, dtype)
+        if known is None and dtype in (torch.float16, torch.bfloat16):
+            known = spec_peak_flops(props.name, capability, props.multi_processor_count,
+                                    max_sm_clock_mhz(props), dtype)
+        if known is not None:
+            return known
+    flops = measure_matmul_peak(device, dtype)
+    return PeakFlops(flops, f"measured, torch.mm {str(dtype).removeprefix('torch.')} on {device.type}: "
+                            f"{flops / 1e12:.3g} TFLOP/s")
+
+
+def max_sm_clock_mhz(props) -> float | None:
+    """The GPU's maximum SM clock from nvidia-smi (PyTorch does not report clocks), or None."""
+    uuid = str(getattr(props, "uuid", "") or "")
+    if not uuid:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits",
+                              "-i", uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"],
+                             capture_output=True, text=True, timeout=30)
+        return float(out.stdout.strip().splitlines()[0]) if out.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
+                        repeats: int = 3) -> float:
+    """FLOP/s of a square ``torch.mm`` on this device (n = 2048 on a CPU, 8192 on a GPU, where a smaller
+    product is too short to time or to fill the GPU; ten products between synchronisations there).
+
+    Its random operands come from a private generator: the training RNG streams stay untouched. On a GPU
+    the peak-memory statistics are reset afterwards, so that a run's peak memory is its own."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    per_timing = 10 if cuda else 1
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
@@ -45,9 +147,13 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        for _ in range(per_timing):
+            torch.mm(a, b)
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, (time.perf_counter() - t0) / per_timing)
+    if cuda:
+        del a, b
+        torch.cuda.reset_peak_memory_stats(device)
     return 2.0 * n**3 / best
 
 
