@@ -6,18 +6,25 @@
   DeepSpeed wraps that group.
 - One plain process (no launcher variables): a world of size 1 on a free loopback port.
 
-gloo on CPU (DeepSpeed's CPU accelerator), nccl on CUDA.
+gloo on CPU (DeepSpeed's CPU accelerator), nccl on CUDA. Tensor collectives time out after DeepSpeed's
+default (10 minutes, ``DEEPSPEED_TIMEOUT`` in minutes changes it). Object collectives (``broadcast_object``,
+``all_gather_object``) run on a second, gloo group with ``OBJECT_TIMEOUT``: ranks wait in them while rank 0
+alone builds token shards or consolidates a checkpoint, which may take longer than that, and an NCCL
+collective left waiting would be aborted by the watchdog, ending the run.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+OBJECT_TIMEOUT = timedelta(hours=2)  # object collectives: rank-0-only work (shards, checkpoint) may be long
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,8 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: str  # "cpu" | "cuda"
+    # gloo group for object collectives (None: one rank, or the default group)
+    object_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_rank_zero(self) -> bool:
@@ -58,14 +67,17 @@ def init_distributed() -> DistEnv:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
-    if device == "cpu":
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        # before the process group: NCCL's communicators and every later collective use the current device
+        torch.cuda.set_device(local_rank)
+    else:
         _skip_shm_comm_build(deepspeed)
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
-    env = DistEnv(rank=dist.get_rank(), local_rank=int(os.environ["LOCAL_RANK"]), world_size=dist.get_world_size(),
-                  device=device)
-    if device == "cuda":
-        torch.cuda.set_device(env.local_rank)
-    elif "OMP_NUM_THREADS" not in os.environ:
+    world_size = dist.get_world_size()
+    env = DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=world_size, device=device,
+                  object_group=object_group() if world_size > 1 else None)
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # ranks on one machine share its cores; oversubscribing them slows every rank down
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or env.world_size)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
@@ -81,6 +93,11 @@ def _skip_shm_comm_build(deepspeed) -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def object_group(timeout: timedelta = OBJECT_TIMEOUT):
+    """A gloo group of all ranks for object collectives (every rank calls this, in the same order)."""
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def _free_port() -> int:
@@ -115,7 +132,7 @@ def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
     if env.world_size == 1:
         return [obj]
     out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=env.object_group)
     return out
 
 
@@ -124,5 +141,5 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     if env.world_size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=env.object_group)
     return box[0]
