@@ -34,6 +34,10 @@ def ours(argv: list[str]) -> tuple[str, list[str]] | None:
         return "cli", argv[1:]
     if argv[0] == "deepspeed":
         return "train", argv[argv.index("openllm_ds.train") + 1:]
+    if argv[0] == "scripts/gpu_acceptance.sh":
+        return "acceptance", [a for a in argv[1:] if a not in ("--with_vllm", "--skip_setup")]
+    if argv[:2] == [".venv/bin/python", "benchmarks/gpu_acceptance.py"]:
+        return "acceptance", argv[2:]
     if argv[:3] == ["ray", "job", "submit"]:
         job = argv[argv.index("--") + 1:]
         assert job[0] == "python" and (ROOT / job[1]).is_file(), job
@@ -61,6 +65,12 @@ def test_readme_command_parses(command, monkeypatch):
         assert command.startswith(OTHER_TOOLS), f"README command of an unknown tool: {command}"
         return
     which, args = kind
+    if which == "acceptance":
+        monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+        import gpu_acceptance
+
+        gpu_acceptance.parse_args(args)
+        return
     if which == "train":
         parsed = build_train_parser().parse_args(args)
         run_config_from_args(parsed, "train")
