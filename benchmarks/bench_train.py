@@ -103,7 +103,7 @@ def build_variants(cfg, env, ds_configs: list[str], compile: bool = False):
         run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ds_config=path, compile=compiled))
         ds = build_ds_config(run, env.world_size, env.device)
         ds["tensorboard"]["enabled"] = False
-        engine = build_engine(run, RunInputs(None, ds, "fp32", None), env)
+        engine, _ = build_engine(run, RunInputs(None, ds, "fp32", None), env)
         stage = zero_stage(ds)
         name = f"deepspeed-zero{stage}" + COMPILED * compiled
         variants[name] = (lambda mb, e=engine, s=stage: train_step(e, mb, env, s, "fp32")[0])

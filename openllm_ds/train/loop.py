@@ -22,9 +22,10 @@ from openllm_ds.errors import UserError
 from openllm_ds.model import Transformer
 from openllm_ds.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from openllm_ds.train.data import DataPosition, DataSource, EvalWindows, TrainBatches, load_sources
-from openllm_ds.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, import_deepspeed, init_distributed
+from openllm_ds.train.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, import_deepspeed,
+                                         init_distributed)
 from openllm_ds.train.ds_config import zero_stage
-from openllm_ds.train.metrics import RunLog, flops_per_token, measure_matmul_peak, memory_mb, perplexity
+from openllm_ds.train.metrics import RunLog, flops_per_token, memory_mb, peak_flops, perplexity
 from openllm_ds.train.optim import build_lr_scheduler, param_groups
 from openllm_ds.train.preflight import RunInputs, check_lengths, check_run_inputs
 from openllm_ds.train.spikes import SpikeGuard
@@ -57,8 +58,7 @@ def train(cfg: RunConfig) -> dict:
     eval_sets = [EvalWindows(s.val, T, t.eval_batches * t.micro_batch_size, t.micro_batch_size, env) for s in sources]
     data_sha256 = data_fingerprint(sources)
 
-    engine = build_engine(cfg, inputs, env)
-    num_params = engine.module.num_params()
+    engine, num_params = build_engine(cfg, inputs, env)
     stage = zero_stage(inputs.ds_config)
     state = TrainState(data=DataPosition.start(len(sources)).sources, source_tokens=[0] * len(sources),
                        data_sha256=data_sha256)
@@ -68,7 +68,7 @@ def train(cfg: RunConfig) -> dict:
         log.info(f"resumed from {inputs.resume_from} at step {state.step} (data position {state.data})")
     resumed_step = state.step
 
-    peak = measure_matmul_peak(env.torch_device, PRECISION_DTYPES[inputs.precision])
+    peak = peak_flops(env.torch_device, PRECISION_DTYPES[inputs.precision]).flops
     flops_tok = flops_per_token(cfg.model, num_params)
     tokens_per_step = batches.global_batch * T
     log.info(f"model: {num_params:,} parameters ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
@@ -232,11 +232,13 @@ def prepare_output_dir(cfg: RunConfig, out: Path) -> None:
 
 
 def build_engine(cfg: RunConfig, inputs: RunInputs, env: DistEnv):
-    """The model wrapped by ``deepspeed.initialize`` with AdamW and the warmup-cosine schedule."""
+    """The model wrapped by ``deepspeed.initialize`` with AdamW and the warmup-cosine schedule, and its number
+    of parameters (counted before ZeRO-3 partitions them: a partitioned parameter's numel() is 0)."""
     deepspeed = import_deepspeed(env.device)
     t = cfg.train
     seed_everything(t.seed)  # identical initial weights on every rank
     model = Transformer(cfg.model)
+    num_params = model.num_params()
     if t.gradient_checkpointing:
         deepspeed.checkpointing.configure(None, deepspeed_config=inputs.ds_config)
         model.gradient_checkpointing = True
@@ -249,7 +251,7 @@ def build_engine(cfg: RunConfig, inputs: RunInputs, env: DistEnv):
     if t.compile:
         engine.compile()  # the module, in place: state_dict names and checkpoints are unchanged
     seed_everything(t.seed + env.rank)  # dropout differs between ranks, reproducibly
-    return engine
+    return engine, num_params
 
 
 def seed_everything(seed: int) -> None:
@@ -314,11 +316,14 @@ def run_eval_tasks(engine, inputs: RunInputs, env: DistEnv, stage: int) -> list[
     from openllm_ds.evaluation.tasks import run_task_on_model
 
     if not (env.is_rank_zero or stage == 3):
+        broadcast_object(None, env)  # wait for rank 0 on the object group, not in the next step's all-reduce
         return []
     with torch.compiler.set_stance("force_eager"):  # generation's shapes change every step
         results = [run_task_on_model(spec, engine.module, inputs.tokenizer, progress=False)
                    for spec in inputs.eval_tasks]
     engine.train()
+    if stage != 3:
+        broadcast_object(None, env)
     return results
 
 
