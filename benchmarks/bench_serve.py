@@ -19,7 +19,6 @@ Without ``--model_dir`` the model is a random one of the tiny preset's shape (se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
