@@ -152,7 +152,7 @@ def main() -> None:
                 seconds, peak = run([py, "-c", CLI, "tokenize", "--input", str(corpora[name]), "--tokenizer_dir",
                                      str(tok), "--output_dir", str(out), "--num_workers", str(workers)],
                                     f"tokenize {name} with {workers} worker(s)")
-                rows.append((name, mb, "`openllm-ds tokenize` (Ray Data)", workers, seconds, peak, base))
+                rows.append((name, mb, "`openllm-ds tokenize` (Ray actors)", workers, seconds, peak, base))
                 rss[name, workers] = peak
                 digests[name, workers] = dir_digest(out)
                 meta = json.loads((out / "meta.json").read_text())

@@ -2,7 +2,7 @@
 with the outputs of an undisturbed run.
 
 - prepare: a Ray Data task cleaning a block of passages (Ray runs the task again on a new worker);
-- tokenize: a Ray Data actor encoding a block (Ray restarts the actor and runs its task again);
+- tokenize: a Ray actor encoding a unit (Ray restarts the actor and runs its call again);
 - training under Ray Train: the rank-0 DeepSpeed worker between two checkpoints (Ray Train's
   FailureConfig restarts the worker group, which resumes from the latest complete checkpoint).
 
@@ -101,15 +101,15 @@ def udf_with_hook(udf, hook):
     return call
 
 
-def encode_units_with_hook(hook):
-    from openllm_ds.tokenizer.corpus import EncodeUnits
+def unit_worker_with_hook(hook):
+    from openllm_ds.tokenizer.corpus import UnitWorker
 
-    class EncodeUnitsWithHook(EncodeUnits):
-        def __call__(self, batch):
+    class UnitWorkerWithHook(UnitWorker):
+        def encode(self, u, drops):
             hook()
-            return super().__call__(batch)
+            return super().encode(u, drops)
 
-    return EncodeUnitsWithHook
+    return UnitWorkerWithHook
 
 
 def train_worker_writing_pids(train_worker, fault_dir: Path):
@@ -193,7 +193,7 @@ def reference(private_ray, squad_dir, tmp_path_factory):
     tokenizer_dir = root / "tokenizer"
     train_tokenizer(TokenizerConfig(input=str(clean / "training_data.txt"), output_dir=str(tokenizer_dir), vocab_size=8000))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(corpus, "EncodeUnits", encode_units_with_hook(fault_hook(root / "tokenize", None)))
+        mp.setattr(corpus, "UnitWorker", unit_worker_with_hook(fault_hook(root / "tokenize", None)))
         tokenize_corpus(clean / "validation_data.txt", tokenizer_dir, output_dir=root / "shards", num_workers=2,
                         unit_bytes=300_000)
     return {"clean": clean, "tokenizer_dir": tokenizer_dir, "shards": root / "shards",
@@ -223,19 +223,19 @@ def test_prepare_survives_a_killed_ray_data_task(reference, squad_dir, tmp_path,
           f"{num_calls(fault_dir)} UDF calls vs {reference['prepare_calls']} undisturbed; outputs byte-equal")
 
 
-def test_tokenize_survives_a_killed_ray_data_actor(reference, tmp_path, monkeypatch, faults):
+def test_tokenize_survives_a_killed_ray_actor(reference, tmp_path, monkeypatch, faults):
     from openllm_ds.tokenizer import TokenShards, corpus, tokenize_corpus
 
     fault_dir = tmp_path / "faults"
-    monkeypatch.setattr(corpus, "EncodeUnits", encode_units_with_hook(fault_hook(fault_dir, PAUSE_AT_CALL)))
+    monkeypatch.setattr(corpus, "UnitWorker", unit_worker_with_hook(fault_hook(fault_dir, PAUSE_AT_CALL)))
     kill = kill_9_when(victim_pid(fault_dir), "tokenize")
     out = tmp_path / "shards"
     meta = tokenize_corpus(reference["clean"] / "validation_data.txt", reference["tokenizer_dir"], output_dir=out,
                            num_workers=2, unit_bytes=300_000)
     stop(kill)
-    assert "pid" in kill, "no Ray Data actor was killed"
+    assert "pid" in kill, "no tokenizing actor was killed"
     faults["injected"] += 1
-    assert "EncodeUnitsWithHook" in kill["title"], kill["title"]  # the actor's process: ray::MapWorker(...)
+    assert "UnitWorkerWithHook" in kill["title"], kill["title"]  # the actor's process: ray::UnitWorkerWithHook...
     assert not psutil.pid_exists(kill["pid"])
 
     assert num_calls(fault_dir) >= reference["tokenize_calls"] + 1
