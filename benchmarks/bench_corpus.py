@@ -12,8 +12,9 @@ in another. Every row is a process of its own, timed from start to exit (Ray's s
     sizes. Peak RSS is the tokenize process's own (the driver's VmHWM); the Ray workers are other
     processes. The 1- and N-worker shards are checked byte-equal.
 Training: the tiny model for --train_steps steps on (a) one source tokenized into one shard file, and
-(b) the same text cut into three sources, each in ~25 shard files, mixed 0.5/0.3/0.2. The runs take
-turns (a, b, a, b); tokens/s is the median over steps 5..N of each run.
+(b) the same text cut into three sources, each in ~120 shard files, mixed 0.5/0.3/0.2. The runs take
+turns (a, b, a, b, a, b); tokens/s is the median over steps 5..N of each run. The data path alone
+(`TrainBatches.next_batch`, 300 steps, in-process) is timed for both too.
 """
 
 from __future__ import annotations
@@ -114,6 +115,25 @@ def train_tokens_per_sec(py: str, out: Path, args: list[str], steps: int) -> flo
     return statistics.median(rates[4:])
 
 
+def batch_assembly_us(single: Path, many: list[str], weights: list[float], steps: int = 300) -> dict[str, float]:
+    """Microseconds per step of TrainBatches.next_batch (tiny's global batch of 16 x 257 tokens), one source vs
+    the mixture: the data path alone, without the model."""
+    from openllm_ds.tokenizer import TokenShards
+    from openllm_ds.train.data import DataPosition, TrainBatches
+    from openllm_ds.train.distributed import DistEnv
+
+    env = DistEnv(0, 0, 1, "cpu")
+    out = {}
+    for name, dirs, w in (("single", [str(single)], [1.0]), ("mixture", many, weights)):
+        batches = TrainBatches([TokenShards(d) for d in dirs], w, 256, 16, 1, env, seed=0)
+        pos = DataPosition.start(len(dirs))
+        start = time.perf_counter()
+        for _ in range(steps):
+            _, pos, _ = batches.next_batch(pos)
+        out[name] = (time.perf_counter() - start) / steps * 1e6
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0, help="size of the large corpus")
@@ -186,7 +206,8 @@ def main() -> None:
         num_many = sum(len(json.loads((Path(d) / "meta.json").read_text())["shards"]) for d in many)
         common = ["--tokenizer_dir", str(tok)]
         rates = {"single": [], "mixture": []}
-        for r in range(2):
+        batch_us = batch_assembly_us(tmp / "single.tokens", many, [0.5, 0.3, 0.2])
+        for r in range(3):
             rates["single"].append(train_tokens_per_sec(py, tmp / f"train-single-{r}", [
                 *common, "--data_file", str(tmp / "single.tokens")], args.train_steps))
             rates["mixture"].append(train_tokens_per_sec(py, tmp / f"train-mixture-{r}", [
@@ -207,10 +228,15 @@ def main() -> None:
           f"({shards} shard files for the large corpus).")
     print(f"\n## Training from one shard file vs a mixture of three sources in {num_many} shard files "
           f"(tiny, {args.train_steps} steps, median tokens/s of steps 5-{args.train_steps}, runs in turn)\n")
-    print("| data | run 1 | run 2 | mean |\n|---|---:|---:|---:|")
+    print("| data | run 1 | run 2 | run 3 | median | assembling one step's batch (data only, in-process) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for k, v in rates.items():
-        print(f"| {k} | {v[0]:,.0f} | {v[1]:,.0f} | {statistics.mean(v):,.0f} |")
-    print(f"\nmixture / single: {statistics.mean(rates['mixture']) / statistics.mean(rates['single']):.3f}")
+        print(f"| {k} | {' | '.join(f'{x:,.0f}' for x in v)} | {statistics.median(v):,.0f} | {batch_us[k]:,.0f} µs |")
+    print(f"\nmixture / single, median tokens/s: {statistics.median(rates['mixture']) / statistics.median(rates['single']):.3f}"
+          f" (runs of the same data differ by up to "
+          f"{max(max(v) / min(v) - 1 for v in rates.values()):.1%} here); the batch assembly takes "
+          f"{batch_us['mixture']:,.0f} vs {batch_us['single']:,.0f} µs of a step of "
+          f"{16 * 256 / statistics.median(rates['single']) * 1e6:,.0f} µs")
 
 
 if __name__ == "__main__":
