@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from openllm_ds.config import RunConfig, validation_source
-from openllm_ds.errors import DataError
+from openllm_ds.errors import DataError, UserError
 from openllm_ds.train.distributed import DistEnv, broadcast_object
 
 
@@ -123,7 +123,7 @@ def ensure_token_shards(spec: str, cfg: RunConfig, tokenizer_sha256: str, env: D
 
 def _picklable(result):
     if result is not None and result[0] == "error":
-        return result if isinstance(result[1], DataError) else ("error", str(result[1]))
+        return result if isinstance(result[1], UserError) else ("error", str(result[1]))
     return result
 
 
