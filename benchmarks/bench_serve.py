@@ -3,10 +3,10 @@
     PYTHONPATH=. python benchmarks/bench_serve.py [--model_dir models/tiny] [--clients 1,16,64] [--requests 64]
         [--max_tokens 32] [--servers vllm,torch,onnx,replicas] [--repeats 5]
 
-1. One client, 64 greedy tokens of "The history of the university" (median of ``--repeats`` after a
-   warm-up): the built-in server's torch and onnx backends against the same engines in-process (our
-   ``Transformer.generate`` and onnxruntime, one thread, as bench_export.py) and transformers'
-   ``generate`` on the export.
+1. One client, 64 greedy tokens of "The history of the university": the built-in server's torch and
+   onnx backends (both running) against the same engines in-process (our ``Transformer.generate`` and
+   onnxruntime, one thread, as bench_export.py) and transformers' ``generate`` on the export; after a
+   warm-up, the five take turns ``--repeats`` times and each row is the median.
 2. Load: vLLM (its CPU build here), the built-in server (torch, onnx) and 2 built-in replicas on Ray
    Serve, each in its own process(es), at 1, 16 and 64 concurrent clients sending streamed greedy
    completions of ``--max_tokens`` (different prompts) through the official ``openai`` client:
@@ -84,19 +84,18 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def one_client_rate(port: int, repeats: int, n: int = 64) -> float:
+def one_client_call(port: int, n: int = 64):
+    """A function that sends one non-streamed greedy completion of ``n`` tokens and returns its tokens/s."""
     import openai
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
 
-    def once() -> tuple[float, int]:
+    def once() -> float:
         t = time.perf_counter()
         r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=n, temperature=0)
-        return time.perf_counter() - t, r.usage.completion_tokens
+        return r.usage.completion_tokens / (time.perf_counter() - t)
 
-    once()
-    runs = [once() for _ in range(repeats)]
-    return statistics.median(tokens / secs for secs, tokens in runs)
+    return once
 
 
 def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
@@ -126,7 +125,10 @@ def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
             "p99": np.percentile(lat, 99), "ttft50": np.nanpercentile(ttft, 50), "ttft99": np.nanpercentile(ttft, 99)}
 
 
-def in_process_rates(hf_dir: Path, onnx_dir: Path, repeats: int, n: int = 64) -> dict:
+def one_client_rates(hf_dir: Path, onnx_dir: Path, ports: dict[str, int], repeats: int, n: int = 64) -> dict:
+    """Median tokens/s of each way to generate ``n`` greedy tokens: in this process (ours, onnxruntime and
+    transformers, one thread each) and through the running servers. The ways take turns, repeat by repeat,
+    so that this machine's drifting speed touches them alike."""
     from transformers import AutoModelForCausalLM
 
     from openllm_ds.checkpoint import load_model
@@ -139,23 +141,28 @@ def in_process_rates(hf_dir: Path, onnx_dir: Path, repeats: int, n: int = 64) ->
     lm = OnnxCausalLM(onnx_dir, num_threads=1)
     ids = torch.tensor([load_tokenizer(hf_dir).encode_prompt(PROMPT)])
 
-    def rate(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
+    def timed(fn):
+        def rate() -> float:
             t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t)
-        return n / statistics.median(times)
+            return n / (time.perf_counter() - t)
+        return rate
 
     def run_hf():
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=hf.config.pad_token_id)
 
-    out = {"ours": rate(lambda: list(ours.generate(ids, n, temperature=0))), "transformers": rate(run_hf),
-           "onnx": rate(lambda: list(lm.generate(ids, n, temperature=0)))}
+    ways = {"ours": timed(lambda: list(ours.generate(ids, n, temperature=0))), "transformers": timed(run_hf),
+            "onnx": timed(lambda: list(lm.generate(ids, n, temperature=0))),
+            **{f"server {k}": one_client_call(port, n) for k, port in ports.items()}}
+    for fn in ways.values():
+        fn()  # warm-up
+    rates = {k: [] for k in ways}
+    for _ in range(repeats):
+        for k, fn in ways.items():
+            rates[k].append(fn())
     torch.set_num_threads(os.cpu_count() or 1)
-    return out
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def main():
@@ -167,7 +174,7 @@ def main():
     p.add_argument("--requests", type=int, default=64, help="streamed completions per row (at least the clients)")
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--servers", default="vllm,torch,onnx,replicas")
-    p.add_argument("--repeats", type=int, default=5, help="one-client runs for the median of table 1")
+    p.add_argument("--repeats", type=int, default=15, help="one-client runs of each way, in turns, for table 1's medians")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp_name:
@@ -176,18 +183,20 @@ def main():
         hf = export(ExportConfig(model_dir=str(model_dir), format="huggingface", output_dir=str(tmp / "hf"), verify=False))
         export(ExportConfig(model_dir=str(model_dir), format="onnx", output_dir=str(tmp / "onnx"), verify=False))
 
-        inproc = in_process_rates(tmp / "hf", tmp / "onnx", args.repeats)
-        served = {}
-        for backend, path in (("torch", tmp / "hf"), ("onnx", tmp / "onnx")):
-            proc, port = start_cli(path, ["--engine", "builtin", "--backend", backend], tmp)
-            try:
-                served[backend] = one_client_rate(port, args.repeats)
-            finally:
+        servers = {backend: start_cli(path, ["--engine", "builtin", "--backend", backend], tmp)
+                   for backend, path in (("torch", tmp / "hf"), ("onnx", tmp / "onnx"))}
+        try:
+            rates = one_client_rates(tmp / "hf", tmp / "onnx", {k: port for k, (_, port) in servers.items()},
+                                     args.repeats)
+        finally:
+            for proc, _ in servers.values():
                 stop(proc)
+        inproc = rates
+        served = {"torch": rates["server torch"], "onnx": rates["server onnx"]}
 
         rows, notes = [], []
         clients = [int(c) for c in args.clients.split(",")]
-        for server in args.servers.split(","):
+        for server in [s for s in args.servers.split(",") if s]:
             vllm_proc = None
             if server == "vllm":
                 why = vllm_unavailable_reason(tmp / "hf")
@@ -218,7 +227,8 @@ def main():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"\n## Serving on loopback ({hf['num_params']:,} parameters, {'random weights' if not args.model_dir else model_dir})\n")
     print(f"{cores} CPU cores, load average {os.getloadavg()[0]:.2f}\n")
-    print("### One client, 64 greedy tokens (the server against the same engine in-process)\n")
+    print(f"### One client, 64 greedy tokens (the server against the same engine in-process; medians of {args.repeats} "
+          "turns)\n")
     print("| engine | tokens/s | vs in-process | vs transformers `generate` |")
     print("|---|---:|---:|---:|")
     t = inproc["transformers"]
