@@ -255,19 +255,7 @@ def _json_array_documents(f: SourceFile, options: ReadOptions, counts: UnitCount
         except Exception as e:
             raise archive_error(f, e) from None
     counts.bytes_read += len(raw)
-    if b"\x00" in raw:
-        raise DataError(f"{f.shown} holds NUL bytes: it looks binary, not JSON")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{f.shown} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it to UTF-8") from None
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{f.shown} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?); "
-                        "fix it, or write it as JSON Lines (one object a line)") from None
-    except RecursionError:
-        raise DataError(f"{f.shown} holds JSON nested too deeply to read; write it as JSON Lines of flat objects") from None
+    items = parse_json(raw, f.shown, "fix it, or write the documents as JSON Lines (one flat object a line)")
     if not isinstance(items, list):
         raise DataError(f"{f.shown} holds a JSON {type(items).__name__}, not an array of objects; write the documents "
                         "as a JSON array or as JSON Lines (SQuAD files go through `openllm-ds prepare`)")
@@ -275,6 +263,23 @@ def _json_array_documents(f: SourceFile, options: ReadOptions, counts: UnitCount
     for i, obj in enumerate(items):
         if (doc := records.text_of(obj, lambda i=i: f"{f.shown} item {i}")) is not None:
             yield doc
+
+
+def parse_json(raw: bytes, name: str, fix: str):
+    """A whole JSON document (UTF-8, a byte-order mark allowed); a DataError naming ``name`` and ``fix`` when it
+    looks binary, is not UTF-8, does not parse (truncated?) or nests too deeply to read."""
+    if b"\x00" in raw:
+        raise DataError(f"{name} holds NUL bytes: it looks binary, not JSON; {fix}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?); {fix}") from None
+    except RecursionError:
+        raise DataError(f"{name} holds JSON nested too deeply to read; {fix}") from None
 
 
 def _table_documents(unit: Unit, options: ReadOptions, counts: UnitCounts) -> Iterator[str]:

@@ -18,12 +18,12 @@ because no UTF-8 encoder, Ray's included, can carry them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from openllm_ds.data.documents import parse_json
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.utils import sha256_file
 
@@ -70,14 +70,7 @@ def read_squad_file(path: Path) -> SquadInput:
         raise DataError(f"cannot read {path} ({e.strerror}); fix its permissions or {fix}") from None
     if not raw.strip():
         raise DataError(f"{path} is empty; {fix}")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); {fix}") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?); {fix}") from None
+    obj = parse_json(raw, str(path), fix)
     contexts = squad_contexts(obj, path)
     return SquadInput(path.name, split_of(path.name), contexts, num_bytes=len(raw), sha256=sha256_file(path))
 
