@@ -146,7 +146,8 @@ def test_one_prompt_convention_first_token_logits(client, builtin, trained_expor
             hf_logits = hf_model(**hf_tok(prompt, return_tensors="pt")).logits[0, -1]
             no_prefix = model(torch.tensor([ids[1:]]))[0][0, -1]
         assert (hf_logits - logits).abs().max() < 1e-4
-        assert (no_prefix - logits).abs().max() > 1e-2  # the convention matters: without </s> the logits differ
+        # the convention matters: without </s> the logits differ, by far more than the implementations do
+        assert (no_prefix - logits).abs().max() > 1e-3
         # vLLM: its prompt ids, and its top-5 log-probabilities of the first generated token
         v = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=5,
                                       extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True})

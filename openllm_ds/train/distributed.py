@@ -4,7 +4,7 @@
   LOCAL_RANK, MASTER_ADDR and MASTER_PORT; each rank joins with ``deepspeed.init_distributed``.
 - Ray Train (TorchTrainer): the worker group has already initialised torch.distributed;
   DeepSpeed wraps that group.
-- One plain process (no launcher variables): a world of size 1 on a free loopback port.
+- One plain process (no launcher variables): a world of size 1 on an in-memory store (no port).
 
 gloo on CPU (DeepSpeed's CPU accelerator), nccl on CUDA. Tensor collectives time out after DeepSpeed's
 default (10 minutes, ``DEEPSPEED_TIMEOUT`` in minutes changes it). Object collectives (``broadcast_object``,
@@ -16,7 +16,6 @@ collective left waiting would be aborted by the watchdog, ending the run.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -63,9 +62,10 @@ def init_distributed() -> DistEnv:
     """Join (or create) the process group; idempotent within a process."""
     device = select_device()
     deepspeed = import_deepspeed(device)
-    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if device == "cuda" else "gloo"
+    alone = not dist.is_initialized() and "WORLD_SIZE" not in os.environ
+    if alone:  # one process, no launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     os.environ.setdefault("LOCAL_RANK", "0")
     local_rank = int(os.environ["LOCAL_RANK"])
     if device == "cuda":
@@ -73,7 +73,10 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(local_rank)
     else:
         _skip_shm_comm_build(deepspeed)
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    if alone:
+        # an in-memory store: no TCP port to pick, so none that another program can take first
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # wraps the group when there is one
     world_size = dist.get_world_size()
     env = DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=world_size, device=device,
                   object_group=object_group() if world_size > 1 else None)
@@ -98,12 +101,6 @@ def _skip_shm_comm_build(deepspeed) -> None:
 def object_group(timeout: timedelta = OBJECT_TIMEOUT):
     """A gloo group of all ranks for object collectives (every rank calls this, in the same order)."""
     return dist.new_group(backend="gloo", timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def barrier() -> None:

@@ -65,7 +65,9 @@ def train(cfg: RunConfig) -> dict:
     if inputs.resume_from is not None:
         state = check_resumed_data(load_checkpoint(engine, inputs.resume_from, env), sources, data_sha256, cfg,
                                    inputs.resume_from, log)
-        log.info(f"resumed from {inputs.resume_from} at step {state.step} (data position {state.data})")
+        where = ", ".join(f"{src.name + ' ' if len(sources) > 1 else ''}epoch {e}, window {i}" for src, (e, i, _) in
+                          zip(sources, state.data))
+        log.info(f"resumed from {inputs.resume_from} at step {state.step} ({where})")
     resumed_step = state.step
 
     peak = peak_flops(env.torch_device, PRECISION_DTYPES[inputs.precision]).flops
