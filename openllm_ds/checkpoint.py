@@ -20,7 +20,6 @@ tokenizer files. ``--model_dir`` accepts either.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 import re
@@ -28,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from openllm_ds.config import ModelConfig, RunConfig, run_config_from_dict
 from openllm_ds.errors import UserError
+from openllm_ds.utils import read_json, read_yaml
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -69,6 +68,17 @@ def list_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
             if m and (d / WEIGHTS).is_file() and (d / TRAIN_STATE).is_file():
                 out.append((int(m.group(1)), d))
     return sorted(out)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint dir's train_state.json records (a clear error when it is missing or corrupt)."""
+    others = ", ".join(str(s) for s, d in list_checkpoints(path.parent.parent) if d != path) or "none"
+    fix = f"that checkpoint is damaged: use another one (--checkpoint STEP or --resume PATH; complete steps: {others})"
+    state = read_json(path / TRAIN_STATE, fix)
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"{path / TRAIN_STATE} has no valid \"step\" (got {step!r}); {fix}")
+    return step
 
 
 def resolve_checkpoint(model_dir: str | Path, step: int | None = None) -> Path:
@@ -113,10 +123,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-export the model") from None
+    return read_json(path, "re-export the model")
 
 
 def load_model(model_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
@@ -131,7 +138,7 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
         cfg = from_hf_config(_read_json(root / "config.json"), str(root / "config.json"))
         sd = from_hf_state_dict(load_state_dict(root / WEIGHTS), cfg, str(root / WEIGHTS))
         card = root / "openllm_ds.json"
-        step_ = json.loads(card.read_text()).get("step") if card.is_file() else None
+        step_ = read_json(card, "re-export the model").get("step") if card.is_file() else None
         kind, path, tok_dir, run_cfg = "huggingface", root, root, None
     else:
         path = resolve_checkpoint(root, step)
@@ -139,10 +146,11 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
         if cfg_file is None:
             raise UserError(f"{path} has no run_config.yaml (nor {root / 'run_config.yaml'}): the model shape is "
                             "unknown; pass the run's own output dir as --model_dir")
-        run_cfg = run_config_from_dict(yaml.safe_load(cfg_file.read_text()))
+        run_cfg = run_config_from_dict(read_yaml(cfg_file, f"restore it from {path / 'run_config.yaml'} or the "
+                                                           "run's other checkpoints") or {}, str(cfg_file))
         cfg = run_cfg.model
         sd = _stack_split_projections(load_state_dict(path / WEIGHTS), cfg, str(path / WEIGHTS))
-        step_ = json.loads((path / TRAIN_STATE).read_text())["step"]
+        step_ = checkpoint_step(path)
         kind = "train"
         tok_dir = root / "tokenizer"
         if not tok_dir.is_dir():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -27,6 +28,42 @@ class _Parser(argparse.ArgumentParser):
                 a = "--" + name.replace("-", "_") + eq + val
             fixed.append(a)
         return super().parse_known_args(fixed, namespace)
+
+
+def _int(text: str) -> int:
+    """argparse type: an integer that torch and numpy can take (a 64-bit one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(1 << 63) <= value < (1 << 63):
+        raise argparse.ArgumentTypeError(f"{text} is out of range (a 64-bit integer at most)")
+    return value
+
+
+def _float(text: str) -> float:
+    """argparse type: a finite number (NaN and inf are refused here, not deep inside a stage)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535 (0: any free one), got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is >= 0, got {value}")
+    return value
 
 
 # Flags shared by the stages that build a RunConfig: (flag, config key, type, help)
@@ -87,7 +124,7 @@ def _add_config_flags(p: argparse.ArgumentParser, stage: str, with_config: bool 
         if typ is False:  # a switch that sets the key to false
             p.add_argument(flag, dest=key, action="store_const", const=False, default=None, help=f"{help_} [{key}]")
             continue
-        many = {"nargs": "+", "type": str} if typ is list else {"type": typ}
+        many = {"nargs": "+", "type": str} if typ is list else {"type": {int: _int, float: _float}.get(typ, typ)}
         p.add_argument(flag, dest=key, default=None, metavar=flag[2:].upper(), help=f"{help_} [{key}]", **many)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="any config value, e.g. train.warmup_steps=10")
 
@@ -110,7 +147,7 @@ def build_train_parser(prog: str = "openllm-ds train") -> argparse.ArgumentParse
     p = _Parser(prog=prog, description="Train the model with DeepSpeed (one process, the deepspeed launcher, or Ray Train).")
     _add_config_flags(p, "train")
     p.add_argument("--model_config", help="model JSON (configs/medium_model.json): vocab_size, d_model, n_layers, n_heads, d_ff, max_seq_len, dropout")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("--local_rank", type=_int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("--dry_run", action="store_true", help="resolve and validate the config, print it, and exit")
     return p
 
@@ -254,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--on_bad_record", default="error", help="a record that is not JSON or lacks the text: error "
                     "(default) | skip (counted)")
     sp.add_argument("--no_dedup", "--no-dedup", action="store_true", help="keep exact duplicate documents (default: removed)")
-    sp.add_argument("--holdout", type=float, default=0.0, help="share of documents (by hash) written as a held-out "
+    sp.add_argument("--holdout", type=_float, default=0.0, help="share of documents (by hash) written as a held-out "
                     "split for validation (default 0)")
-    sp.add_argument("--num_workers", type=int, default=2, help="Ray workers (default 2; 0: in this process)")
-    sp.add_argument("--unit_bytes", type=int, default=16 * 2**20, help=argparse.SUPPRESS)
+    sp.add_argument("--num_workers", type=_int, default=2, help="Ray workers (default 2; 0: in this process)")
+    sp.add_argument("--unit_bytes", type=_int, default=16 * 2**20, help=argparse.SUPPRESS)
 
     sp = add("train", cmd_train, "Stages 3-4: train the transformer with DeepSpeed ZeRO (locally, or Ray Train with --num_workers).")
     for action in build_train_parser()._actions:
@@ -268,25 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model_dir", required=True, help="training output (models/NAME) or Hugging Face export dir")
     sp.add_argument("--eval_data", help="text file, one document a line (e.g. data/clean/validation_data.txt)")
     sp.add_argument("--metrics", default="perplexity,loss", help="comma list: perplexity, loss, bits_per_byte, word_perplexity")
-    sp.add_argument("--stride", type=int, default=None, help="sliding-window stride in tokens (default: half the context)")
-    sp.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    sp.add_argument("--checkpoint", type=int, default=None, help="training step to evaluate (default: latest)")
+    sp.add_argument("--stride", type=_int, default=None, help="sliding-window stride in tokens (default: half the context)")
+    sp.add_argument("--batch_size", type=_int, default=8, help="windows per forward pass")
+    sp.add_argument("--checkpoint", type=_int, default=None, help="training step to evaluate (default: latest)")
     sp.add_argument("--tasks", default=None, help="comma list of harness task YAMLs (eval/*.yaml) or task names")
     sp.add_argument("--checkpoints", default=None, help="'all', 'latest' or a comma list of steps (with --tasks)")
-    sp.add_argument("--num_workers", type=int, default=2, help="Ray workers for tasks x checkpoints")
+    sp.add_argument("--num_workers", type=_int, default=2, help="Ray workers for tasks x checkpoints")
     sp.add_argument("--output", default=None, help="JSON report path (also printed to stdout)")
 
     sp = add("generate", cmd_generate, "Stage 5: generate text from a prompt (streams to the terminal).")
     sp.add_argument("--model_dir", required=True, help="training output or Hugging Face export dir")
     sp.add_argument("--prompt", required=True, help="text to continue")
-    sp.add_argument("--max_length", type=int, default=256, help="new tokens at most")
-    sp.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    sp.add_argument("--top_k", type=int, default=None)
-    sp.add_argument("--top_p", type=float, default=None)
-    sp.add_argument("--repetition_penalty", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    sp.add_argument("--num_samples", type=int, default=1)
-    sp.add_argument("--checkpoint", type=int, default=None, help="training step (default: latest)")
+    sp.add_argument("--max_length", type=_int, default=256, help="new tokens at most")
+    sp.add_argument("--temperature", type=_float, default=0.7, help="0 = greedy")
+    sp.add_argument("--top_k", type=_int, default=None)
+    sp.add_argument("--top_p", type=_float, default=None)
+    sp.add_argument("--repetition_penalty", type=_float, default=1.0)
+    sp.add_argument("--seed", type=_seed, default=None, help="makes sampling reproducible")
+    sp.add_argument("--num_samples", type=_int, default=1)
+    sp.add_argument("--checkpoint", type=_int, default=None, help="training step (default: latest)")
 
     sp = add("score-squad", cmd_score_squad, "Stage 5: official SQuAD v1.1/v2.0 exact match and F1 of a predictions file.")
     sp.add_argument("--dataset", required=True, help="SQuAD JSON (dev-v1.1.json, dev-v2.0.json)")
@@ -297,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model_dir", required=True, help="training output (latest checkpoint) or export dir")
     sp.add_argument("--format", required=True, help="huggingface | pytorch | onnx")
     sp.add_argument("--output_dir", default=None, help="default exports/FORMAT")
-    sp.add_argument("--checkpoint", type=int, default=None, help="training step (default: latest)")
+    sp.add_argument("--checkpoint", type=_int, default=None, help="training step (default: latest)")
     sp.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (huggingface, pytorch)")
     sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="load the export back and compare logits (default on)")
     sp.add_argument("--optimize_for_inference", action="store_true", help="onnx: apply onnxruntime graph optimisations")
@@ -308,19 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
              "server; --replicas N: N of them on Ray Serve).")
     sp.add_argument("--model_path", default="exports/huggingface", help="Hugging Face export dir")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    sp.add_argument("--port", type=int, default=8000)
-    sp.add_argument("--max_length", type=int, default=512, help="context length served (prompt + completion)")
+    sp.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free one)")
+    sp.add_argument("--max_length", type=_int, default=512, help="context length served (prompt + completion)")
     sp.add_argument("--engine", default="auto", help="auto | vllm | builtin")
     sp.add_argument("--backend", default="torch", help="builtin engine backend: torch | onnx")
     sp.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' (or set OPENLLM_API_KEY)")
     sp.add_argument("--model_name", default=None, help="model id reported by /v1/models (default: the export dir name)")
-    sp.add_argument("--max_concurrency", type=int, default=4,
+    sp.add_argument("--max_concurrency", type=_int, default=4,
                     help="built-in server: generations run at once; further requests wait their turn (default 4)")
-    sp.add_argument("--max_body_bytes", type=int, default=None,
+    sp.add_argument("--max_body_bytes", type=_int, default=None,
                     help="built-in server: largest request body accepted, else 413 (default 1048576)")
-    sp.add_argument("--num_threads", type=int, default=None,
+    sp.add_argument("--num_threads", type=_int, default=None,
                     help="built-in server: intra-op threads per generation (default: cores / --max_concurrency, at least 1)")
-    sp.add_argument("--replicas", type=int, default=None,
+    sp.add_argument("--replicas", type=_int, default=None,
                     help="run N replicas (built-in or vLLM) behind one endpoint on Ray Serve")
     sp.add_argument("--address", default=None,
                     help="with --replicas: the Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray instance)")
@@ -330,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("pipeline", cmd_pipeline, "All stages: prepare, tokenizer, tokenize, train, evaluate, export; skips completed stages.")
     sp.add_argument("--config", default="configs/tiny.yaml", help="run preset YAML")
     sp.add_argument("--squad_dir", default=None, help="SQuAD JSON directory instead of downloading")
-    sp.add_argument("--force", action="store_true", help="rerun every stage")
+    sp.add_argument("--force", action="store_true", help="rerun every stage (training from step 0: the run it "
+                    "trained in train.output_dir is replaced)")
     sp.add_argument("--work_dir", default=None, help="where data/, models/, exports/ and runs/ go (default: the current "
                     "directory; under `ray job submit`, a path every node sees)")
     sp.add_argument("overrides", nargs="*", metavar="section.key=value")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -20,6 +21,8 @@ from typing import Any
 import yaml
 
 from openllm_ds.errors import ConfigError
+
+INT64 = (-(1 << 63), (1 << 63) - 1)  # every integer setting fits what torch and numpy take
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,8 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps and train.num_workers must be >= 0")
         if self.max_failures < -1:
             raise ConfigError(f"train.max_failures must be >= 0, or -1 for no limit, got {self.max_failures}")
+        if not 0 <= self.seed < 2**31:  # numpy's global seed (seed + rank) must stay below 2^32
+            raise ConfigError(f"train.seed must be in [0, 2^31), got {self.seed}")
         if not self.learning_rate > 0:  # NaN too
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 < self.holdout_fraction < 0.5:  # NaN too
@@ -319,32 +324,40 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key} in {source}: expected an integer, got {value!r}")
+        number = None
         if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        elif isinstance(value, str):
             try:
-                return int(value)
+                number = int(value)
             except ValueError:
                 try:
                     f = float(value)
                 except ValueError:
                     f = None
                 if f is not None and f.is_integer():
-                    return int(f)
-        raise ConfigError(f"{key} in {source}: expected an integer, got {value!r}")
+                    number = int(f)
+        if number is None:
+            raise ConfigError(f"{key} in {source}: expected an integer, got {value!r}")
+        if not INT64[0] <= number <= INT64[1]:
+            raise ConfigError(f"{key} in {source}: {number} is out of range (a 64-bit integer at most)")
+        return number
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} in {source}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} in {source}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key} in {source}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # NaN and inf never make a usable setting
+            raise ConfigError(f"{key} in {source}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -14,12 +14,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from openllm_ds.config import RunConfig
-from openllm_ds.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, sha256_file
+from openllm_ds.utils import (atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, read_json,
+                             sha256_file)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -36,7 +38,8 @@ class _State:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        data = read_json(path, "delete it (or pass --force) and the pipeline checks every stage again") if path.is_file() else {}
+        self.data = data if isinstance(data, dict) else {}
         self.skipped: set[str] = set()  # stages this invocation skipped
 
     def run(self, name: str, fingerprint: str, complete: Callable[[], bool], fn: Callable[[], Any], force: bool):
@@ -76,6 +79,71 @@ def run_pipeline(cfg: RunConfig, squad_dir: str | None = None, force: bool = Fal
 def uses_prepare(cfg: RunConfig) -> bool:
     """Does the run train on what `prepare` writes (SQuAD), rather than on the user's own corpus?"""
     return not cfg.train.data_files and Path(cfg.train.data_file) == Path(cfg.data.output_dir) / "training_data.txt"
+
+
+# settings a finished run can change and still go on (more steps, other cadences, another launcher)
+CONTINUABLE = {"max_steps", "eval_every", "save_every", "log_every", "keep_last", "eval_batches", "resume",
+               "num_workers", "max_failures", "eval_tasks", "allow_data_change", "output_dir"}
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "tokenizer", "eval", "run_config.yaml", "train_log.jsonl")
+
+
+def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: bool, launch: Callable) -> dict:
+    """The pipeline's training: go on with the run in train.output_dir when only continuable settings changed
+    (nothing to do when it is already at train.max_steps); otherwise say what differs. --force trains from
+    step 0, replacing the outputs of a run this pipeline trained (and only those)."""
+    from openllm_ds.checkpoint import list_checkpoints
+    from openllm_ds.config import run_config_from_dict
+    from openllm_ds.errors import UserError
+    from openllm_ds.utils import read_yaml
+
+    out = Path(cfg.output_dir)
+    found = list_checkpoints(out)
+    saved = out / "run_config.yaml"
+    if not found or not saved.is_file():
+        return launch(cfg)
+    if force:
+        if previous is None:
+            raise UserError(f"--force: {out} holds a run this pipeline did not train; set train.output_dir to a new "
+                            "directory (nothing was deleted)")
+        import shutil
+
+        print(f"[pipeline] train: --force, replacing the run in {out} (step {found[-1][0]})")
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        return launch(cfg)
+    old = run_config_from_dict(read_yaml(saved, "delete the run dir or pass --force") or {}, str(saved))
+    diff = [f"model.{k}: {v} -> {getattr(cfg.model, k)}" for k, v in dataclasses.asdict(old.model).items()
+            if v != getattr(cfg.model, k)]
+    diff += [f"train.{k}: {v} -> {getattr(cfg.train, k)}" for k, v in dataclasses.asdict(old.train).items()
+             if k not in CONTINUABLE and _as_run(k, v) != _as_run(k, getattr(cfg.train, k))]
+    copied = out / "tokenizer" / "tokenizer.model"
+    if copied.is_file() and (tok_dir / "tokenizer.model").is_file() and \
+            sha256_file(copied) != sha256_file(tok_dir / "tokenizer.model"):
+        diff.append(f"the tokenizer ({tok_dir} was trained again)")
+    if diff:
+        raise UserError(f"{out} holds a run (step {found[-1][0]}) trained with other settings ({'; '.join(diff[:4])}); "
+                        "it cannot go on with these: pass --force to train it again from step 0, or set "
+                        "train.output_dir to a new directory")
+    if found[-1][0] >= cfg.train.max_steps and previous and previous.get("result"):
+        print(f"[pipeline] train: {out} is complete at step {found[-1][0]} (train.max_steps), nothing to train")
+        return previous["result"]
+    return launch(cfg)
+
+
+def _as_run(key: str, value: Any) -> Any:
+    """A train setting as the run saw it: paths absolute (a Ray Train run saves them so)."""
+    def absolute(v):
+        return v if not isinstance(v, str) or v.startswith("hf:") else os.path.abspath(os.path.expanduser(v))
+
+    if key in ("tokenizer_dir", "ds_config", "data_file", "eval_data"):
+        return absolute(value)
+    if key == "data_files":
+        return tuple(absolute(v) for v in value)
+    return value
 
 
 def _source_fingerprint(spec: str):
@@ -143,7 +211,7 @@ def _run_stages(cfg: RunConfig, force: bool) -> dict:
         "train", _fingerprint(dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.train), tok_dir / "tokenizer.model",
                               *data_fp),
         lambda: (out_dir / "checkpoints" / "latest").is_file() and "train" in state.data,
-        lambda: launch(cfg), force,
+        lambda: train_stage(cfg, state.data.get("train"), tok_dir, force, launch), force,
     )
     sources = load_sources(cfg, load_tokenizer(tok_dir).sha256, rank0)  # up to date: reads meta.json only
     val_data = Path(cfg.eval_data) if cfg.eval_data else write_heldout_documents(cfg, run_dir / "validation.jsonl")

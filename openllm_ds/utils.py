@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from openllm_ds.errors import UserError
 
@@ -48,6 +48,19 @@ def ensure_writable_dir(path: str | Path, what: str = "output dir") -> Path:
     return p
 
 
+def check_output_file(path: str | Path, what: str) -> Path:
+    """Before any work: ``path`` can receive a file (not a directory, its parent not a file, writable)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a directory; name a file in it, e.g. {p / 'report.json'}")
+    parent = next((a for a in p.parents if a.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"{what} {p}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{what} {p}: {parent} is not writable; choose another path or fix its permissions")
+    return p
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -80,11 +93,35 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+MANIFEST = ".openllm-ds-files"  # in every directory atomic_dir writes: the entries the project put there
+
+
+def foreign_entries(path: str | Path, ours: Callable[[str], bool] = lambda name: False,
+                    names: Iterable[str] = ()) -> list[str]:
+    """Entries of the existing directory ``path`` that the project did not write: not listed in its manifest,
+    not among ``names`` (what the new output holds) and not of a kind the stage writes (``ours``, for a
+    directory written before manifests). Such entries are never deleted or replaced."""
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    manifest = p / MANIFEST
+    known = set(names) | {MANIFEST}
+    if manifest.is_file():
+        known |= set(manifest.read_text(encoding="utf-8", errors="replace").splitlines())
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in p.iterdir() if e.name not in known and not ours(e.name))
+
+
+def describe_entries(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, ours: Callable[[str], bool] = lambda name: False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` whole.
 
-    A crash leaves ``path`` as it was (or absent), never half-written.
+    A crash leaves ``path`` as it was (or absent), never half-written. ``path`` is replaced only when
+    everything in it was written by the project (its manifest, or the same names as the new output): a
+    user's file there stops the swap with an error naming it, and nothing is deleted.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +129,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        names = sorted(e.name for e in tmp.iterdir())
+        (tmp / MANIFEST).write_text("".join(n + "\n" for n in names), encoding="utf-8")
         if p.exists():
+            foreign = foreign_entries(p, ours, names)
+            if foreign:
+                raise UserError(f"{p} holds {describe_entries(foreign)}, which openllm-ds did not write; nothing was "
+                                f"replaced: move them out of {p} or choose another output directory")
             old = p.with_name(f".{p.name}.old-{os.getpid()}")
             os.replace(p, old)
             os.replace(tmp, p)
@@ -104,12 +147,56 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """A JSON file the project reads; one that is missing, unreadable or does not parse stops with a
+    UserError naming it and ``fix`` (what to do about it), never a traceback."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{p} is missing; {fix}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = "nested too deep" if isinstance(e, RecursionError) else str(e)
+        raise UserError(f"{p} is not valid JSON ({why}); {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {p} ({e.strerror}); {fix}") from None
+
+
+def read_yaml(path: str | Path, fix: str) -> Any:
+    """As read_json, for a YAML file."""
+    import yaml
+
+    p = Path(path)
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{p} is missing; {fix}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deep" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise UserError(f"{p} is not valid YAML ({why}); {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {p} ({e.strerror}); {fix}") from None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_job_outputs(outputs: dict[str, str | None]) -> None:
+    """In a `ray job submit` driver, which runs in a temporary copy of --working-dir that Ray deletes later
+    (``.../runtime_resources/working_dir_files/...``), every output path must be absolute: a relative one
+    would land in that copy and be lost. ``outputs``: flag -> path (None: the flag's relative default)."""
+    if "working_dir_files" not in Path.cwd().parts:
+        return
+    for flag, path in outputs.items():
+        if not path or not Path(path).is_absolute():
+            raise UserError(f"{flag} {path or '(not given)'}: a Ray job runs in a temporary copy of --working-dir "
+                            "that Ray deletes later; pass an absolute path on storage every node mounts, e.g. "
+                            f"{flag.split()[0]} /shared/...")
 
 
 def init_ray(num_cpus: int | None = None):

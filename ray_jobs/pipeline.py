@@ -1,7 +1,8 @@
-"""`ray job submit --working-dir . -- python ray_jobs/pipeline.py --config configs/tiny.yaml [--squad_dir DIR]`
+"""`ray job submit --working-dir . -- python ray_jobs/pipeline.py --config configs/tiny.yaml --work_dir /shared/runs/tiny`
 
 Runs the whole pipeline as a Ray job: data and tokenization across the cluster's workers,
-training through Ray Train (train.num_workers defaults to 1 here).
+training through Ray Train (train.num_workers defaults to 1 here). The job runs in a temporary copy of
+--working-dir that Ray deletes later, so --work_dir must be an absolute path every node mounts.
 """
 
 import sys
@@ -9,10 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds openllm_ds/
 
-from openllm_ds.cli import main  # noqa: E402
+from openllm_ds.cli import build_parser, main  # noqa: E402
+from openllm_ds.errors import UserError  # noqa: E402
+from openllm_ds.utils import check_job_outputs  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if not any(a.startswith("train.num_workers=") for a in argv):
         argv.append("train.num_workers=1")
+    try:
+        check_job_outputs({"--work_dir": build_parser().parse_args(["pipeline", *argv]).work_dir})
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main(["pipeline", *argv]))

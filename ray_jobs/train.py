@@ -1,11 +1,13 @@
 """Train on a Ray cluster: DeepSpeed workers under Ray Train's TorchTrainer.
 
-    ray job submit --working-dir . -- python ray_jobs/train.py --config configs/tiny.yaml --num_workers 2
+    ray job submit --working-dir . -- python ray_jobs/train.py --config configs/tiny.yaml --num_workers 2 \
+        --output_dir /shared/models/tiny
 
 Takes the flags of `openllm-ds train` (see `python ray_jobs/train.py --help`); without --num_workers
 a job trains with one Ray Train worker. Inside a Ray job the launcher connects to the job's cluster
 (RAY_ADDRESS). The data, tokenizer and --output_dir must be on storage every node sees at the same
-path; a job submitted again with the same --output_dir resumes from its latest checkpoint.
+path, and --output_dir absolute (the job runs in a temporary copy of --working-dir); a job submitted
+again with the same --output_dir resumes from its latest checkpoint.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir 
 
 from openllm_ds.cli import build_train_parser, run_config_from_args  # noqa: E402
 from openllm_ds.errors import UserError  # noqa: E402
+from openllm_ds.utils import check_job_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             o.startswith("train.num_workers=") for o in args.overrides or [])
         if cfg.train.num_workers == 0 and not explicit:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1))
+        check_job_outputs({"--output_dir (train.output_dir)": cfg.output_dir})
         if args.dry_run:
             import yaml
 

@@ -64,6 +64,9 @@ CORRUPT_RUN = {"model/run_config.yaml": MODEL_YAML, "model/tokenizer": "<tok>",
                "model/checkpoints/latest": "step_00000002",
                "model/checkpoints/step_00000002/model.safetensors": GARBAGE,
                "model/checkpoints/step_00000002/train_state.json": '{"step": 2}'}
+RESUMABLE = {**TRAIN_FILES, "run/run_config.yaml": MODEL_YAML, "run/checkpoints/latest": "step_00000002",
+             "run/checkpoints/step_00000002/model.safetensors": GARBAGE,
+             "run/checkpoints/step_00000002/train_state.json": '{"step": 2}'}
 OLD_CLEAN = {"out/training_data.txt": "an earlier passage\n", "out/validation_data.txt": "an earlier one\n",
              "out/stats.json": '{"splits": {}}'}
 
@@ -108,7 +111,7 @@ CASES = [
     Case("prepare", "min_words negative", 2, "prepare --squad_dir squad --min_words -1 --output_dir out",
          r"data\.min_words must be >= 0, got -1 \(from the command line\)", ("out",), files={"squad/dev-v1.1.json": SQUAD}),
     Case("prepare", "min_words not an int", 2, "prepare --squad_dir squad --min_words ten --output_dir out",
-         r"argument --min_words: invalid int value: 'ten'", ("out",), files={"squad/dev-v1.1.json": SQUAD}),
+         r"argument --min_words: expected an integer, got 'ten'", ("out",), files={"squad/dev-v1.1.json": SQUAD}),
     Case("prepare", "output_dir is a file", 2, "prepare --squad_dir squad --output_dir out",
          r"--output_dir out is a file, not a directory; pass a directory", (),
          files={"squad/dev-v1.1.json": SQUAD, "out": "a file"}, kept=("out",)),
@@ -230,8 +233,8 @@ CASES = [
     Case("train", "max_steps negative in the YAML", 2, "train --config neg.yaml",
          r"train\.max_steps must be >= 1, got -5 \(from neg\.yaml\)", ("models",),
          files={"neg.yaml": "train:\n  max_steps: -5\n"}),
-    Case("train", "learning_rate NaN", 2, "train --config t.yaml --learning_rate nan",
-         r"train\.learning_rate must be > 0, got nan", ("run",), files=TRAIN_FILES),
+    Case("train", "learning_rate NaN as an override", 2, "train --config t.yaml train.learning_rate=nan",
+         r"'train\.learning_rate' in .*: expected a finite number, got 'nan'", ("run",), files=TRAIN_FILES),
     Case("train", "unknown section.key override", 2, "train --config t.yaml train.bogus=1",
          r"unknown key 'train\.bogus' in the command line; valid keys of 'train'", ("run",), files=TRAIN_FILES),
     Case("train", "unknown section override", 2, "train --config t.yaml bogus.key=1",
@@ -259,6 +262,22 @@ CASES = [
          ("run",), files=TRAIN_FILES),
     Case("train", "a mixture source missing", 2, "train --config t.yaml --data_files training_data.txt none.jsonl",
          r"train\.data_files \(--data_files\) none\.jsonl does not exist", ("run",), files=TRAIN_FILES),
+    Case("train", "seed past numpy's range", 2, "train --config t.yaml --seed 5000000000",
+         r"train\.seed must be in \[0, 2\^31\), got 5000000000", ("run",), files=TRAIN_FILES),
+    Case("train", "learning_rate inf as a flag", 2, "train --config t.yaml --learning_rate inf",
+         r"argument --learning_rate: expected a finite number, got 'inf'", ("run",), files=TRAIN_FILES),
+    Case("train", "a 20-digit override", 2, "train --config t.yaml train.warmup_steps=99999999999999999999",
+         r"'train\.warmup_steps' in .*: 99999999999999999999 is out of range", ("run",), files=TRAIN_FILES),
+    Case("train", "max_steps below the checkpoint's step: nothing trained or rewritten", 2,
+         "train --config t.yaml --max_steps 1",
+         r"train\.max_steps \(--max_steps\) is 1, below step 2 of the checkpoint it resumes .*step_00000002\); "
+         r"pass --max_steps above 2", ("run/tokenizer", "run/tensorboard", "run/train_log.jsonl"),
+         files=RESUMABLE, kept=("run/run_config.yaml", "run/checkpoints/latest")),
+    Case("train", "train_state.json of the checkpoint does not parse", 2, "train --config t.yaml --max_steps 5",
+         r"run/checkpoints/step_00000002/train_state\.json is not valid JSON .*; that checkpoint is damaged: use "
+         r"another one", ("run/tokenizer", "run/tensorboard"),
+         files={**RESUMABLE, "run/checkpoints/step_00000002/train_state.json": '{"step": 2'},
+         kept=("run/run_config.yaml",)),
     Case("train", "data file missing", 2, "train --config t.yaml --data_file nothere.txt",
          r"train\.data_file \(--data_file\) nothere\.txt does not exist; run `openllm-ds prepare` first", ("run",),
          files=TRAIN_FILES),
@@ -275,12 +294,22 @@ CASES = [
          r"unknown metric 'accuracy' in --metrics; valid: perplexity, loss", (), files={"text.txt": TEXT}),
     Case("evaluate", "eval data missing", 2, "evaluate --model_dir model --eval_data missing.txt --output rep.json",
          r"--eval_data: eval file missing\.txt does not exist", ("rep.json",)),
+    Case("evaluate", "--output names a directory: refused before the evaluation", 2,
+         "evaluate --model_dir model --eval_data text.txt --output reports",
+         r"--output reports is a directory; name a file in it, e\.g\. reports/report\.json", (),
+         files={**CORRUPT_RUN, "text.txt": TEXT, "reports/": "/"}),
     Case("evaluate", "corrupt model.safetensors", 2, "evaluate --model_dir model --eval_data text.txt --output rep.json",
          r"model/checkpoints/step_00000002/model\.safetensors is not a readable safetensors file .* corrupt or truncated",
          ("rep.json",), files={**CORRUPT_RUN, "text.txt": TEXT}),
     # ---- generate --------------------------------------------------------------------------------
     Case("generate", "negative temperature", 2, "generate --model_dir model --prompt Hi --temperature -1",
-         r"--temperature must be >= 0 \(0 = greedy\), got -1\.0", ()),
+         r"--temperature must be a finite number >= 0 \(0 = greedy\), got -1\.0", ()),
+    Case("generate", "temperature NaN", 2, "generate --model_dir model --prompt Hi --temperature nan",
+         r"argument --temperature: expected a finite number, got 'nan'", ()),
+    Case("generate", "a 20-digit seed", 2, "generate --model_dir model --prompt Hi --seed 99999999999999999999",
+         r"argument --seed: 99999999999999999999 is out of range", ()),
+    Case("generate", "negative seed", 2, "generate --model_dir model --prompt Hi --seed -3",
+         r"argument --seed: a seed is >= 0, got -3", ()),
     Case("generate", "max_length 0", 2, "generate --model_dir model --prompt Hi --max_length 0",
          r"--max_length must be >= 1, got 0", ()),
     Case("generate", "export dir whose config.json is not Llama", 2, "generate --model_dir hf --prompt Hi",
@@ -300,9 +329,15 @@ CASES = [
     # ---- export ----------------------------------------------------------------------------------
     Case("export", "unknown format", 2, "export --model_dir model --format tflite",
          r"export\.format must be huggingface, pytorch or onnx \(--format\), got 'tflite'", ("exports",)),
-    Case("export", "output_dir not empty, no --overwrite", 2, "export --model_dir model --format pytorch --output_dir out",
-         r"--output_dir out exists and is not empty; pass --overwrite to replace it", (),
+    Case("export", "output_dir holds an earlier export, no --overwrite", 2,
+         "export --model_dir model --format pytorch --output_dir out",
+         r"--output_dir out holds an earlier export \(model\.pt\); pass --overwrite to replace it", (),
          files={**CORRUPT_RUN, "out/model.pt": "an earlier export"}, kept=("out/model.pt",)),
+    Case("export", "--overwrite never replaces a user's files", 2,
+         "export --model_dir model --format huggingface --output_dir out --overwrite",
+         r"--output_dir out holds notes\.md, plots/, which no export wrote; move them out", (),
+         files={**CORRUPT_RUN, "out/config.json": HF_CONFIG, "out/notes.md": "mine", "out/plots/a.png": "mine"},
+         kept=("out/config.json", "out/notes.md", "out/plots/a.png")),
     Case("export", "model dir without a checkpoint", 2, "export --model_dir run --format huggingface --output_dir out",
          r"--model_dir run holds no checkpoint .*; train first or point at an export", ("out",),
          files={"run/run_config.yaml": MODEL_YAML}),
@@ -314,6 +349,11 @@ CASES = [
          r"model\.safetensors is not a readable safetensors file", (),
          files={**CORRUPT_RUN, "out/config.json": HF_CONFIG, "out/model.safetensors": GARBAGE},
          kept=("out/config.json", "out/model.safetensors")),
+    # ---- serve -----------------------------------------------------------------------------------
+    Case("serve", "port past 65535", 2, "serve --model_path exp --port 70000",
+         r"argument --port: a TCP port is 0-65535 \(0: any free one\), got 70000", ()),
+    Case("serve", "export dir missing", 2, "serve --model_path nothere --engine builtin",
+         r"--model_path nothere does not exist; export a model first", ()),
     # ---- pipeline --------------------------------------------------------------------------------
     Case("pipeline", "config missing", 2, "pipeline --config nope.yaml",
          r"config file nope\.yaml does not exist", ("runs", "data")),
@@ -371,7 +411,7 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 def test_the_table_covers_every_stage():
     assert len(CASES) >= 30
     assert {c.stage for c in CASES} == {"prepare", "train-tokenizer", "tokenize", "train", "evaluate", "generate",
-                                        "score-squad", "export", "pipeline"}
+                                        "score-squad", "export", "serve", "pipeline"}
     assert len({c.id for c in CASES}) == len(CASES)
     assert {c.code for c in CASES} == {EXIT_USER_ERROR}  # one exit code for every kind of bad input
 

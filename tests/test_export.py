@@ -27,6 +27,7 @@ from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.export import VerificationError, export
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import load_tokenizer
+from openllm_ds.utils import MANIFEST
 
 TINY = dict(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, dropout=0.0)
 VAL_LOSS = 5.25
@@ -304,16 +305,34 @@ def test_unknown_format_and_dtype(tied_run, tmp_path, capsys):
         export(ExportConfig(model_dir=str(tied_run[0]), format="pytorch", output_dir=str(tmp_path / "o"), quantize_int8=True))
 
 
-def test_non_empty_output_dir_needs_overwrite(tied_run, tmp_path):
+def test_overwrite_replaces_an_earlier_export_and_never_a_users_file(tied_run, tmp_path, capsys):
     out = tmp_path / "pt"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     cfg = dict(model_dir=str(tied_run[0]), format="pytorch", output_dir=str(out))
-    with pytest.raises(UserError, match="exists and is not empty; pass --overwrite"):
+    export(ExportConfig(**cfg))
+    assert (out / MANIFEST).read_text().splitlines() == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    with pytest.raises(UserError, match=r"holds an earlier export \(.*model\.pt.*\); pass --overwrite to replace it"):
         export(ExportConfig(**cfg))
-    assert (out / "stale.txt").read_text() == "old"
     export(ExportConfig(**cfg, overwrite=True))
-    assert not (out / "stale.txt").exists() and (out / "model.pt").is_file()
+    assert "--overwrite: replacing the export in" in capsys.readouterr().err
+    # a file no export wrote: refused with or without --overwrite (which the message does not suggest), kept
+    (out / "notes.md").write_text("mine")
+    (out / "plots").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"holds notes\.md, plots/, which no export wrote") as e:
+            export(ExportConfig(**cfg, overwrite=overwrite))
+        assert "--overwrite" not in str(e.value)
+    assert (out / "notes.md").read_text() == "mine" and (out / "plots").is_dir() and (out / "model.pt").is_file()
+    # the final swap checks again: a user's file that appears during the export stops it, and nothing is lost
+    (out / "notes.md").unlink()
+    (out / "plots").rmdir()
+    from openllm_ds.utils import atomic_dir
+
+    with pytest.raises(UserError, match=r"holds late\.txt, which openllm-ds did not write; nothing was replaced"):
+        with atomic_dir(out) as tmp:
+            (tmp / "model.pt").write_text("new")
+            (out / "late.txt").write_text("mine")
+    assert (out / "late.txt").read_text() == "mine" and (out / "model.pt").stat().st_size > 3
+    assert not list(tmp_path.glob(".pt.*"))
     with pytest.raises(UserError, match="would replace the model being exported"):
         export(ExportConfig(model_dir=str(out), format="pytorch", output_dir=str(out), overwrite=True))
 

@@ -118,11 +118,12 @@ def test_kill_9_at_random_moments_resumes_exactly(token_shards, prepared_data, t
     assert max(lost) <= 1  # a checkpoint every step: at most the step in flight is lost
 
 
-@pytest.mark.parametrize("where", ["engine", "weights"])
+@pytest.mark.parametrize("where", ["engine", "weights", "torch.save"])
 def test_a_failed_checkpoint_write_stops_clearly_and_the_previous_one_loads(
         token_shards, prepared_data, tokenizer_dir, tmp_path, monkeypatch, capsys, where):
-    """A full disk during the step-4 checkpoint (in DeepSpeed's files or in our consolidated weights):
-    the run stops with one clear message, leaves no partial step dir, and resumes from step 2."""
+    """A full disk during the step-4 checkpoint (in DeepSpeed's files, in our consolidated weights, or inside
+    DeepSpeed's own torch.save, which reports it as a RuntimeError): the run stops with one clear message,
+    leaves no partial step dir, and resumes from step 2."""
     import errno
 
     from openllm_ds.checkpoint import load_model
@@ -135,7 +136,24 @@ def test_a_failed_checkpoint_write_stops_clearly_and_the_previous_one_loads(
     def no_space(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    if where == "engine":
+    full = "OSError: [Errno 28] No space left on device"
+    if where == "torch.save":
+        import torch
+
+        real_torch_save = torch.save
+        full = "RuntimeError: PytorchStreamWriter failed writing file data/0: file write failed"
+
+        def torch_save(obj, f, *a, **kw):
+            real_torch_save(obj, f, *a, **kw)  # a partial file on disk, then the error
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+        def engine_save(engine, cfg, state, env, stage):
+            if state.step == 4:
+                monkeypatch.setattr(torch, "save", torch_save)
+            return real_save(engine, cfg, state, env, stage)
+
+        monkeypatch.setattr("openllm_ds.train.loop.save_checkpoint", engine_save)
+    elif where == "engine":
         def engine_save(engine, cfg, state, env, stage):
             if state.step == 4:
                 monkeypatch.setattr(engine, "save_checkpoint", no_space)
@@ -151,7 +169,7 @@ def test_a_failed_checkpoint_write_stops_clearly_and_the_previous_one_loads(
         monkeypatch.setattr(checkpointing, "write_safetensors", write)
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "could not write checkpoint" in err and "step_00000004 (OSError: [Errno 28] No space left on device)" in err
+    assert "could not write checkpoint" in err and f"step_00000004 ({full})" in err
     assert "the previous checkpoint step_00000002 is intact" in err and "--resume auto" in err
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_00000002"
     assert not (tmp_path / "checkpoints/step_00000004").exists()

@@ -87,6 +87,21 @@ def test_pipeline_end_to_end_resumes_and_skips(squad_dir, tmp_path, capsys, monk
     assert main(pipeline_argv(squad_dir, work)) == 0
     assert stage_lines(capsys.readouterr().out) == {s: "skipped" for s in STAGES}
 
+    # a changed setting the finished run can take (a cadence): nothing to train, the report stays whole
+    state = json.loads((work / "runs/tiny/state.json").read_text())
+    assert main([*pipeline_argv(squad_dir, work), "train.eval_every=5"]) == 0
+    out = capsys.readouterr().out
+    assert "[pipeline] train: models/tiny is complete at step 20 (train.max_steps), nothing to train" in out
+    after = json.loads((work / "runs/tiny/state.json").read_text())
+    assert after["train"]["result"] == state["train"]["result"] and after["train"]["result"]["train_loss"] > 0
+    assert f"| validation perplexity (per token) | {ev['perplexity']:.2f} |" in (work / "runs/tiny/report.md").read_text()
+    # one it cannot go on with: one line naming what differs and --force; the run is untouched
+    latest = (work / "models/tiny/checkpoints/latest").read_text()
+    assert main([*pipeline_argv(squad_dir, work), "train.learning_rate=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other settings (train.learning_rate: 0.003 -> 0.01)" in err and "--force" in err, err
+    assert (work / "models/tiny/checkpoints/latest").read_text() == latest
+
 
 def test_pipeline_on_own_data_as_a_ray_job_on_a_real_head(prepared_data, tmp_path, ray_head):
     """The pipeline on a user's JSON Lines corpus (text in a "content" field), submitted as a Ray job: no
@@ -115,3 +130,24 @@ def test_pipeline_on_own_data_as_a_ray_job_on_a_real_head(prepared_data, tmp_pat
     report = (work / "runs/tiny/report.md").read_text()
     assert f"| `{corpus}` | 100.0% | 100.0% | {len(passages) - len(held):,} | 0 |" in report
     assert (work / "exports/huggingface/model.safetensors").is_file()
+
+
+def test_force_replaces_only_the_run_the_pipeline_trained(tmp_path, monkeypatch):
+    """--force retrains from step 0: the run's own outputs go, a user's file in the run dir stays; a run this
+    pipeline did not train is refused and nothing is deleted."""
+    from openllm_ds.pipeline import train_stage
+
+    cfg = load_run_config(ROOT / "configs/tiny.yaml", {"train.output_dir": str(tmp_path / "run")})
+    run = tmp_path / "run"
+    for f in ("checkpoints/step_00000010/model.safetensors", "checkpoints/step_00000010/train_state.json",
+              "tensorboard/events.out", "tokenizer/tokenizer.model", "train_log.jsonl", "notes.md"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_text("x")
+    cfg.save(run / "run_config.yaml")
+    launched = []
+    with pytest.raises(UserError, match="holds a run this pipeline did not train"):
+        train_stage(cfg, None, tmp_path / "tok", True, launched.append)
+    assert launched == [] and (run / "checkpoints/step_00000010/model.safetensors").is_file()
+    train_stage(cfg, {"result": {"final_step": 10}}, tmp_path / "tok", True, lambda c: launched.append(c) or {})
+    assert launched == [cfg]
+    assert sorted(p.name for p in run.iterdir()) == ["notes.md"]

@@ -32,6 +32,7 @@ import torch
 
 from openllm_ds.checkpoint import load_model
 from openllm_ds.config import DataConfig, TokenizerConfig
+from openllm_ds.utils import MANIFEST
 
 from test_train import logged, tiny_cfg
 
@@ -240,7 +241,7 @@ def test_tokenize_survives_a_killed_ray_actor(reference, tmp_path, monkeypatch, 
 
     assert num_calls(fault_dir) >= reference["tokenize_calls"] + 1
     want = file_bytes(reference["shards"])
-    assert sorted(want) == ["meta.json"] + [f"shard_{u:05d}.bin" for u in range(6)]
+    assert sorted(want) == [MANIFEST, "meta.json"] + [f"shard_{u:05d}.bin" for u in range(6)]
     assert file_bytes(out) == want  # no document lost or written twice; no temporary file left
     assert meta["num_documents"] == len((reference["clean"] / "validation_data.txt").read_text().splitlines())
     assert len(TokenShards(out)) == meta["num_tokens"] > 300_000

@@ -14,7 +14,7 @@ from openllm_ds.cli import build_parser, build_train_parser, run_config_from_arg
 ROOT = Path(__file__).resolve().parents[1]
 # commands of other tools, not ours to parse
 OTHER_TOOLS = ("scripts/setup.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm", "lm_eval",
-               "pip install")
+               "pip install", "export RAY_AUTH_MODE=")
 
 
 def readme_commands() -> list[str]:
@@ -50,6 +50,23 @@ def ours(argv: list[str]) -> tuple[str, list[str]] | None:
 COMMANDS = readme_commands()
 
 
+def check_ray_job_outputs(script: str, args: list[str], monkeypatch) -> None:
+    """A README job writes to absolute paths: a relative one would land in the copy that Ray deletes."""
+    from openllm_ds.utils import check_job_outputs
+
+    name = Path(script).stem
+    if name == "train":
+        outputs = {"--output_dir": run_config_from_args(build_train_parser().parse_args(args), "train").output_dir}
+    else:
+        parsed = build_parser().parse_args(args)
+        outputs = {"pipeline": {"--work_dir": getattr(parsed, "work_dir", None)},
+                   "evaluate": {"--model_dir": getattr(parsed, "model_dir", None)},
+                   "tokenize": {"--output_dir": getattr(parsed, "output_dir", None)}}[parsed.command]
+    with monkeypatch.context() as m:
+        m.setattr(Path, "cwd", classmethod(lambda cls: Path("/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_1")))
+        check_job_outputs(outputs)
+
+
 def test_the_readme_has_its_two_fresh_machine_commands():
     assert "scripts/setup.sh" in COMMANDS and ".venv/bin/python -m pytest -q" in COMMANDS
     assert ".venv/bin/openllm-ds pipeline --config configs/tiny.yaml" in COMMANDS
@@ -66,6 +83,8 @@ def test_readme_command_parses(command, monkeypatch):
         assert command.startswith(OTHER_TOOLS), f"README command of an unknown tool: {command}"
         return
     which, args = kind
+    if argv[:3] == ["ray", "job", "submit"]:  # as the job's driver sees it: in Ray's temporary copy of the working dir
+        check_ray_job_outputs(argv[argv.index("--") + 2], args, monkeypatch)
     if which == "acceptance":
         monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
         import gpu_acceptance

@@ -96,6 +96,37 @@ def test_missing_predictions_count_as_wrong_with_a_warning(tmp_path, capsys):
     assert "2 of 3 questions have no prediction" in capsys.readouterr().err
 
 
+def official_v1_evaluate(dataset, predictions):
+    """The loop of the official evaluate-v1.1.py (its metric functions are ours, tested above)."""
+    f1 = exact_match = total = 0
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                total += 1
+                if qa["id"] not in predictions:
+                    continue
+                ground_truths = [x["text"] for x in qa["answers"]]
+                prediction = predictions[qa["id"]]
+                exact_match += max(exact_match_score(prediction, g) for g in ground_truths)
+                f1 += max(f1_score(prediction, g) for g in ground_truths)
+    return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total, "total": total}
+
+
+def test_repeated_question_ids_count_as_the_official_scripts_count_them(tmp_path):
+    """v1.1 scores every question in the file (an id that repeats, each time against its own answers);
+    v2.0's script keys its scores by id, so the last occurrence alone counts."""
+    questions = [("q1", ["Paris"]), ("q2", ["blue sky"]), ("q1", ["London"]), ("q3", ["red"])]
+    preds = {"q1": "Paris", "q2": "the blue sky", "q3": "green"}
+    v1 = squad(questions)
+    got = score_predictions(v1["data"], preds, "1.1")
+    assert {k: got[k] for k in ("exact_match", "f1", "total")} == pytest.approx(official_v1_evaluate(v1["data"], preds))
+    assert got["total"] == 4 and got["exact_match"] == pytest.approx(50.0)  # q1 right once, wrong once; q2 right
+    v2 = score_predictions(squad(questions, "v2.0")["data"], preds, "2.0")
+    assert v2["total"] == 3 and v2["exact_match"] == pytest.approx(100 / 3)  # q1 scored against "London" only
+    report = score_squad(write(tmp_path / "dev.json", v1), write(tmp_path / "p.json", {"q2": "blue sky"}))
+    assert report["total"] == 4 and report["num_missing_predictions"] == 3
+
+
 def test_published_leaderboard_figures(squad_dir, predictions_dir):
     dev = squad_dir / "dev-v1.1.json"
     bert = score_squad(dev, predictions_dir / "v1.1_BERT_ensemble_GoogleAI.json")

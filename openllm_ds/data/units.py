@@ -299,7 +299,7 @@ def check_table_schema(f: SourceFile, options: ReadOptions) -> None:
 
 def plan_units(files: list[SourceFile], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
     if unit_bytes < 1:
-        raise UserError(f"unit_bytes must be >= 1, got {unit_bytes}")
+        raise UserError(f"--unit_bytes (tokenizer.unit_bytes) must be >= 1, got {unit_bytes}")
     units: list[Unit] = []
     for f in files:
         for start, stop in _unit_ranges(f, unit_bytes):

@@ -30,13 +30,15 @@ def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: fl
         raise UserError(f"--max_length must be >= 1, got {max_length}")
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):  # NaN too
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2^63), got {seed}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top_k must be >= 1, got {top_k}")
-    if repetition_penalty <= 0:
+    if not 0 < repetition_penalty < float("inf"):
         raise UserError(f"--repetition_penalty must be > 0, got {repetition_penalty}")
 
     device = pick_device()

@@ -35,10 +35,9 @@ def resolve_steps(model_dir: str | Path, checkpoints: str | None) -> list[int | 
                             f"use --checkpoints latest or all, not {spec!r}")
         return [None]
     if spec == "latest":
-        import json
+        from openllm_ds.checkpoint import checkpoint_step
 
-        state = resolve_checkpoint(root) / "train_state.json"
-        return [int(json.loads(state.read_text())["step"])]
+        return [checkpoint_step(resolve_checkpoint(root))]
     have = [s for s, _ in list_checkpoints(root)]
     if not have:
         resolve_checkpoint(root)  # raises the "no checkpoint" error with the full explanation

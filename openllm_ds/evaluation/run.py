@@ -12,7 +12,7 @@ from openllm_ds.evaluation.generate import pick_device
 from openllm_ds.evaluation.harness import run_harness
 from openllm_ds.evaluation.sliding_window import check_metrics, evaluate_text, read_documents
 from openllm_ds.evaluation.tasks import TaskSpec
-from openllm_ds.utils import atomic_write_json
+from openllm_ds.utils import atomic_write_json, check_output_file
 
 
 def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=None, batch_size=8, checkpoint=None,
@@ -29,6 +29,8 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     if stride is not None and stride < 1:
         raise UserError(f"--stride must be >= 1, got {stride}")
+    if output:
+        check_output_file(output, "--output")  # before the evaluation, not after it
     tasks = tuple(tasks or ())
     if tasks:
         if checkpoints is None and checkpoint is not None:

@@ -10,6 +10,8 @@ Semantics follow the official evaluate scripts:
   ``NoAns_*`` breakdowns and, with a no-answer probability file, the official threshold search
   (``best_exact``/``best_f1`` and their thresholds). One difference: the official v2.0 script drops a
   question without a prediction from the totals; here it scores 0, as in v1.1, and a warning names it.
+  A question id that repeats counts as the official scripts count it: every occurrence in v1.1, once
+  (the last) in v2.0.
 
 Scores are percentages (0-100). The version comes from the dataset's ``version`` field ("1.1",
 "v2.0"), else from the presence of ``is_impossible``.
@@ -155,25 +157,29 @@ def score_predictions(articles: list[dict], predictions: dict[str, str], version
     if version not in ("1.1", "2.0"):
         raise ValueError(f"version must be 1.1 or 2.0, got {version!r}")
     v2 = version == "2.0"
-    exact: dict[str, float] = {}
-    f1: dict[str, float] = {}
-    has_answer: dict[str, bool] = {}
-    missing: list[str] = []
+    # keyed as the official scripts count: v1.1 scores every question in the file, a repeated id each
+    # time (against that occurrence's answers); v2.0 keeps one score per id (the last occurrence's)
+    exact: dict = {}
+    f1: dict = {}
+    has_answer: dict = {}
+    seen: Counter = Counter()
     for article in articles:
         for para in article["paragraphs"]:
             for qa in para["qas"]:
                 qid = qa["id"]
+                key = qid if v2 else (qid, seen[qid])
+                seen[qid] += 1
                 gold = [a["text"] for a in qa["answers"]]
                 if v2:
                     gold = [g for g in gold if normalize_answer(g)] or [""]
-                has_answer[qid] = gold != [""]
+                has_answer[key] = gold != [""]
                 if qid not in predictions:
-                    missing.append(qid)
-                    exact[qid] = f1[qid] = 0.0
+                    exact[key] = f1[key] = 0.0
                     continue
                 pred = predictions[qid]
-                exact[qid] = max(exact_match_score(pred, g) for g in gold)
-                f1[qid] = max(f1_score(pred, g, empty_matches_empty=v2) for g in gold)
+                exact[key] = max(exact_match_score(pred, g) for g in gold)
+                f1[key] = max(f1_score(pred, g, empty_matches_empty=v2) for g in gold)
+    missing = [k if v2 else k[0] for k in exact if (k if v2 else k[0]) not in predictions]
     if missing and warn:
         print(f"warning: {len(missing)} of {len(exact)} questions have no prediction and score 0 "
               f"(first: {missing[0]})", file=sys.stderr)

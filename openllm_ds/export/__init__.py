@@ -17,7 +17,7 @@ from tqdm import tqdm
 from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
 from openllm_ds.export.huggingface import VerificationError, export_huggingface
-from openllm_ds.export.source import ExportSource, check_output_dir, load_export_source
+from openllm_ds.export.source import ExportSource, check_output_dir, is_export_file, load_export_source
 from openllm_ds.utils import _umask, atomic_dir
 
 FORMATS = ("huggingface", "pytorch", "onnx")
@@ -48,7 +48,7 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
         bar.update()
         bar.set_postfix_str(stages[1])
         try:
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, is_export_file) as tmp:
                 report = _write(cfg, src, tmp)
                 readable_by_all(tmp)
                 files = sorted(p.name for p in tmp.iterdir() if p.is_file())

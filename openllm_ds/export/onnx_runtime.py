@@ -13,7 +13,6 @@ generation runs ``Transformer.generate``'s own loop and sampling code on onnxrun
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from openllm_ds.config import ModelConfig
 from openllm_ds.errors import UserError
+from openllm_ds.utils import read_json
 from openllm_ds.model import Transformer
 
 MODEL_FILE = "model.onnx"
@@ -77,7 +77,7 @@ class OnnxCausalLM:
         if missing:
             raise UserError(f"{self.dir} has no {missing[0]}; export with --optimize_for_inference / --quantize_int8")
         self.variant = variant
-        self.cfg = ModelConfig(**json.loads((self.dir / "config.json").read_text()))
+        self.cfg = ModelConfig(**read_json(self.dir / "config.json", "re-export the model (--format onnx)"))
         self.num_threads = num_threads  # intra-op threads of every session (None: onnxruntime's default)
         self._options = session_options(num_threads, spinning)
         self._ort = ort

@@ -11,7 +11,6 @@ config.json (the ModelConfig fields), the tokenizer files and openllm_ds.json. L
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from openllm_ds.errors import UserError
 from openllm_ds.export.huggingface import VerificationError
 from openllm_ds.export.source import EXPORT_INFO, TORCH_DTYPES, ExportSource, copy_tokenizer_files, encode_for_verification, verification_texts
 from openllm_ds.model import Transformer
-from openllm_ds.utils import atomic_write_json
+from openllm_ds.utils import atomic_write_json, read_json
 
 WEIGHTS_FILE = "model.pt"
 
@@ -50,7 +49,7 @@ def load_pytorch_export(path: str | Path, dtype: torch.dtype | None = None) -> T
     if not is_pytorch_export(path):
         raise UserError(f"{path} is not a PyTorch export (needs {WEIGHTS_FILE} and config.json); "
                         "run `openllm-ds export --format pytorch` first")
-    cfg = ModelConfig(**json.loads((path / "config.json").read_text()))
+    cfg = ModelConfig(**read_json(path / "config.json", "re-export the model (--format pytorch)"))
     with refusing_pickled_code(f"refusing to load {path}: its {WEIGHTS_FILE} holds pickled objects other than tensors"):
         state = torch.load(path / WEIGHTS_FILE, weights_only=True, map_location="cpu")
     model = Transformer(cfg).to(state["embed_tokens.weight"].dtype)  # compute in the stored dtype

@@ -8,15 +8,14 @@ shards are gathered into fp32 weights by DeepSpeed's ``zero_to_fp32``.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, is_hf_export, load_model, step_tag,
                                   weights_only_loads)
@@ -24,12 +23,15 @@ from openllm_ds.config import ModelConfig, RunConfig, run_config_from_dict
 from openllm_ds.errors import UserError
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import Tokenizer, load_tokenizer
+from openllm_ds.utils import MANIFEST, describe_entries, foreign_entries, read_json, read_yaml
 
 EXPORT_INFO = "openllm_ds.json"  # step, source checkpoint, run name: written into every export
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.vocab", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
 )
+EXPORT_FILES = (*TOKENIZER_FILES, EXPORT_INFO, "config.json", "generation_config.json", "model.safetensors", "README.md",
+                "model.pt")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _STEP_NAME = re.compile(r"^(?:step_|global_step)(\d+)$")
@@ -114,7 +116,7 @@ def deepspeed_tag_dir(root: Path, step: int | None) -> Path | None:
 
 def _read_train_state(d: Path) -> dict:
     f = d / TRAIN_STATE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return read_json(f, "pass another --checkpoint") if f.is_file() else {}
 
 
 def _load_consolidated(root: Path, step: int | None) -> ExportSource:
@@ -126,7 +128,7 @@ def _load_consolidated(root: Path, step: int | None) -> ExportSource:
     loaded = load_model(root, step)
     if loaded.kind == "huggingface":
         info_file = root / EXPORT_INFO
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        info = read_json(info_file, "re-export the model") if info_file.is_file() else {}
         train_state = {k: info[k] for k in ("val_loss", "tokens_seen") if info.get(k) is not None}
         run_name = info.get("run_name")
     else:
@@ -152,7 +154,7 @@ def _load_deepspeed(tag_dir: Path) -> ExportSource:
     if cfg_file is None:
         raise UserError(f"{tag_dir} has no run_config.yaml (nor {run_dir / 'run_config.yaml'}); "
                         "the model shape is unknown, export from the run's output dir")
-    run_cfg = run_config_from_dict(yaml.safe_load(cfg_file.read_text()), str(cfg_file))
+    run_cfg = run_config_from_dict(read_yaml(cfg_file, "restore the run's run_config.yaml") or {}, str(cfg_file))
     with weights_only_loads(f"refusing to load {tag_dir}"):
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -190,8 +192,21 @@ def check_output_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
     src, dst = model_dir.resolve(), out.resolve()
     if dst == src or dst in src.parents:
         raise UserError(f"--output_dir {out} would replace the model being exported ({model_dir}); choose another directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output_dir {out} exists and is not empty; pass --overwrite to replace it or choose another directory")
+    foreign = foreign_entries(out, is_export_file)
+    if foreign:  # never replaced, with or without --overwrite
+        raise UserError(f"--output_dir {out} holds {describe_entries(foreign)}, which no export wrote; move them out "
+                        "or choose another --output_dir")
+    ours = sorted(p.name for p in out.iterdir() if p.name != MANIFEST) if out.is_dir() else []
+    if ours and not overwrite:
+        raise UserError(f"--output_dir {out} holds an earlier export ({describe_entries(ours)}); pass --overwrite to "
+                        "replace it, or choose another --output_dir")
+    if ours:
+        print(f"--overwrite: replacing the export in {out} ({describe_entries(ours, 20)})", file=sys.stderr)
+
+
+def is_export_file(name: str) -> bool:
+    """A file one of the exporters writes (for an export dir written before manifests)."""
+    return name in EXPORT_FILES or name.endswith((".onnx", ".onnx.data"))
 
 
 def copy_tokenizer_files(src: ExportSource, out: Path) -> list[str]:

@@ -7,10 +7,10 @@ is rendered by a small Python equivalent; any other template then needs jinja2.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from openllm_ds.errors import UserError
+from openllm_ds.utils import read_json
 from openllm_ds.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -70,8 +70,8 @@ def load_chat_template(tokenizer_dir: str | Path, tokenizer: Tokenizer) -> ChatT
     """The chat template of tokenizer_config.json (or chat_template.jinja); None when there is none."""
     d = Path(tokenizer_dir)
     cfg_file = d / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
-    source = cfg.get("chat_template")
+    cfg = read_json(cfg_file, "re-export the model, or fix its chat_template") if cfg_file.is_file() else {}
+    source = cfg.get("chat_template") if isinstance(cfg, dict) else None
     if isinstance(source, list):  # the named-templates form: [{"name": "default", "template": ...}]
         source = next((t.get("template") for t in source if t.get("name") == "default"), None)
     if not source and (d / "chat_template.jinja").is_file():

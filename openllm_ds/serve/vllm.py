@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
-import json
 import os
 import signal
 import socket
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from openllm_ds.checkpoint import is_hf_export
 from openllm_ds.errors import UserError
+from openllm_ds.utils import read_json
 
 ENGINES = ("auto", "vllm", "builtin")
 BACKENDS = ("torch", "onnx")
@@ -80,12 +80,20 @@ def vllm_unavailable_reason(model_path: str | Path | None = None) -> str | None:
     if build == "cuda" and not gpu_visible():
         return "the installed vLLM is the CUDA build and no GPU is visible (scripts/setup.sh --vllm installs the CPU build here)"
     if build == "cpu" and model_path is not None and (Path(model_path) / "config.json").is_file():
-        cfg = json.loads((Path(model_path) / "config.json").read_text())
+        cfg = hf_config(Path(model_path))
         head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         if head not in CPU_HEAD_SIZES:
             return (f"vLLM's CPU build supports head sizes {', '.join(map(str, CPU_HEAD_SIZES))} and this model's is "
                     f"{head} (hidden_size / num_attention_heads)")
     return None
+
+
+def hf_config(path: Path) -> dict:
+    cfg = read_json(path / "config.json", "re-export the model (openllm-ds export --format huggingface)")
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")):
+        raise UserError(f"{path / 'config.json'} is not a Llama config (hidden_size, num_attention_heads, "
+                        "num_hidden_layers); re-export the model (openllm-ds export --format huggingface)")
+    return cfg
 
 
 def choose_engine(engine: str, backend: str, model_path: str | Path) -> str:
@@ -114,7 +122,7 @@ def choose_engine(engine: str, backend: str, model_path: str | Path) -> str:
 
 def kv_cache_bytes(model_path: Path, max_length: int, sequences: int = 64) -> int:
     """KV cache for ``sequences`` full-length sequences in fp32 (vLLM's CPU build reserves 92% of RAM otherwise)."""
-    cfg = json.loads((model_path / "config.json").read_text())
+    cfg = hf_config(model_path)
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head * 4
     return int(min(max(per_token * max_length * sequences, 64 << 20), 8 << 30))
@@ -124,7 +132,7 @@ def vllm_command(model_path: str | Path, host: str, port: int, max_length: int, 
                  python: str | None = None, cpu: bool | None = None, extra_args: tuple[str, ...] = ()) -> list[str]:
     """The command line that starts vLLM's OpenAI-compatible server on a Hugging Face export."""
     path = Path(model_path)
-    context = json.loads((path / "config.json").read_text()).get("max_position_embeddings", max_length)
+    context = hf_config(path).get("max_position_embeddings", max_length)
     max_len = min(max_length, context)
     python = python or vllm_python() or sys.executable
     if cpu is None:

@@ -40,7 +40,7 @@ from openllm_ds.data.units import (UNIT_BYTES, ReadOptions, Unit, UnitCounts, is
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer.shards import FORMAT, META_FILE, TokenShards, is_shard_file, shard_name, token_dtype
 from openllm_ds.tokenizer.tokenizer import load_tokenizer
-from openllm_ds.utils import atomic_dir, atomic_write_json, ensure_writable_dir, init_ray
+from openllm_ds.utils import atomic_dir, atomic_write_json, describe_entries, ensure_writable_dir, foreign_entries, init_ray
 
 SHARDS_ROOT = "data/tokens"  # shards of globs, hf: datasets and several sources (tokenizer.shards_root)
 ENCODE_BATCH_BYTES = 1 << 20  # documents encoded and written together
@@ -71,7 +71,7 @@ def tokenize_corpus(
     if num_workers < 0:
         raise UserError(f"--num_workers must be >= 0 (0: in this process, without Ray), got {num_workers}")
     if not 0.0 <= holdout < 1.0:
-        raise UserError(f"holdout must be in [0, 1), got {holdout}")
+        raise UserError(f"--holdout (train.holdout_fraction) must be in [0, 1), got {holdout}")
     tok = load_tokenizer(tokenizer_dir)
     files = resolve_sources(inputs, options, what)
     out = Path(output_dir) if output_dir is not None else shards_dir_for(inputs)
@@ -92,7 +92,7 @@ def tokenize_corpus(
     dtype = token_dtype(tok.vocab_size)
     total_mb = sum(f.size for f in files) / 1e6
     start = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, is_shards_entry) as tmp:
         runner = (InProcess(tok, units, options, dtype, tmp, holdout) if num_workers == 0 else
                   OnRay(tok, num_workers, units, options, dtype, tmp, holdout))
         try:
@@ -171,15 +171,18 @@ def up_to_date_meta(out: Path, source: dict, tokenizer_sha256: str) -> dict | No
     return None
 
 
+def is_shards_entry(name: str) -> bool:
+    return name == META_FILE or is_shard_file(name)
+
+
 def check_shards_output_dir(out: Path) -> None:
     """The dir is replaced whole, so it may hold only what this stage writes."""
     if out.exists() and not out.is_dir():
         raise UserError(f"token shards output {out} is a file; pass a directory")
-    if out.is_dir():
-        other = sorted(p.name for p in out.iterdir() if p.name != META_FILE and not is_shard_file(p.name))
-        if other:
-            raise UserError(f"token shards output {out} holds other files ({', '.join(other[:5])}); "
-                            "pass a new or empty directory")
+    other = foreign_entries(out, is_shards_entry)
+    if other:
+        raise UserError(f"token shards output {out} holds other files ({describe_entries(other)}); "
+                        "pass a new or empty directory")
     ensure_writable_dir(out.parent, f"token shards output {out}: parent directory")
 
 

@@ -27,13 +27,12 @@ themselves; the chat template opens with it too (chat prompts are tokenized with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import sentencepiece as spm
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-from openllm_ds.utils import atomic_write_json
+from openllm_ds.utils import atomic_write_json, read_json
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 # The roles transformers reads: its BOS is the prompt prefix, `</s>` (SentencePiece's <s> stays unused).
@@ -157,7 +156,7 @@ def apply_prompt_convention(out_dir: str | Path, prefix_id: int, max_length: int
     tok.post_processor = prompt_post_processor(prefix_id)
     tok.save(str(out / "tokenizer.json"))
     cfg_file = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    cfg = read_json(cfg_file, "delete it to have it written afresh") if cfg_file.is_file() else {}
     fresh = tokenizer_config(max_length)
     for key in ("tokenizer_class", *HF_SPECIAL_TOKENS, "add_bos_token", "add_eos_token", "model_input_names",
                 "model_max_length"):

@@ -31,7 +31,7 @@ from openllm_ds.data.units import UNIT_BYTES, plan_units, resolve_sources
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer.hf_files import SPECIAL_TOKENS, write_hf_files
 from openllm_ds.tokenizer.tokenizer import MODEL_FILE, Tokenizer
-from openllm_ds.utils import atomic_dir, ensure_writable_dir
+from openllm_ds.utils import atomic_dir, describe_entries, ensure_writable_dir, foreign_entries
 
 TOKENIZER_FILES = (MODEL_FILE, "tokenizer.vocab", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PARITY_SAMPLE_LINES = 200
@@ -79,7 +79,7 @@ def train_tokenizer(cfg: TokenizerConfig, validation_file: str | None = None, *,
         corpus["num_lines"], corpus["num_long_lines"] = lines.num_lines, lines.num_long
     train_seconds = time.perf_counter() - start
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, TOKENIZER_FILES.__contains__) as tmp:
         (tmp / MODEL_FILE).write_bytes(model_bytes)
         tok = Tokenizer(tmp / MODEL_FILE)
         if tok.vocab_size != cfg.vocab_size or [tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id] != [0, 1, 2, 3]:
@@ -174,11 +174,10 @@ def check_output_dir(out: Path) -> Path:
     """The dir is replaced whole, so it may hold only tokenizer files; its parent must be writable."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a directory for the tokenizer files")
-    if out.is_dir():
-        other = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES)
-        if other:
-            raise UserError(f"--output_dir {out} holds other files ({', '.join(other[:5])}); "
-                            "pass a new or empty directory for the tokenizer (e.g. data/tokenizer)")
+    other = foreign_entries(out, TOKENIZER_FILES.__contains__)
+    if other:
+        raise UserError(f"--output_dir {out} holds other files ({describe_entries(other)}); "
+                        "pass a new or empty directory for the tokenizer (e.g. data/tokenizer)")
     ensure_writable_dir(out.parent, f"--output_dir {out}: parent directory")
     return out
 

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from openllm_ds.checkpoint import CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, list_checkpoints, step_tag, weights_only_loads
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
-from openllm_ds.utils import atomic_write_json, atomic_write_text
+from openllm_ds.utils import atomic_write_json, atomic_write_text, read_yaml
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -49,6 +48,7 @@ class TrainState:
     data: list = dataclasses.field(default_factory=list)  # data position: per source [epoch, index, taken]
     source_tokens: list = dataclasses.field(default_factory=list)  # tokens trained on, per source
     data_sha256: str | None = None  # what the run trains on (its sources' documents and weights)
+    tokenizer_sha256: str | None = None  # the tokenizer.model it trains with
     last_eval_loss: float | None = None  # the sources' validation losses, weighted as they are sampled
     source_eval_losses: list = dataclasses.field(default_factory=list)
     nonfinite_skipped: int = 0  # steps whose update was dropped for non-finite gradients
@@ -91,8 +91,8 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, env: DistEnv, zer
     error = None
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    except OSError as e:  # full disk, lost permissions: every rank must learn of it, not wait at a barrier
-        error = f"{type(e).__name__}: {e}"
+    except (OSError, RuntimeError) as e:  # full disk, lost permissions (torch.save reports them as RuntimeError):
+        error = f"{type(e).__name__}: {e}"  # every rank must learn of it, not wait at a barrier
     error = next((e for e in all_gather_object(error, env) if e), None)
     if env.is_rank_zero and error is None:
         try:
@@ -101,7 +101,7 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, env: DistEnv, zer
             atomic_write_json(tag_dir / TRAIN_STATE, dataclasses.asdict(state))
             cfg.save(tag_dir / "run_config.yaml")
             atomic_write_text(ckpt_dir / LATEST, tag + "\n")
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             error = f"{type(e).__name__}: {e}"
     error = broadcast_object(error, env)  # rank 0 knows of every failure now
     if error is not None:
@@ -201,7 +201,8 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
                           "pass a checkpoints/step_* dir, --resume auto, or --resume none to start over")
     saved = tag_dir / "run_config.yaml"
     if saved.is_file():
-        model = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model", {})
+        saved_cfg = read_yaml(saved, "that checkpoint is damaged: pass another with --resume PATH, or --resume none")
+        model = (saved_cfg or {}).get("model", {}) if isinstance(saved_cfg, dict) else {}
         mine = dataclasses.asdict(cfg.model)
         diff = sorted(k for k in mine if k in model and model[k] != mine[k])
         if diff:
@@ -213,11 +214,24 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
 
 def load_checkpoint(engine, tag_dir: Path, env: DistEnv) -> TrainState:
     """Restore engine state (model, optimizer, scheduler, scaler), RNG and the train state."""
-    with weights_only_loads(f"refusing to resume from {tag_dir}", ConfigError):  # no code runs from the files
-        path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
-    if path is None or not client_state or "train_state" not in client_state:
-        raise ConfigError(f"could not load the DeepSpeed checkpoint {tag_dir}; pass --resume none to start over")
+    error, path, client_state = None, None, None
+    try:
+        with weights_only_loads(f"refusing to resume from {tag_dir}", ConfigError):  # no code runs from the files
+            path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated, missing or foreign file: torch, pickle and DeepSpeed errors
+        error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if error is None and (path is None or not client_state or "train_state" not in client_state):
+        error = "no engine state or train state in it"
+    error = next((e for e in all_gather_object(error, env) if e), None)  # every rank stops, none waits
+    if error is not None:
+        others = [d.name for _, d in list_checkpoints(tag_dir.parent.parent) if d != tag_dir]
+        fix = (f"resume from an earlier complete checkpoint with --resume {tag_dir.parent / others[-1]}" if others
+               else "no other checkpoint is left: start over with --resume none")
+        raise ConfigError(f"could not load the DeepSpeed checkpoint {tag_dir} ({error}); its files are damaged or "
+                          f"were written by another setup (ZeRO stage, number of ranks); {fix}")
     rngs = client_state.get("rng") or []
     if len(rngs) == env.world_size:
         set_rng_state(rngs[env.rank])

@@ -27,7 +27,7 @@ from openllm_ds.train.distributed import (DistEnv, all_reduce_mean, all_reduce_s
 from openllm_ds.train.ds_config import zero_stage
 from openllm_ds.train.metrics import RunLog, flops_per_token, memory_mb, peak_flops, perplexity
 from openllm_ds.train.optim import build_lr_scheduler, param_groups
-from openllm_ds.train.preflight import RunInputs, check_lengths, check_run_inputs
+from openllm_ds.train.preflight import RunInputs, RunLock, check_lengths, check_run_inputs
 from openllm_ds.train.spikes import SpikeGuard
 from openllm_ds.utils import atomic_dir, keep_freed_memory
 
@@ -45,13 +45,16 @@ def train(cfg: RunConfig) -> dict:
         keep_freed_memory()  # no page faults for every step's fresh buffers
     inputs = check_run_inputs(cfg, env)
     out = Path(cfg.output_dir).resolve()
+    with RunLock(out, env):
+        return _train(cfg, env, inputs, out)
+
+
+def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
     log = RunLog(env, out)
 
     t = cfg.train
     sources = load_sources(cfg, inputs.tokenizer.sha256, env)
     check_lengths(cfg, sources, env.world_size)
-    if env.is_rank_zero:  # only once the inputs are known to be usable
-        prepare_output_dir(cfg, out)
     T = cfg.model.max_seq_len
     batches = TrainBatches([s.train for s in sources], [s.weight for s in sources], T, t.micro_batch_size,
                            t.gradient_accumulation_steps, env, t.seed)
@@ -61,13 +64,19 @@ def train(cfg: RunConfig) -> dict:
     engine, num_params = build_engine(cfg, inputs, env)
     stage = zero_stage(inputs.ds_config)
     state = TrainState(data=DataPosition.start(len(sources)).sources, source_tokens=[0] * len(sources),
-                       data_sha256=data_sha256)
+                       data_sha256=data_sha256, tokenizer_sha256=inputs.tokenizer.sha256)
     if inputs.resume_from is not None:
         state = check_resumed_data(load_checkpoint(engine, inputs.resume_from, env), sources, data_sha256, cfg,
                                    inputs.resume_from, log)
+        state.tokenizer_sha256 = inputs.tokenizer.sha256  # checked against the checkpoint's by check_run_inputs
         where = ", ".join(f"{src.name + ' ' if len(sources) > 1 else ''}epoch {e}, window {i}" for src, (e, i, _) in
                           zip(sources, state.data))
         log.info(f"resumed from {inputs.resume_from} at step {state.step} ({where})")
+    if inputs.complete:
+        log.info(f"{inputs.resume_from} is at train.max_steps ({cfg.train.max_steps}): the run is complete, nothing "
+                 "to train; pass a larger --max_steps to train on")
+    elif env.is_rank_zero:  # only once the inputs and the resumed checkpoint are known to be usable
+        prepare_output_dir(cfg, out)
     resumed_step = state.step
 
     peak = peak_flops(env.torch_device, PRECISION_DTYPES[inputs.precision]).flops
@@ -229,7 +238,7 @@ def prepare_output_dir(cfg: RunConfig, out: Path) -> None:
     if not dst.is_dir():
         with atomic_dir(dst) as tmp:
             for f in Path(cfg.train.tokenizer_dir).iterdir():
-                if f.is_file():
+                if f.is_file() and not f.name.startswith("."):
                     shutil.copy2(f, tmp / f.name)
 
 

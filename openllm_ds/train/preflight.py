@@ -7,11 +7,12 @@ from pathlib import Path
 
 from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
+from openllm_ds.checkpoint import TRAIN_STATE, checkpoint_step
 from openllm_ds.train.checkpointing import check_fresh_output_dir, find_resume_checkpoint
 from openllm_ds.train.data import num_windows, windows_needed
-from openllm_ds.train.distributed import DistEnv
+from openllm_ds.train.distributed import DistEnv, broadcast_object
 from openllm_ds.train.ds_config import build_ds_config, resolve_precision
-from openllm_ds.utils import ensure_writable_dir
+from openllm_ds.utils import ensure_writable_dir, read_json
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,13 @@ class RunInputs:
     precision: str  # fp32 | fp16 | bf16, resolved for the device
     resume_from: Path | None
     eval_tasks: tuple = ()  # openllm_ds.evaluation.tasks.TaskSpec, run at each evaluation
+    resume_step: int | None = None  # the step of resume_from
+    max_steps: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """The checkpoint resumed from is already at train.max_steps: nothing is trained or rewritten."""
+        return self.resume_step is not None and self.resume_step >= self.max_steps
 
 
 def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
@@ -43,9 +51,86 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
     eval_tasks = load_eval_tasks(t.eval_tasks)
     check_output_dir(cfg, tokenizer.model_file)
     resume_from = find_resume_checkpoint(cfg)
+    resume_step = None
     if resume_from is None:
         check_fresh_output_dir(cfg)
-    return RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from, eval_tasks)
+    else:
+        resume_step = checkpoint_step(resume_from)
+        if resume_step > t.max_steps:
+            raise ConfigError(f"train.max_steps (--max_steps) is {t.max_steps}, below step {resume_step} of the "
+                              f"checkpoint it resumes ({resume_from}); pass --max_steps above {resume_step} to train "
+                              "on, or --resume none with a new --output_dir to start over")
+        check_resumed_tokenizer(resume_from, tokenizer, t.tokenizer_dir)
+    return RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from, eval_tasks,
+                     resume_step, t.max_steps)
+
+
+def check_resumed_tokenizer(tag_dir: Path, tokenizer, tokenizer_dir: str) -> None:
+    """A checkpoint goes on only with the tokenizer it was trained with (the copy in its run dir, and the
+    sha256 its train state records)."""
+    run_dir = tag_dir.parent.parent
+    copied = run_dir / "tokenizer" / tokenizer.model_file.name
+    recorded = read_json(tag_dir / TRAIN_STATE, "pass another checkpoint with --resume PATH").get("tokenizer_sha256")
+    if copied.is_file() and copied.read_bytes() != tokenizer.model_file.read_bytes() or \
+            recorded not in (None, tokenizer.sha256):
+        raise ConfigError(f"checkpoint {tag_dir} was trained with another tokenizer ({run_dir / 'tokenizer'}) than "
+                          f"train.tokenizer_dir {tokenizer_dir}; resume with --tokenizer_dir {run_dir / 'tokenizer'}, "
+                          "or start a new run (--resume none, a new --output_dir)")
+
+
+class RunLock:
+    """One training process per output dir: rank 0 holds an exclusive lock on ``<output>/.train.lock`` (its pid
+    and host inside) for the whole run. The kernel releases it when the process dies, so a crashed run never
+    leaves a stale lock; a second run on the same dir stops with one line naming the holder."""
+
+    NAME = ".train.lock"
+
+    def __init__(self, out: Path, env: DistEnv, wait_s: float = 10.0):
+        self.path, self.env, self.fd = out / self.NAME, env, None
+        error = self._acquire(wait_s) if env.is_rank_zero else None
+        error = broadcast_object(error, env)
+        if error:
+            raise ConfigError(error)
+
+    def _acquire(self, wait_s: float) -> str | None:
+        import fcntl
+        import os
+        import socket
+        import time
+
+        deadline = time.monotonic() + wait_s  # a restarted worker group may start while the old one exits
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    return (f"output dir {self.path.parent} is in use by another training run ({holder}); wait for "
+                            "it to finish, or choose another --output_dir")
+                time.sleep(0.5)
+                continue
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n".encode(), 0)
+                self.fd = fd
+                return None
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import os
+
+            os.unlink(self.path)  # before the lock goes: a waiter then finds the file gone and starts over
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def load_eval_tasks(names) -> tuple:
