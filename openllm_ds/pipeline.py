@@ -107,13 +107,17 @@ def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: boo
                             "directory (nothing was deleted)")
         import shutil
 
+        from openllm_ds.train.distributed import DistEnv
+        from openllm_ds.train.preflight import RunLock
+
         print(f"[pipeline] train: --force, replacing the run in {out} (step {found[-1][0]})")
-        for name in RUN_OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        with RunLock(out, DistEnv(rank=0, local_rank=0, world_size=1, device="cpu"), wait_s=0):  # not while it trains
+            for name in RUN_OUTPUTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
         return launch(cfg)
     old = run_config_from_dict(read_yaml(saved, "delete the run dir or pass --force") or {}, str(saved))
     diff = [f"model.{k}: {v} -> {getattr(cfg.model, k)}" for k, v in dataclasses.asdict(old.model).items()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from openllm_ds.checkpoint import TRAIN_STATE, checkpoint_step
 from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
-from openllm_ds.checkpoint import TRAIN_STATE, checkpoint_step
 from openllm_ds.train.checkpointing import check_fresh_output_dir, find_resume_checkpoint
 from openllm_ds.train.data import num_windows, windows_needed
 from openllm_ds.train.distributed import DistEnv, broadcast_object
@@ -122,7 +123,8 @@ class RunLock:
         if self.fd is not None:
             import os
 
-            os.unlink(self.path)  # before the lock goes: a waiter then finds the file gone and starts over
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # before the lock goes: a waiter then finds the file gone and starts over
             os.close(self.fd)
             self.fd = None
 
