@@ -70,15 +70,20 @@ def list_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint dir's train_state.json records (a clear error when it is missing or corrupt)."""
+def read_train_state(path: Path) -> dict:
+    """A checkpoint dir's train_state.json, with a valid "step" (a clear error when it is missing or corrupt)."""
     others = ", ".join(str(s) for s, d in list_checkpoints(path.parent.parent) if d != path) or "none"
     fix = f"that checkpoint is damaged: use another one (--checkpoint STEP or --resume PATH; complete steps: {others})"
     state = read_json(path / TRAIN_STATE, fix)
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UserError(f"{path / TRAIN_STATE} has no valid \"step\" (got {step!r}); {fix}")
-    return step
+    return state
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint dir's train_state.json records."""
+    return read_train_state(path)["step"]
 
 
 def resolve_checkpoint(model_dir: str | Path, step: int | None = None) -> Path:

@@ -36,7 +36,9 @@ def _int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not -(1 << 63) <= value < (1 << 63):
+    from openllm_ds.config import INT64  # the bound every config value keeps (config._coerce)
+
+    if not INT64[0] <= value <= INT64[1]:
         raise argparse.ArgumentTypeError(f"{text} is out of range (a 64-bit integer at most)")
     return value
 

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -94,6 +93,7 @@ def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: boo
     from openllm_ds.checkpoint import list_checkpoints
     from openllm_ds.config import run_config_from_dict
     from openllm_ds.errors import UserError
+    from openllm_ds.train.ray_launcher import absolute_paths
     from openllm_ds.utils import read_yaml
 
     out = Path(cfg.output_dir)
@@ -122,8 +122,10 @@ def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: boo
     old = run_config_from_dict(read_yaml(saved, "delete the run dir or pass --force") or {}, str(saved))
     diff = [f"model.{k}: {v} -> {getattr(cfg.model, k)}" for k, v in dataclasses.asdict(old.model).items()
             if v != getattr(cfg.model, k)]
-    diff += [f"train.{k}: {v} -> {getattr(cfg.train, k)}" for k, v in dataclasses.asdict(old.train).items()
-             if k not in CONTINUABLE and _as_run(k, v) != _as_run(k, getattr(cfg.train, k))]
+    # compared as the run saw them: paths absolute (a Ray Train run saves them so)
+    old_train, new_train = absolute_paths(old).train, absolute_paths(cfg).train
+    diff += [f"train.{k}: {v} -> {getattr(new_train, k)}" for k, v in dataclasses.asdict(old_train).items()
+             if k not in CONTINUABLE and v != getattr(new_train, k)]
     copied = out / "tokenizer" / "tokenizer.model"
     if copied.is_file() and (tok_dir / "tokenizer.model").is_file() and \
             sha256_file(copied) != sha256_file(tok_dir / "tokenizer.model"):
@@ -136,18 +138,6 @@ def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: boo
         print(f"[pipeline] train: {out} is complete at step {found[-1][0]} (train.max_steps), nothing to train")
         return previous["result"]
     return launch(cfg)
-
-
-def _as_run(key: str, value: Any) -> Any:
-    """A train setting as the run saw it: paths absolute (a Ray Train run saves them so)."""
-    def absolute(v):
-        return v if not isinstance(v, str) or v.startswith("hf:") else os.path.abspath(os.path.expanduser(v))
-
-    if key in ("tokenizer_dir", "ds_config", "data_file", "eval_data"):
-        return absolute(value)
-    if key == "data_files":
-        return tuple(absolute(v) for v in value)
-    return value
 
 
 def _source_fingerprint(spec: str):

@@ -162,6 +162,7 @@ def score_predictions(articles: list[dict], predictions: dict[str, str], version
     exact: dict = {}
     f1: dict = {}
     has_answer: dict = {}
+    unanswered: dict = {}  # key -> question id, for the questions without a prediction
     seen: Counter = Counter()
     for article in articles:
         for para in article["paragraphs"]:
@@ -174,12 +175,13 @@ def score_predictions(articles: list[dict], predictions: dict[str, str], version
                     gold = [g for g in gold if normalize_answer(g)] or [""]
                 has_answer[key] = gold != [""]
                 if qid not in predictions:
+                    unanswered[key] = qid
                     exact[key] = f1[key] = 0.0
                     continue
                 pred = predictions[qid]
                 exact[key] = max(exact_match_score(pred, g) for g in gold)
                 f1[key] = max(f1_score(pred, g, empty_matches_empty=v2) for g in gold)
-    missing = [k if v2 else k[0] for k in exact if (k if v2 else k[0]) not in predictions]
+    missing = list(unanswered.values())
     if missing and warn:
         print(f"warning: {len(missing)} of {len(exact)} questions have no prediction and score 0 "
               f"(first: {missing[0]})", file=sys.stderr)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from openllm_ds.checkpoint import TRAIN_STATE, checkpoint_step
+from openllm_ds.checkpoint import read_train_state
 from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
 from openllm_ds.train.checkpointing import check_fresh_output_dir, find_resume_checkpoint
 from openllm_ds.train.data import num_windows, windows_needed
 from openllm_ds.train.distributed import DistEnv, broadcast_object
 from openllm_ds.train.ds_config import build_ds_config, resolve_precision
-from openllm_ds.utils import ensure_writable_dir, read_json
+from openllm_ds.utils import ensure_writable_dir
 
 
 @dataclass(frozen=True)
@@ -56,22 +60,22 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
     if resume_from is None:
         check_fresh_output_dir(cfg)
     else:
-        resume_step = checkpoint_step(resume_from)
+        saved = read_train_state(resume_from)
+        resume_step = saved["step"]
         if resume_step > t.max_steps:
             raise ConfigError(f"train.max_steps (--max_steps) is {t.max_steps}, below step {resume_step} of the "
                               f"checkpoint it resumes ({resume_from}); pass --max_steps above {resume_step} to train "
                               "on, or --resume none with a new --output_dir to start over")
-        check_resumed_tokenizer(resume_from, tokenizer, t.tokenizer_dir)
+        check_resumed_tokenizer(resume_from, saved.get("tokenizer_sha256"), tokenizer, t.tokenizer_dir)
     return RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from, eval_tasks,
                      resume_step, t.max_steps)
 
 
-def check_resumed_tokenizer(tag_dir: Path, tokenizer, tokenizer_dir: str) -> None:
+def check_resumed_tokenizer(tag_dir: Path, recorded: str | None, tokenizer, tokenizer_dir: str) -> None:
     """A checkpoint goes on only with the tokenizer it was trained with (the copy in its run dir, and the
     sha256 its train state records)."""
     run_dir = tag_dir.parent.parent
     copied = run_dir / "tokenizer" / tokenizer.model_file.name
-    recorded = read_json(tag_dir / TRAIN_STATE, "pass another checkpoint with --resume PATH").get("tokenizer_sha256")
     if copied.is_file() and copied.read_bytes() != tokenizer.model_file.read_bytes() or \
             recorded not in (None, tokenizer.sha256):
         raise ConfigError(f"checkpoint {tag_dir} was trained with another tokenizer ({run_dir / 'tokenizer'}) than "
@@ -94,11 +98,6 @@ class RunLock:
             raise ConfigError(error)
 
     def _acquire(self, wait_s: float) -> str | None:
-        import fcntl
-        import os
-        import socket
-        import time
-
         deadline = time.monotonic() + wait_s  # a restarted worker group may start while the old one exits
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -121,8 +120,6 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            import os
-
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)  # before the lock goes: a waiter then finds the file gone and starts over
             os.close(self.fd)
