@@ -131,42 +131,63 @@ def _read_json(path: Path) -> dict:
     return read_json(path, "re-export the model")
 
 
-def load_model(model_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load our Transformer from a training output or an HF export, in eval mode."""
-    from openllm_ds.model import Transformer
+@dataclass
+class WeightsSource:
+    """Where trained weights are and what they fit, read without loading them."""
 
+    model_config: ModelConfig
+    tokenizer_dir: Path
+    step: int | None
+    kind: str  # "train" or "huggingface"
+    path: Path  # the checkpoint step dir or the export dir
+    run_config: RunConfig | None = None
+
+
+def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSource:
+    """A training output (its ``latest`` or ``step``), one of its ``checkpoints/step_*`` dirs, or an HF export."""
     root = Path(model_dir)
     if is_hf_export(root):
-        from openllm_ds.export.hf_map import from_hf_config, from_hf_state_dict
+        from openllm_ds.export.hf_map import from_hf_config
 
         cfg = from_hf_config(_read_json(root / "config.json"), str(root / "config.json"))
-        sd = from_hf_state_dict(load_state_dict(root / WEIGHTS), cfg, str(root / WEIGHTS))
         card = root / "openllm_ds.json"
         step_ = read_json(card, "re-export the model").get("step") if card.is_file() else None
-        kind, path, tok_dir, run_cfg = "huggingface", root, root, None
+        return WeightsSource(cfg, root, step_, "huggingface", root)
+    if step is None and (root / TRAIN_STATE).is_file() and root.parent.name == CHECKPOINTS:  # a step dir
+        root, step = root.parent.parent, checkpoint_step(root)
+    path = resolve_checkpoint(root, step)
+    cfg_file = next((f for f in (path / "run_config.yaml", root / "run_config.yaml") if f.is_file()), None)
+    if cfg_file is None:
+        raise UserError(f"{path} has no run_config.yaml (nor {root / 'run_config.yaml'}): the model shape is "
+                        "unknown; pass the run's own output dir as --model_dir")
+    run_cfg = run_config_from_dict(read_yaml(cfg_file, f"restore it from {path / 'run_config.yaml'} or the "
+                                                       "run's other checkpoints") or {}, str(cfg_file))
+    tok_dir = root / "tokenizer"
+    if not tok_dir.is_dir():
+        tok_dir = Path(run_cfg.train.tokenizer_dir)
+    return WeightsSource(run_cfg.model, tok_dir, checkpoint_step(path), "train", path, run_cfg)
+
+
+def load_model(model_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load our Transformer from a training output (or one of its step dirs) or an HF export, in eval mode."""
+    from openllm_ds.model import Transformer
+
+    src = weights_source(model_dir, step)
+    cfg, path = src.model_config, src.path
+    if src.kind == "huggingface":
+        from openllm_ds.export.hf_map import from_hf_state_dict
+
+        sd = from_hf_state_dict(load_state_dict(path / WEIGHTS), cfg, str(path / WEIGHTS))
     else:
-        path = resolve_checkpoint(root, step)
-        cfg_file = next((f for f in (path / "run_config.yaml", root / "run_config.yaml") if f.is_file()), None)
-        if cfg_file is None:
-            raise UserError(f"{path} has no run_config.yaml (nor {root / 'run_config.yaml'}): the model shape is "
-                            "unknown; pass the run's own output dir as --model_dir")
-        run_cfg = run_config_from_dict(read_yaml(cfg_file, f"restore it from {path / 'run_config.yaml'} or the "
-                                                           "run's other checkpoints") or {}, str(cfg_file))
-        cfg = run_cfg.model
         sd = _stack_split_projections(load_state_dict(path / WEIGHTS), cfg, str(path / WEIGHTS))
-        step_ = checkpoint_step(path)
-        kind = "train"
-        tok_dir = root / "tokenizer"
-        if not tok_dir.is_dir():
-            tok_dir = Path(run_cfg.train.tokenizer_dir)
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:
         raise UserError(f"weights in {path} do not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.to(device=device, dtype=dtype).eval()
-    return LoadedModel(model, cfg, Path(tok_dir), step_, kind, path, run_cfg)
+    return LoadedModel(model, cfg, src.tokenizer_dir, src.step, src.kind, path, src.run_config)
 
 
 def _stack_split_projections(sd: dict, cfg: ModelConfig, source: str) -> dict:

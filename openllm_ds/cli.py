@@ -113,6 +113,8 @@ CONFIG_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
         ("--eval_every", "train.eval_every", int, "validate every N steps"),
         ("--precision", "train.precision", str, "auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16"),
         ("--resume", "train.resume", str, "auto (latest checkpoint in --output_dir) | none | a checkpoint dir"),
+        ("--init_from", "train.init_from", str, "start a new run from these weights: a training output, a "
+         "checkpoints/step_* dir or a Hugging Face Llama dir"),
         ("--num_workers", "train.num_workers", int, "N > 0: N DeepSpeed workers under Ray Train; 0: this process (or the deepspeed launcher's)"),
         ("--seed", "train.seed", int, "random seed"),
     ],

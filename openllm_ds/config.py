@@ -165,6 +165,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     resume: str = "auto"  # auto | none | <checkpoint step dir>
+    # a new run starts from these weights (step 0, its own optimizer and schedule): a training output, one of its
+    # checkpoints/step_* dirs, or a Hugging Face Llama dir (an export of ours or a compatible checkpoint)
+    init_from: str | None = None
     num_workers: int = 0  # >0: Ray Train TorchTrainer with this many DeepSpeed workers
     max_failures: int = 3  # Ray Train: worker-group restarts (resuming from latest) after a failure; -1 = no limit
     # loss spikes: spike_steps consecutive steps whose loss is non-finite or above spike_factor x its

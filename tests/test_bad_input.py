@@ -60,6 +60,7 @@ TRAIN_FILES = {"t.yaml": MODEL_YAML, "tok": "<tok>", "training_data.txt": TEXT, 
 HF_CONFIG = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300,
                         "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
                         "max_position_embeddings": 16})
+HF_TIED = HF_CONFIG[:-1] + ', "tie_word_embeddings": true}'  # the shape of MODEL_YAML's model
 CORRUPT_RUN = {"model/run_config.yaml": MODEL_YAML, "model/tokenizer": "<tok>",
                "model/checkpoints/latest": "step_00000002",
                "model/checkpoints/step_00000002/model.safetensors": GARBAGE,
@@ -273,6 +274,33 @@ CASES = [
          r"train\.max_steps \(--max_steps\) is 1, below step 2 of the checkpoint it resumes .*step_00000002\); "
          r"pass --max_steps above 2", ("run/tokenizer", "run/tensorboard", "run/train_log.jsonl"),
          files=RESUMABLE, kept=("run/run_config.yaml", "run/checkpoints/latest")),
+    Case("train", "a checkpoint whose global batch no micro batch can keep on this number of ranks", 2,
+         "train --config t.yaml --max_steps 5",
+         r"checkpoint .*step_00000002 was trained with a global batch of 5 windows \(ZeRO-0 on 2 rank\(s\)\); on 1 "
+         r"rank\(s\) no gradient accumulation with train\.micro_batch_size \(--batch_size\) 2 gives it: pass a "
+         r"--batch_size .*\(1, 5 work\)", ("run/tokenizer", "run/tensorboard"),
+         files={**RESUMABLE, "run/checkpoints/step_00000002/train_state.json":
+                '{"step": 2, "world_size": 2, "zero_stage": 0, "global_batch": 5}'}, kept=("run/run_config.yaml",)),
+    Case("train", "a checkpoint written without ZeRO resumed under ZeRO-2", 2,
+         "train --config t.yaml --max_steps 5 --ds_config {root}/ds_configs/zero2.json",
+         r"step_00000002 was written with ZeRO-0 on 1 rank\(s\); DeepSpeed cannot carry its optimizer state into "
+         r"ZeRO partitions .*pass --ds_config ds_configs/zero0\.json to resume it, or .*--init_from",
+         ("run/tokenizer", "run/tensorboard"),
+         files={**RESUMABLE, "run/checkpoints/step_00000002/train_state.json":
+                '{"step": 2, "world_size": 1, "zero_stage": 0}'}, kept=("run/run_config.yaml",)),
+    Case("train", "init_from missing", 2, "train --config t.yaml --init_from nowhere",
+         r"train\.init_from \(--init_from\) nowhere does not exist; pass a training output", ("run",),
+         files=TRAIN_FILES),
+    Case("train", "init_from of another model shape", 2, "train --config t.yaml --init_from hf",
+         r"train\.init_from hf holds a model of another shape \(model\.n_layers: 2 there, 1 here\); give this run "
+         r"that model's config", ("run",),
+         files={**TRAIN_FILES, "hf/config.json": HF_TIED.replace('"num_hidden_layers": 1', '"num_hidden_layers": 2'),
+                "hf/model.safetensors": GARBAGE}),
+    Case("train", "init_from trained with another tokenizer", 2, "train --config t.yaml --init_from hf",
+         r"train\.init_from hf was trained with another tokenizer \(hf\) than train\.tokenizer_dir tok: .*train "
+         r"with --tokenizer_dir hf", ("run",),
+         files={**TRAIN_FILES, "hf/config.json": HF_TIED, "hf/model.safetensors": GARBAGE,
+                "hf/tokenizer.model": GARBAGE}),
     Case("train", "train_state.json of the checkpoint does not parse", 2, "train --config t.yaml --max_steps 5",
          r"run/checkpoints/step_00000002/train_state\.json is not valid JSON .*; that checkpoint is damaged: use "
          r"another one", ("run/tokenizer", "run/tensorboard"),

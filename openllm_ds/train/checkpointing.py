@@ -33,6 +33,7 @@ from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier, br
 from openllm_ds.utils import atomic_write_json, atomic_write_text, read_yaml
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+UNIVERSAL = "universal"  # a step converted to DeepSpeed's universal checkpoint format, inside the step dir
 
 
 class CheckpointWriteError(UserError):
@@ -54,6 +55,9 @@ class TrainState:
     nonfinite_skipped: int = 0  # steps whose update was dropped for non-finite gradients
     loss_avg: float | None = None  # running average of the training loss (spike detection)
     rollbacks: int = 0  # rollbacks to an earlier checkpoint after a loss spike
+    world_size: int | None = None  # the layout the checkpoint was written in (a resume in another one converts it)
+    zero_stage: int | None = None
+    global_batch: int | None = None  # windows per optimizer step: micro x accumulation x world size
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
@@ -212,13 +216,84 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
     return tag_dir
 
 
-def load_checkpoint(engine, tag_dir: Path, env: DistEnv) -> TrainState:
-    """Restore engine state (model, optimizer, scheduler, scaler), RNG and the train state."""
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint's optimizer state is laid out: the data-parallel ranks and the ZeRO stage it was written by."""
+
+    world_size: int | None  # None: not recorded and not needed (stage 0 keeps the whole state in one file)
+    zero_stage: int
+
+    def describe(self) -> str:
+        ranks = f"{self.world_size} rank(s)" if self.world_size else "any number of ranks"
+        return f"ZeRO-{self.zero_stage} on {ranks}"
+
+
+def saved_layout(tag_dir: Path, state: dict) -> Layout:
+    """The layout train_state.json records; for checkpoints written before it did, read from DeepSpeed's file
+    names (one ``zero_pp_rank_R_*_optim_states.pt`` per rank under ZeRO; ZeRO-3 also partitions the model states)."""
+    optim = list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    stage = state.get("zero_stage")
+    if not isinstance(stage, int):
+        stage = 3 if any(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")) else 2 if optim else 0
+    world = state.get("world_size") if isinstance(state.get("world_size"), int) else len(optim) or None
+    return Layout(world, stage)
+
+
+def needs_universal(saved: Layout, world_size: int, zero_stage: int) -> bool:
+    """A ZeRO checkpoint resumes in another world size or ZeRO stage only through DeepSpeed's universal format."""
+    if saved.zero_stage == 0 and zero_stage == 0:  # the whole optimizer state in one file: any number of ranks
+        return False
+    return (saved.world_size, saved.zero_stage) != (world_size, zero_stage)
+
+
+def convert_to_universal(tag_dir: Path, env: DistEnv) -> Path:
+    """``<step>/universal``: the step in DeepSpeed's universal checkpoint format (its ds_to_universal, by rank 0,
+    once: a complete conversion is renamed into place; a later resume reuses it). All ranks call this."""
+    out = tag_dir / UNIVERSAL
+    error = None
+    if env.is_rank_zero and not out.is_dir():
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        partial = tag_dir / f".{UNIVERSAL}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted conversion of ours
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # checkpoints written before the model declared it
+        try:
+            with weights_only_loads(f"refusing to convert {tag_dir}", ConfigError), \
+                    contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds_to_universal.main(args)
+            (tag_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to its output
+            os.replace(partial, out)
+        except ConfigError as e:  # pickled code in its files
+            shutil.rmtree(partial, ignore_errors=True)
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 - damaged or foreign files: DeepSpeed's asserts, torch and OS errors
+            shutil.rmtree(partial, ignore_errors=True)
+            error = (f"could not convert {tag_dir} to DeepSpeed's universal checkpoint format "
+                     f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}); resume it with its own "
+                     "number of ranks and ZeRO stage, or start a new run from its weights with --init_from "
+                     f"{tag_dir}")
+    error = broadcast_object(error, env)
+    if error:
+        raise ConfigError(error)
+    return out
+
+
+def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False) -> TrainState:
+    """Restore engine state (model, optimizer, scheduler, scaler), RNG and the train state; ``universal``: from the
+    step's universal conversion (the engine was built with ``checkpoint.load_universal``)."""
     error, path, client_state = None, None, None
     try:
+        load_dir, tag = (convert_to_universal(tag_dir, env), UNIVERSAL) if universal else (tag_dir, None)
+        engine._config.load_universal_checkpoint = universal  # the engine reads its checkpoint.load_universal here
         with weights_only_loads(f"refusing to resume from {tag_dir}", ConfigError):  # no code runs from the files
-            path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+            path, client_state = engine.load_checkpoint(str(load_dir.parent), tag=tag or tag_dir.name,
                                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+            if universal and engine.zero_optimization_stage() == 3:
+                repair_zero3_universal_load(engine.optimizer.optimizer, load_dir / "zero" / "optimizer_state.pt")
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - a truncated, missing or foreign file: torch, pickle and DeepSpeed errors
@@ -236,6 +311,20 @@ def load_checkpoint(engine, tag_dir: Path, env: DistEnv) -> TrainState:
     if len(rngs) == env.world_size:
         set_rng_state(rngs[env.rank])
     return TrainState.from_dict(client_state["train_state"])
+
+
+def repair_zero3_universal_load(optimizer, saved: Path) -> None:
+    """Two slips of DeepSpeed's ZeRO-3 universal loader, undone: it gives every param group the settings of the
+    first one (weight decay 0.01 to the norm weights, whose group has none), and one ``step`` tensor to all of them,
+    which AdamW then advances once per group and step (a wrong bias correction from the first step on)."""
+    groups = torch.load(saved, map_location="cpu", weights_only=True)["optimizer_state_dict"]["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise RuntimeError(f"{saved} holds {len(groups)} parameter groups, the optimizer {len(optimizer.param_groups)}")
+    for group, own in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in own.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def check_fresh_output_dir(cfg: RunConfig) -> None:

@@ -43,7 +43,7 @@ def train(cfg: RunConfig) -> dict:
     env = init_distributed()
     if env.device == "cpu":
         keep_freed_memory()  # no page faults for every step's fresh buffers
-    inputs = check_run_inputs(cfg, env)
+    cfg, inputs = check_run_inputs(cfg, env)
     out = Path(cfg.output_dir).resolve()
     with RunLock(out, env):
         return _train(cfg, env, inputs, out)
@@ -66,18 +66,25 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
     state = TrainState(data=DataPosition.start(len(sources)).sources, source_tokens=[0] * len(sources),
                        data_sha256=data_sha256, tokenizer_sha256=inputs.tokenizer.sha256)
     if inputs.resume_from is not None:
-        state = check_resumed_data(load_checkpoint(engine, inputs.resume_from, env), sources, data_sha256, cfg,
-                                   inputs.resume_from, log)
+        t0 = time.perf_counter()
+        state = check_resumed_data(load_checkpoint(engine, inputs.resume_from, env, inputs.universal), sources,
+                                   data_sha256, cfg, inputs.resume_from, log)
+        if inputs.resume_note:
+            log.info(f"{inputs.resume_note}; loaded in {time.perf_counter() - t0:.1f} s")
         state.tokenizer_sha256 = inputs.tokenizer.sha256  # checked against the checkpoint's by check_run_inputs
         where = ", ".join(f"{src.name + ' ' if len(sources) > 1 else ''}epoch {e}, window {i}" for src, (e, i, _) in
                           zip(sources, state.data))
         log.info(f"resumed from {inputs.resume_from} at step {state.step} ({where})")
+    elif t.init_from:
+        log.info(f"starting from the weights of {t.init_from} (train.init_from): step 0, a new optimizer and "
+                 "learning-rate schedule")
     if inputs.complete:
         log.info(f"{inputs.resume_from} is at train.max_steps ({cfg.train.max_steps}): the run is complete, nothing "
                  "to train; pass a larger --max_steps to train on")
     elif env.is_rank_zero:  # only once the inputs and the resumed checkpoint are known to be usable
         prepare_output_dir(cfg, out)
     resumed_step = state.step
+    state.world_size, state.zero_stage, state.global_batch = env.world_size, stage, batches.global_batch
 
     peak = peak_flops(env.torch_device, PRECISION_DTYPES[inputs.precision]).flops
     flops_tok = flops_per_token(cfg.model, num_params)
@@ -121,7 +128,8 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
                 })
             guard.observe(state, loss)
             if guard.tripped:
-                state = roll_back(engine, state, last_ckpt, guard, cfg, env, log)
+                state = roll_back(engine, state, last_ckpt, guard, cfg, env, log,
+                                  universal=inputs.universal and last_ckpt == inputs.resume_from)
                 continue
             if state.step % t.eval_every == 0 or state.step == t.max_steps:
                 state.source_eval_losses = [evaluate(engine, w, env) for w in eval_sets]
@@ -208,7 +216,7 @@ def check_resumed_data(state: TrainState, sources: list[DataSource], data_sha256
 
 
 def roll_back(engine, state: TrainState, last_ckpt: Path | None, guard: SpikeGuard, cfg: RunConfig, env: DistEnv,
-              log: RunLog) -> TrainState:
+              log: RunLog, universal: bool = False) -> TrainState:
     """Reload the last good checkpoint and continue with the data after the bad steps (all ranks agree:
     the loss they judge is already averaged over ranks). Stops the run when no rollback is left."""
     t = cfg.train
@@ -219,7 +227,7 @@ def roll_back(engine, state: TrainState, last_ckpt: Path | None, guard: SpikeGua
         raise TrainingError(f"{what}; {why}, so the run stops; the last good checkpoint is "
                             f"{last_ckpt or 'none (no checkpoint yet)'}; lower train.learning_rate, raise "
                             "train.warmup_steps, or check the data")
-    restored = load_checkpoint(engine, last_ckpt, env)
+    restored = load_checkpoint(engine, last_ckpt, env, universal)
     skipped = state.step - restored.step
     restored.data = state.data  # skip every batch since the checkpoint
     restored.rollbacks = state.rollbacks + 1
@@ -249,6 +257,10 @@ def build_engine(cfg: RunConfig, inputs: RunInputs, env: DistEnv):
     t = cfg.train
     seed_everything(t.seed)  # identical initial weights on every rank
     model = Transformer(cfg.model)
+    if t.init_from and inputs.resume_from is None:  # a warm start (shape and tokenizer checked by check_run_inputs)
+        from openllm_ds.checkpoint import load_model
+
+        model.load_state_dict(load_model(t.init_from).model.state_dict())
     num_params = model.num_params()
     if t.gradient_checkpointing:
         deepspeed.checkpointing.configure(None, deepspeed_config=inputs.ds_config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import socket
@@ -13,11 +14,12 @@ from pathlib import Path
 from openllm_ds.checkpoint import read_train_state
 from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
-from openllm_ds.train.checkpointing import check_fresh_output_dir, find_resume_checkpoint
+from openllm_ds.train.checkpointing import (UNIVERSAL, check_fresh_output_dir, find_resume_checkpoint, needs_universal,
+                                            saved_layout)
 from openllm_ds.train.data import num_windows, windows_needed
 from openllm_ds.train.distributed import DistEnv, broadcast_object
-from openllm_ds.train.ds_config import build_ds_config, resolve_precision
-from openllm_ds.utils import ensure_writable_dir
+from openllm_ds.train.ds_config import build_ds_config, resolve_precision, zero_stage
+from openllm_ds.utils import ensure_writable_dir, read_yaml
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class RunInputs:
     eval_tasks: tuple = ()  # openllm_ds.evaluation.tasks.TaskSpec, run at each evaluation
     resume_step: int | None = None  # the step of resume_from
     max_steps: int = 0
+    universal: bool = False  # resume_from is loaded through its universal conversion (another layout)
+    resume_note: str | None = None  # what a resume in another layout changes, said once
 
     @property
     def complete(self) -> bool:
@@ -36,7 +40,9 @@ class RunInputs:
         return self.resume_step is not None and self.resume_step >= self.max_steps
 
 
-def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
+def check_run_inputs(cfg: RunConfig, env: DistEnv) -> tuple[RunConfig, RunInputs]:
+    """The run config to train with (a resume on another number of ranks may change its gradient accumulation) and
+    the checked inputs."""
     from openllm_ds.tokenizer import load_tokenizer
 
     t = cfg.train
@@ -54,9 +60,11 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
     for key, spec in data_keys(cfg):
         check_source_exists(key, spec)
     eval_tasks = load_eval_tasks(t.eval_tasks)
-    check_output_dir(cfg, tokenizer.model_file)
     resume_from = find_resume_checkpoint(cfg)
-    resume_step = None
+    if resume_from is None and t.init_from:  # a resumed run goes on from its own checkpoint instead
+        check_init_from(cfg, tokenizer)
+    check_output_dir(cfg, tokenizer.model_file)
+    resume_step, universal, note = None, False, None
     if resume_from is None:
         check_fresh_output_dir(cfg)
     else:
@@ -67,8 +75,99 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> RunInputs:
                               f"checkpoint it resumes ({resume_from}); pass --max_steps above {resume_step} to train "
                               "on, or --resume none with a new --output_dir to start over")
         check_resumed_tokenizer(resume_from, saved.get("tokenizer_sha256"), tokenizer, t.tokenizer_dir)
-    return RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from, eval_tasks,
-                     resume_step, t.max_steps)
+        new_cfg, universal, note = plan_layout_change(cfg, resume_from, saved, env.world_size, zero_stage(ds_config))
+        if new_cfg is not cfg:
+            cfg = new_cfg
+            ds_config = build_ds_config(cfg, env.world_size, env.device)
+        if universal:
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return cfg, RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from, eval_tasks,
+                          resume_step, t.max_steps, universal, note)
+
+
+def plan_layout_change(cfg: RunConfig, tag_dir: Path, saved: dict, world_size: int, stage: int
+                       ) -> tuple[RunConfig, bool, str | None]:
+    """A checkpoint written on another number of ranks or under another ZeRO stage: (the run config with the
+    gradient accumulation that keeps the checkpoint's global batch, whether the step must be loaded through
+    DeepSpeed's universal checkpoint, the line that says so). The data order depends on the global batch only."""
+    layout = saved_layout(tag_dir, saved)
+    here = f"ZeRO-{stage} on {world_size} rank(s)"
+    if (layout.zero_stage == 0) != (stage == 0):
+        fix = ("pass --ds_config ds_configs/zero0.json" if layout.zero_stage == 0
+               else f"pass a ZeRO config (--ds_config ds_configs/zero{layout.zero_stage}.json)")
+        raise ConfigError(f"checkpoint {tag_dir} was written with {layout.describe()}; DeepSpeed cannot carry its "
+                          f"optimizer state {'into' if layout.zero_stage == 0 else 'out of'} ZeRO partitions "
+                          f"({here} asked): {fix} to resume it, or start a new run from its weights with "
+                          f"--resume none --init_from {tag_dir}")
+    if (layout.zero_stage == 3) != (stage == 3):
+        raise ConfigError(f"checkpoint {tag_dir} was written with {layout.describe()}; DeepSpeed's universal checkpoint "
+                          f"does not carry a ZeRO-{layout.zero_stage} optimizer state into ZeRO-{stage} ({here} "
+                          f"asked): resume it under ZeRO-{layout.zero_stage} (--ds_config ds_configs/zero"
+                          f"{layout.zero_stage}.json, on any number of ranks), or start a new run from its weights "
+                          f"with --resume none --init_from {tag_dir}")
+    t = cfg.train
+    notes = []
+    global_batch = saved.get("global_batch") or (layout.world_size and saved_global_batch(tag_dir, layout.world_size))
+    if global_batch and t.micro_batch_size * t.gradient_accumulation_steps * world_size != global_batch:
+        if global_batch % (t.micro_batch_size * world_size):
+            options = [b for b in range(1, global_batch // world_size + 1) if global_batch % (b * world_size) == 0]
+            fix = (f"pass a --batch_size that makes it a whole number of micro batches ({', '.join(map(str, options[-4:]))}"
+                   " work)" if options else f"resume on a number of ranks that divides {global_batch}")
+            raise ConfigError(
+                f"checkpoint {tag_dir} was trained with a global batch of {global_batch} windows "
+                f"({layout.describe()}); on {world_size} rank(s) no gradient accumulation with train."
+                f"micro_batch_size (--batch_size) {t.micro_batch_size} gives it: {fix}, or start a new run from "
+                f"its weights with --resume none --init_from {tag_dir}")
+        accum = global_batch // (t.micro_batch_size * world_size)  # one step: one global batch of the data order
+        notes.append(f"train.gradient_accumulation_steps {t.gradient_accumulation_steps} -> {accum} keeps its "
+                     f"global batch of {global_batch} windows")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_accumulation_steps=accum))
+    universal = needs_universal(layout, world_size, stage)
+    if universal:
+        notes.insert(0, f"{tag_dir.name} was written with {layout.describe()} and resumes with {here} through "
+                        f"DeepSpeed's universal checkpoint ({tag_dir / UNIVERSAL}, converted once)")
+    elif notes:
+        notes.insert(0, f"{tag_dir.name} was written on {layout.world_size} rank(s) and resumes on {world_size}"
+                     if layout.world_size not in (None, world_size) else f"resuming {tag_dir.name}")
+    return cfg, universal, "; ".join(notes) or None
+
+
+SHAPE = ("vocab_size", "d_model", "n_layers", "n_heads", "num_kv_heads", "d_ff", "tie_embeddings")
+
+
+def check_init_from(cfg: RunConfig, tokenizer) -> None:
+    """train.init_from names weights of this run's model shape, trained with this run's tokenizer."""
+    from openllm_ds.checkpoint import weights_source
+
+    path = cfg.train.init_from
+    if not Path(path).exists():
+        raise ConfigError(f"train.init_from (--init_from) {path} does not exist; pass a training output, one of its "
+                          "checkpoints/step_* dirs or a Hugging Face Llama dir")
+    try:
+        src = weights_source(path)
+    except UserError as e:
+        raise ConfigError(f"train.init_from (--init_from): {e}") from None
+    diff = [f"model.{k}: {getattr(src.model_config, k)} there, {getattr(cfg.model, k)} here" for k in SHAPE
+            if getattr(src.model_config, k) != getattr(cfg.model, k)]
+    if diff:
+        raise ConfigError(f"train.init_from {path} holds a model of another shape ({'; '.join(diff)}); give this run "
+                          "that model's config (--config or model.KEY=VALUE), or start from weights of this shape")
+    theirs = src.tokenizer_dir / tokenizer.model_file.name
+    if theirs.is_file() and theirs.read_bytes() != tokenizer.model_file.read_bytes():
+        raise ConfigError(f"train.init_from {path} was trained with another tokenizer ({src.tokenizer_dir}) than "
+                          f"train.tokenizer_dir {cfg.train.tokenizer_dir}: its token ids mean other text; train with "
+                          f"--tokenizer_dir {src.tokenizer_dir}")
+
+
+def saved_global_batch(tag_dir: Path, world_size: int) -> int | None:
+    """micro x accumulation (the step's run_config.yaml) x world size, for checkpoints that did not record it."""
+    saved = read_yaml(tag_dir / "run_config.yaml", "pass another checkpoint with --resume PATH") \
+        if (tag_dir / "run_config.yaml").is_file() else None
+    train = saved.get("train") if isinstance(saved, dict) else None
+    if not isinstance(train, dict):
+        return None
+    micro, accum = train.get("micro_batch_size"), train.get("gradient_accumulation_steps", 1)
+    return micro * accum * world_size if isinstance(micro, int) and isinstance(accum, int) else None
 
 
 def check_resumed_tokenizer(tag_dir: Path, recorded: str | None, tokenizer, tokenizer_dir: str) -> None:

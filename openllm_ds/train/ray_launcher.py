@@ -49,6 +49,8 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         absolute["eval_data"] = source(t.eval_data)
     if t.resume not in ("auto", "none"):
         absolute["resume"] = str(Path(t.resume).resolve())
+    if t.init_from:
+        absolute["init_from"] = str(Path(t.init_from).expanduser().resolve())
     tokenizer = dataclasses.replace(cfg.tokenizer, shards_root=str(Path(cfg.tokenizer.shards_root).resolve()))
     return dataclasses.replace(cfg, train=dataclasses.replace(t, **absolute), tokenizer=tokenizer)
 
@@ -64,9 +66,9 @@ def train_with_ray(cfg: RunConfig) -> dict:
     n = cfg.train.num_workers
     use_gpu = torch.cuda.is_available()
     device = "cuda" if use_gpu else "cpu"
-    inputs = check_run_inputs(cfg, DistEnv(rank=0, local_rank=0, world_size=n, device=device))
+    checked, inputs = check_run_inputs(cfg, DistEnv(rank=0, local_rank=0, world_size=n, device=device))
     driver = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
-    check_lengths(cfg, load_sources(cfg, inputs.tokenizer.sha256, driver), n)  # tokenized here, before the workers
+    check_lengths(checked, load_sources(cfg, inputs.tokenizer.sha256, driver), n)  # tokenized here, before the workers
 
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
