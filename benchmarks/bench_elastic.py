@@ -105,10 +105,16 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--stages", default="2,3")
     p.add_argument("--write", default=None, help=argparse.SUPPRESS)  # one rank of the two-rank writer
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # what the deepspeed launcher passes
     args = p.parse_args(argv)
     if args.write:
         write(args.preset, int(args.stages), Path(args.write))
         return 0
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)  # its load notes go to stdout, which is the results table
     work = Path(tempfile.mkdtemp(prefix="bench-elastic-"))
     try:
         rows = [bench(args.preset, int(s), work) for s in args.stages.split(",")]
