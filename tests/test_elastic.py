@@ -98,6 +98,16 @@ def test_resume_on_fewer_and_more_ranks(prepared_data, tokenizer_dir, token_shar
     assert summary["resumed_from_step"] == 4
     assert [logged(again)[s] for s in (5, 6)] == [logged(down)[s] for s in (5, 6)]
 
+    # 2 ranks -> 1 with the optimizer offloaded to the host (DeepSpeedCPUAdam: a C++ op built once, ~2 min)
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    if CPUAdamBuilder().is_compatible():
+        offload = tmp_path / "offload"
+        cut_back(ref2, offload, 2)
+        train(tiny_cfg(prepared_data, tokenizer_dir, offload, **{**RUN, "train__ds_config": str(
+            ROOT / f"ds_configs/zero{stage}_offload.json")}))
+        assert_continues(offload, ref2, range(3, STEPS + 1))
+
     # 1 rank -> 2
     up = tmp_path / "up"
     tag = cut_back(ref1, up, 2)
