@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from openllm_ds.config import ModelConfig, TokenizerConfig, load_run_config
 from openllm_ds.evaluation.sliding_window import encode_documents, perplexity, read_documents, sliding_windows
-from openllm_ds.export.hf_map import to_hf_config, to_hf_state_dict
+from openllm_ds.model.hf_map import to_hf_config, to_hf_state_dict
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import load_tokenizer, train_tokenizer
 

@@ -38,6 +38,7 @@ import torch
 from openllm_ds.config import ExportConfig, load_run_config
 from openllm_ds.export import export
 from openllm_ds.export.onnx_runtime import OnnxCausalLM
+from openllm_ds.model import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
@@ -109,7 +110,7 @@ def generation_rows(hf_dir: Path, onnx_dir: Path, args) -> list[str]:
 
     def run_ours():
         with torch.inference_mode():
-            out["ours"] = torch.stack(list(ours.generate(ids, n, temperature=0)), 1)
+            out["ours"] = torch.stack(list(generate(ours, ids, n, temperature=0)), 1)
 
     def run_hf():
         with torch.inference_mode():
@@ -117,7 +118,7 @@ def generation_rows(hf_dir: Path, onnx_dir: Path, args) -> list[str]:
                                     pad_token_id=hf.config.pad_token_id)[:, ids.size(1):]
 
     def run_onnx():
-        out["onnx"] = torch.stack(list(lm.generate(ids, n, temperature=0)), 1)
+        out["onnx"] = torch.stack(list(generate(lm, ids, n, temperature=0)), 1)
 
     t_ours, t_hf, t_onnx = median_seconds([run_ours, run_hf, run_onnx], args.repeats)
     same_hf = torch.equal(out["ours"], out["hf"])

@@ -36,6 +36,7 @@ from bench_export import ROOT, random_run  # noqa: E402
 
 from openllm_ds.config import ExportConfig  # noqa: E402
 from openllm_ds.export import export  # noqa: E402
+from openllm_ds.model import generate  # noqa: E402
 from openllm_ds.serve.vllm import VLLMServer, free_port, vllm_unavailable_reason  # noqa: E402
 
 MODEL = "bench"
@@ -152,8 +153,8 @@ def one_client_rates(hf_dir: Path, onnx_dir: Path, ports: dict[str, int], repeat
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=hf.config.pad_token_id)
 
-    ways = {"ours": timed(lambda: list(ours.generate(ids, n, temperature=0))), "transformers": timed(run_hf),
-            "onnx": timed(lambda: list(lm.generate(ids, n, temperature=0))),
+    ways = {"ours": timed(lambda: list(generate(ours, ids, n, temperature=0))), "transformers": timed(run_hf),
+            "onnx": timed(lambda: list(generate(lm, ids, n, temperature=0))),
             **{f"server {k}": one_client_call(port, n) for k, port in ports.items()}}
     for fn in ways.values():
         fn()  # warm-up

@@ -7,7 +7,7 @@ For each preset (configs/<preset>.yaml: model shape, micro batch, context) the s
   deepspeed-zeroN   openllm_ds.train's engine and train_step with the preset's ds_config
   deepspeed-zero0   the same without ZeRO
   pytorch           our Transformer in a plain PyTorch loop (no DeepSpeed)
-  hf-llama          transformers' LlamaForCausalLM of the same shape (export.hf_map.to_hf_config)
+  hf-llama          transformers' LlamaForCausalLM of the same shape (model.hf_map.to_hf_config)
 Unless ``--no_compile``, also with train.compile (torch.compile through DeepSpeed's engine.compile()):
   deepspeed-zeroN+compile, pytorch+compile (its "vs pytorch" reference), hf-llama+compile (shown
   for reference; "vs hf-llama" is always against the eager model, transformers' default)
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from openllm_ds.config import load_run_config  # noqa: E402
-from openllm_ds.export.hf_map import to_hf_config  # noqa: E402
+from openllm_ds.model.hf_map import to_hf_config  # noqa: E402
 from openllm_ds.model import Transformer  # noqa: E402
 from openllm_ds.train.distributed import init_distributed  # noqa: E402
 from openllm_ds.train.ds_config import build_ds_config, zero_stage  # noqa: E402

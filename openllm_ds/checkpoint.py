@@ -14,7 +14,8 @@ A training output directory looks like::
           run_config.yaml
 
 A Hugging Face export holds ``config.json`` (LlamaForCausalLM), ``model.safetensors`` and the
-tokenizer files. ``--model_dir`` accepts either.
+tokenizer files; a PyTorch export ``config.json`` (our ModelConfig), ``model.pt`` and the tokenizer files.
+``--model_dir`` accepts any of them; ONNX exports run on onnxruntime (export/onnx_runtime.py).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from openllm_ds.utils import read_json, read_yaml
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
+PYTORCH_WEIGHTS = "model.pt"  # a PyTorch export's state dict
 TRAIN_STATE = "train_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d+)$")  # checkpoints/step_00000100
+ANY_STEP_DIR = re.compile(r"^(?:step_|global_step)(\d+)$")  # ours, or a DeepSpeed tag of its default name
 
 
 def step_tag(step: int) -> str:
@@ -49,7 +52,7 @@ class LoadedModel:
     model_config: ModelConfig
     tokenizer_dir: Path
     step: int | None  # training step of the weights, when known
-    kind: str  # "train" or "huggingface"
+    kind: str  # "train", "huggingface" or "pytorch"
     path: Path  # the checkpoint step dir or the export dir
     run_config: RunConfig | None = None
 
@@ -58,13 +61,17 @@ def is_hf_export(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / WEIGHTS).is_file()
 
 
+def is_pytorch_export(path: Path) -> bool:
+    return (path / PYTORCH_WEIGHTS).is_file() and (path / "config.json").is_file() and not is_hf_export(path)
+
+
 def list_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of a training output, oldest first."""
     ckpt = Path(model_dir) / CHECKPOINTS
     out = []
     if ckpt.is_dir():
         for d in ckpt.iterdir():
-            m = _STEP_DIR.match(d.name)
+            m = STEP_DIR.match(d.name)
             if m and (d / WEIGHTS).is_file() and (d / TRAIN_STATE).is_file():
                 out.append((int(m.group(1)), d))
     return sorted(out)
@@ -138,20 +145,24 @@ class WeightsSource:
     model_config: ModelConfig
     tokenizer_dir: Path
     step: int | None
-    kind: str  # "train" or "huggingface"
+    kind: str  # "train", "huggingface" or "pytorch"
     path: Path  # the checkpoint step dir or the export dir
     run_config: RunConfig | None = None
 
 
 def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSource:
-    """A training output (its ``latest`` or ``step``), one of its ``checkpoints/step_*`` dirs, or an HF export."""
+    """A training output (its ``latest`` or ``step``), one of its ``checkpoints/step_*`` dirs, or an HF or PyTorch
+    export."""
     root = Path(model_dir)
-    if is_hf_export(root):
-        from openllm_ds.export.hf_map import from_hf_config
-
-        cfg = from_hf_config(_read_json(root / "config.json"), str(root / "config.json"))
+    if is_hf_export(root) or is_pytorch_export(root):
         card = root / "openllm_ds.json"
         step_ = read_json(card, "re-export the model").get("step") if card.is_file() else None
+        if is_pytorch_export(root):
+            fields = read_json(root / "config.json", "re-export the model (--format pytorch)")
+            return WeightsSource(ModelConfig(**fields), root, step_, "pytorch", root)
+        from openllm_ds.model.hf_map import from_hf_config
+
+        cfg = from_hf_config(_read_json(root / "config.json"), str(root / "config.json"))
         return WeightsSource(cfg, root, step_, "huggingface", root)
     if step is None and (root / TRAIN_STATE).is_file() and root.parent.name == CHECKPOINTS:  # a step dir
         root, step = root.parent.parent, checkpoint_step(root)
@@ -170,18 +181,24 @@ def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSou
 
 def load_model(model_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load our Transformer from a training output (or one of its step dirs) or an HF export, in eval mode."""
+    """Load our Transformer from a training output (or one of its step dirs), an HF or a PyTorch export, in eval
+    mode (a PyTorch export computes in the dtype it was stored in unless ``dtype`` is given)."""
     from openllm_ds.model import Transformer
 
     src = weights_source(model_dir, step)
     cfg, path = src.model_config, src.path
+    model = Transformer(cfg)
     if src.kind == "huggingface":
-        from openllm_ds.export.hf_map import from_hf_state_dict
+        from openllm_ds.model.hf_map import from_hf_state_dict
 
         sd = from_hf_state_dict(load_state_dict(path / WEIGHTS), cfg, str(path / WEIGHTS))
+    elif src.kind == "pytorch":
+        with refusing_pickled_code(f"refusing to load {path}: its {PYTORCH_WEIGHTS} holds pickled objects other "
+                                   "than tensors"):
+            sd = torch.load(path / PYTORCH_WEIGHTS, weights_only=True, map_location="cpu")
+        model.to(sd["embed_tokens.weight"].dtype)
     else:
         sd = _stack_split_projections(load_state_dict(path / WEIGHTS), cfg, str(path / WEIGHTS))
-    model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:
@@ -195,7 +212,7 @@ def _stack_split_projections(sd: dict, cfg: ModelConfig, source: str) -> dict:
     names (without its ``model.`` prefix): stack them as the model now holds them."""
     if not any(k.endswith("self_attn.q_proj.weight") for k in sd):
         return sd
-    from openllm_ds.export.hf_map import from_hf_state_dict
+    from openllm_ds.model.hf_map import from_hf_state_dict
 
     return from_hf_state_dict({k if k == "lm_head.weight" else f"model.{k}": v for k, v in sd.items()}, cfg, source)
 

@@ -268,6 +268,7 @@ def _csv(v):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="openllm-ds", description=__doc__.splitlines()[0])
+    p.add_argument("--local_rank", type=_int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's, first
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
@@ -380,16 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`openllm-ds`, `python -m openllm_ds` and `deepspeed --module openllm_ds train` (every rank runs this; only
+    rank 0 prints the result and errors)."""
     args = build_parser().parse_args(argv)
+    rank_zero = os.environ.get("RANK", "0") == "0"
     try:
         result = args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank_zero:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if rank_zero:
+            print("interrupted", file=sys.stderr)
         return 130
-    if isinstance(result, (dict, list)):
+    if isinstance(result, (dict, list)) and rank_zero:
         print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
     return 0
 

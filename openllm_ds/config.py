@@ -287,7 +287,6 @@ def validation_source(data_file: str) -> str | None:
     return str(p.with_name("validation_data.txt")) if p.name == "training_data.txt" else None
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "name"}
 _SECTION_CLASSES = {
     "data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig,
     "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig,
@@ -448,7 +447,13 @@ def load_run_config(
     if base:
         apply(base, "the built-in defaults")
     if config_path is not None:
+        from openllm_ds.presets import config_file, resolve_beside
+
+        config_path = config_file(config_path)
         raw = read_yaml(config_path)
+        train = raw.get("train") if isinstance(raw, dict) else None
+        if isinstance(train, dict) and isinstance(train.get("ds_config"), str):
+            raw["train"] = {**train, "ds_config": resolve_beside(train["ds_config"], config_path)}
         apply(raw, str(config_path))
         if "name" not in raw:
             name = Path(config_path).stem

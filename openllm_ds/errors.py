@@ -11,3 +11,15 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """An input file is missing, empty or not in the expected format."""
+
+
+class VerificationError(UserError):
+    """An export does not reproduce the source model; nothing was written."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss kept spiking); the last complete checkpoint is intact."""

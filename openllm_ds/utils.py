@@ -15,6 +15,13 @@ from typing import Any, Callable, Iterable, Iterator
 from openllm_ds.errors import UserError
 
 
+def select_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def keep_freed_memory() -> bool:
     """glibc: serve large allocations from the heap and keep what is freed there, instead of mapping
     fresh pages for each one and unmapping them on free (its default for blocks above a threshold that

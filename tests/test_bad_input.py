@@ -223,7 +223,8 @@ CASES = [
          r"config file broken\.yaml is not valid YAML \(.* at line 3 column 1\)", ("models",),
          files={"broken.yaml": "model:\n  d_model: [1\n"}),
     Case("train", "config file missing", 2, "train --config nope.yaml",
-         r"config file nope\.yaml does not exist; pass an existing YAML file", ("models",)),
+         r"--config nope\.yaml does not exist; pass a YAML file or a preset name \(large, medium, small, tiny\)",
+         ("models",)),
     Case("train", "n_heads does not divide d_model", 2, "train --config t.yaml model.n_heads=3",
          r"model\.n_heads \(3\) must divide model\.d_model \(32\) \(model\.n_heads from the command line, "
          r"model\.d_model from t\.yaml\)", ("run",), files=TRAIN_FILES),
@@ -384,12 +385,13 @@ CASES = [
          r"--model_path nothere does not exist; export a model first", ()),
     # ---- pipeline --------------------------------------------------------------------------------
     Case("pipeline", "config missing", 2, "pipeline --config nope.yaml",
-         r"config file nope\.yaml does not exist", ("runs", "data")),
+         r"--config nope\.yaml does not exist", ("runs", "data")),
     Case("pipeline", "unknown key in the config", 2, "pipeline --config unk.yaml",
          r"unknown key 'model\.d_modle' in unk\.yaml", ("runs", "data"), files={"unk.yaml": "model:\n  d_modle: 64\n"}),
     Case("pipeline", "missing ds_config stops it before prepare", 2,
-         "pipeline --config {root}/configs/tiny.yaml --squad_dir squad",
-         r"train\.ds_config ds_configs/zero2\.json does not exist; .*train\.ds_config=PATH", ("runs", "data"),
+         "pipeline --config tiny --squad_dir squad train.ds_config=zero9.json",
+         r"train\.ds_config zero9\.json does not exist; .*train\.ds_config=PATH.* or a shipped one by name \(zero0, "
+         r"zero1, zero2, zero2_offload, zero3, zero3_offload\)", ("runs", "data"),
          files={"squad/dev-v1.1.json": SQUAD}),
     Case("pipeline", "work_dir is a file", 2,
          "pipeline --config {root}/configs/tiny.yaml --squad_dir squad --work_dir wd "

@@ -13,7 +13,7 @@ from openllm_ds.config import DataConfig
 from openllm_ds.data import clean_passage, prepare
 from openllm_ds.data import download as download_mod
 from openllm_ds.data.download import SquadFile, download_official
-from openllm_ds.data.pipeline import dedupe_and_split
+from openllm_ds.data.preparation import dedupe_and_split
 from openllm_ds.data.sources import SquadInput, load_hub
 from openllm_ds.errors import ConfigError, DataError, UserError
 

@@ -33,8 +33,10 @@ pytestmark = pytest.mark.slow
 
 
 def two_ranks(prepared_data, tokenizer_dir, out, stage) -> dict:
+    """`deepspeed --module openllm_ds train ...`: the CLI's own entry point under the launcher (the launcher's
+    --local_rank comes before the stage)."""
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "openllm_ds.train", *train_flags(prepared_data, tokenizer_dir, out, f"zero{stage}"),
+           "--module", "openllm_ds", "train", *train_flags(prepared_data, tokenizer_dir, out, f"zero{stage}"),
            "train.save_every=2", "train.eval_every=2", "train.keep_last=3"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                        timeout=600)

@@ -20,7 +20,7 @@ from openllm_ds.config import ModelConfig, RunConfig, TrainConfig
 from openllm_ds.errors import UserError
 from openllm_ds.evaluation import evaluate, generate_text, perplexity
 from openllm_ds.evaluation.sliding_window import sliding_windows
-from openllm_ds.model import Transformer
+from openllm_ds.model import Transformer, generate
 from openllm_ds.tokenizer import load_tokenizer
 
 
@@ -196,7 +196,7 @@ def test_generate_stops_at_eos_and_streams(random_run, tok, monkeypatch, capsys)
         loaded = load_biased(str(random_run))
         g = torch.Generator().manual_seed(seed)
         prompt = torch.tensor([[tok.eos_id] + tok.encode("Paris is a")])
-        drawn = [int(t[0]) for t in loaded.model.generate(prompt, 20, temperature=1.0, eos_id=tok.eos_id, generator=g)]
+        drawn = [int(t[0]) for t in generate(loaded.model, prompt, 20, temperature=1.0, eos_id=tok.eos_id, generator=g)]
         k = drawn.index(tok.eos_id) if tok.eos_id in drawn else len(drawn)
         assert text == " city" * k
         lengths.append(k)

@@ -25,6 +25,7 @@ from openllm_ds.cli import main as cli_main
 from openllm_ds.config import ExportConfig, ModelConfig, RunConfig, TrainConfig
 from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.export import VerificationError, export
+from openllm_ds.model import generate
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import load_tokenizer
 from openllm_ds.utils import MANIFEST
@@ -216,7 +217,7 @@ def test_reexport_from_a_huggingface_export_keeps_the_metadata(tied_run, tmp_pat
 
 def test_a_checkpoint_with_split_projections_still_loads(tmp_path, tokenizer_dir):
     """Weights saved before q/k/v and gate/up were stacked (HF's names without 'model.') load as they were."""
-    from openllm_ds.export.hf_map import to_hf_state_dict
+    from openllm_ds.model.hf_map import to_hf_state_dict
 
     run_dir = tmp_path / "run"
     model = make_fake_run(run_dir, tokenizer_dir, tie=False, n_kv_heads=2)[10]
@@ -416,5 +417,5 @@ def test_hf_export_is_readable_by_all_and_generates_with_transformers(trained_ex
         assert inputs["input_ids"][0].tolist() == tok.encode_prompt(text)
         out_ids = hf.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, inputs["input_ids"].size(1):]
         with torch.no_grad():
-            want = torch.stack(list(model.generate(inputs["input_ids"], 10, temperature=0)), 1)[0]
+            want = torch.stack(list(generate(model, inputs["input_ids"], 10, temperature=0)), 1)[0]
         assert out_ids.tolist() == want.tolist()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from openllm_ds.config import ModelConfig
-from openllm_ds.export.hf_map import from_hf_state_dict, to_hf_config, to_hf_state_dict
-from openllm_ds.model import Transformer
+from openllm_ds.model.hf_map import from_hf_state_dict, to_hf_config, to_hf_state_dict
+from openllm_ds.model import Transformer, generate
 
 CFG = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, d_ff=96, max_seq_len=32, dropout=0.0)
 
@@ -79,7 +79,7 @@ def test_num_params_counts_tied_embedding_once():
 def test_kv_cache_generation_matches_full_recompute(kv_heads):
     m = _model(ModelConfig(**{**CFG.__dict__, "n_kv_heads": kv_heads}))
     prompt = torch.randint(0, CFG.vocab_size, (2, 5))
-    cached = torch.stack(list(m.generate(prompt, 10, temperature=0)), dim=1)
+    cached = torch.stack(list(generate(m, prompt, 10, temperature=0)), dim=1)
     seq = prompt
     for _ in range(10):  # greedy without a cache
         nxt = m(seq)[0][:, -1].argmax(-1, keepdim=True)
@@ -102,7 +102,7 @@ def test_decoding_sees_weights_loaded_after_it():
     """The decoding step's transposed weight copies follow the weights: load_state_dict writes in place."""
     m, other = _model(seed=0), _model(seed=1)
     seq = torch.randint(0, CFG.vocab_size, (1, 12))
-    list(m.generate(seq[:, :4], 3, temperature=0))  # makes the copies
+    list(generate(m, seq[:, :4], 3, temperature=0))  # makes the copies
     m.load_state_dict(other.state_dict())
     torch.testing.assert_close(_step_logits(m, seq, 4), other(seq)[0][:, 3:], rtol=1e-5, atol=1e-5)
 
@@ -110,12 +110,12 @@ def test_decoding_sees_weights_loaded_after_it():
 def test_generate_stops_at_eos_and_is_seeded():
     m = _model()
     prompt = torch.randint(0, CFG.vocab_size, (1, 4))
-    first = next(m.generate(prompt, 1, temperature=0)).item()
-    out = list(m.generate(prompt, 10, temperature=0, eos_id=first))
+    first = next(generate(m, prompt, 1, temperature=0)).item()
+    out = list(generate(m, prompt, 10, temperature=0, eos_id=first))
     assert len(out) == 1 and out[0].item() == first
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    s1 = [t.item() for t in m.generate(prompt, 8, temperature=0.9, top_k=20, top_p=0.9, generator=g1)]
-    s2 = [t.item() for t in m.generate(prompt, 8, temperature=0.9, top_k=20, top_p=0.9, generator=g2)]
+    s1 = [t.item() for t in generate(m, prompt, 8, temperature=0.9, top_k=20, top_p=0.9, generator=g1)]
+    s2 = [t.item() for t in generate(m, prompt, 8, temperature=0.9, top_k=20, top_p=0.9, generator=g2)]
     assert s1 == s2
 
 

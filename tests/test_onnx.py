@@ -11,6 +11,7 @@ import torch
 from openllm_ds.config import ExportConfig
 from openllm_ds.export import export
 from openllm_ds.export.onnx_runtime import OnnxCausalLM
+from openllm_ds.model import generate
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -83,7 +84,7 @@ def test_decoder_with_past_greedy_matches_generate(onnx_export, tokenizer_dir, v
         assert past[0].shape == (2, 2, n + step, 16)
         ids = logits[:, -1].argmax(-1)[:, None]
         tokens.append(ids[:, 0])
-    want = torch.stack(list(model.generate(torch.tensor([p[:n] for p in prompts]), 12, temperature=0)), 1)
+    want = torch.stack(list(generate(model, torch.tensor([p[:n] for p in prompts]), 12, temperature=0)), 1)
     assert np.array_equal(np.stack(tokens, 1), want.numpy())
 
 
@@ -92,8 +93,8 @@ def test_onnx_sampling_matches_torch_with_the_same_seed(onnx_export):
     lm = OnnxCausalLM(out, variant="fp32")
     prompt = torch.randint(4, 8000, (3, 9), generator=torch.Generator().manual_seed(2))
     kw = dict(temperature=0.8, top_p=0.9, eos_id=2)
-    got = [t.tolist() for t in lm.generate(prompt, 20, generator=torch.Generator().manual_seed(7), **kw)]
-    want = [t.tolist() for t in model.generate(prompt, 20, generator=torch.Generator().manual_seed(7), **kw)]
+    got = [t.tolist() for t in generate(lm, prompt, 20, generator=torch.Generator().manual_seed(7), **kw)]
+    want = [t.tolist() for t in generate(model, prompt, 20, generator=torch.Generator().manual_seed(7), **kw)]
     assert got == want and len(got) == 20
 
 
@@ -118,7 +119,7 @@ def test_builtin_server_engine_on_an_onnx_export(onnx_export, tokenizer_dir):
     assert engine.lm.variant == "optimized" and engine.max_length == 64 and engine.model_name == "onnx"
     ids = load_tokenizer(tokenizer_dir).encode("The Normans were")
     texts, reasons, num_tokens = engine.complete(ids, SamplingParams(max_tokens=10, temperature=0))
-    want = [t.item() for t in model.generate(torch.tensor([ids]), 10, temperature=0, eos_id=2)]
+    want = [t.item() for t in generate(model, torch.tensor([ids]), 10, temperature=0, eos_id=2)]
     assert num_tokens == len(want) and reasons == ["stop" if want[-1] == 2 else "length"]
     tok = load_tokenizer(tokenizer_dir)
     assert tok.decode(ids) + texts[0] == tok.decode(ids + [t for t in want if t != 2])

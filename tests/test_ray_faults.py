@@ -183,13 +183,13 @@ def file_bytes(root: Path) -> dict[str, bytes]:
 def reference(private_ray, squad_dir, tmp_path_factory):
     """The undisturbed runs: prepare (its UDF calls counted), a tokenizer, and the validation
     file's shards (their UDF calls counted)."""
-    from openllm_ds.data import pipeline, prepare
+    from openllm_ds.data import preparation, prepare
     from openllm_ds.tokenizer import corpus, tokenize_corpus, train_tokenizer
 
     root = tmp_path_factory.mktemp("reference")
     clean = root / "clean"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "clean_batch", udf_with_hook(pipeline.clean_batch, fault_hook(root / "prepare", None)))
+        mp.setattr(preparation, "clean_batch", udf_with_hook(preparation.clean_batch, fault_hook(root / "prepare", None)))
         prepare(DataConfig(source="dir", squad_dir=str(squad_dir), output_dir=str(clean), num_workers=2))
     tokenizer_dir = root / "tokenizer"
     train_tokenizer(TokenizerConfig(input=str(clean / "training_data.txt"), output_dir=str(tokenizer_dir), vocab_size=8000))
@@ -202,10 +202,10 @@ def reference(private_ray, squad_dir, tmp_path_factory):
 
 
 def test_prepare_survives_a_killed_ray_data_task(reference, squad_dir, tmp_path, monkeypatch, faults):
-    from openllm_ds.data import pipeline, prepare
+    from openllm_ds.data import preparation, prepare
 
     fault_dir = tmp_path / "faults"
-    monkeypatch.setattr(pipeline, "clean_batch", udf_with_hook(pipeline.clean_batch, fault_hook(fault_dir, PAUSE_AT_CALL)))
+    monkeypatch.setattr(preparation, "clean_batch", udf_with_hook(preparation.clean_batch, fault_hook(fault_dir, PAUSE_AT_CALL)))
     kill = kill_9_when(victim_pid(fault_dir), "prepare")
     stats = prepare(DataConfig(source="dir", squad_dir=str(squad_dir), output_dir=str(tmp_path / "clean"), num_workers=2))
     stop(kill)

@@ -20,6 +20,7 @@ import torch
 from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
 from openllm_ds.export import export
+from openllm_ds.model import generate
 from openllm_ds.serve import choose_engine, load_engine, serve, start_server, vllm_command
 from openllm_ds.serve.engine import WORKER_PREFIX
 from openllm_ds.tokenizer import load_tokenizer
@@ -63,7 +64,7 @@ def client(server):
 
 def greedy_tokens(model, ids: list[int], max_new: int, eos: int = 2) -> list[int]:
     out = []
-    for t in model.generate(torch.tensor([ids]), max_new, temperature=0):
+    for t in generate(model, torch.tensor([ids]), max_new, temperature=0):
         out.append(t.item())
         if out[-1] == eos:
             break
@@ -353,14 +354,16 @@ def test_server_generations_take_the_decode_fast_path(client, engine, monkeypatc
 
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(server, engine, monkeypatch):
-    real_generate = engine.lm.generate
+    import openllm_ds.serve.engine as engine_module
+
+    real_generate = engine_module.generate
 
     def slow_generate(*a, **kw):  # 50 ms a token: 100 tokens would take 5 s
         for t in real_generate(*a, **kw):
             time.sleep(0.05)
             yield t
 
-    monkeypatch.setattr(engine.lm, "generate", slow_generate)
+    monkeypatch.setattr(engine_module, "generate", slow_generate)
     cancelled = engine.cancelled
     body = json.dumps({"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 100, "temperature": 1.0, "seed": 7})
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:

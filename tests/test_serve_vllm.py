@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from conftest import free_port
+from openllm_ds.model import generate
 from openllm_ds.serve import start_server
 from openllm_ds.serve.vllm import vllm_python, vllm_unavailable_reason
 
@@ -77,7 +78,7 @@ def builtin(trained_export):
 
 def greedy(model, ids: list[int], n: int) -> list[int]:
     out = []
-    for t in model.generate(torch.tensor([ids]), n, temperature=0, eos_id=2):
+    for t in generate(model, torch.tensor([ids]), n, temperature=0, eos_id=2):
         out.append(int(t))
         if out[-1] == 2:
             break

@@ -8,11 +8,9 @@ import torch
 
 from openllm_ds.checkpoint import load_model
 from openllm_ds.errors import UserError
+from openllm_ds.model import generate
 from openllm_ds.tokenizer import load_tokenizer
-
-
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from openllm_ds.utils import select_device
 
 
 def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: float = 0.7, top_k: int | None = None,
@@ -41,7 +39,7 @@ def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: fl
     if not 0 < repetition_penalty < float("inf"):
         raise UserError(f"--repetition_penalty must be > 0, got {repetition_penalty}")
 
-    device = pick_device()
+    device = select_device()
     loaded = load_model(model_dir, step=checkpoint, device=device)
     tokenizer = load_tokenizer(loaded.tokenizer_dir)
     model = loaded.model
@@ -85,7 +83,7 @@ def sample_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: f
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     ids: list[int] = []
     shown = ""
-    for nxt in model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    for nxt in generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               eos_id=eos_id, repetition_penalty=repetition_penalty, generator=generator):
         token = int(nxt[0])
         if token == eos_id:

@@ -25,6 +25,7 @@ from openllm_ds.evaluation.sliding_window import read_documents
 from openllm_ds.evaluation.squad_score import (check_squad_dataset, normalize_answer, read_json,
                                                score_predictions, squad_version)
 from openllm_ds.errors import DataError
+from openllm_ds.model import generate
 
 _STRIP = string.punctuation + "\u201c\u201d\u2018\u2019"
 SHOT_POOL = 200  # worked examples are drawn from the shortest passages, so that they fit the context
@@ -71,7 +72,7 @@ def greedy_continuation(model, tokenizer, prompt_ids: list[int], max_new_tokens:
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     ids: list[int] = []
     text = ""
-    for nxt in model.generate(idx, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id):
+    for nxt in generate(model, idx, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id):
         token = int(nxt[0])
         if token == tokenizer.eos_id:
             break

@@ -8,7 +8,7 @@ from pathlib import Path
 from openllm_ds.checkpoint import load_model
 from openllm_ds.config import validation_source
 from openllm_ds.errors import DataError, UserError
-from openllm_ds.evaluation.generate import pick_device
+from openllm_ds.utils import select_device
 from openllm_ds.evaluation.harness import run_harness
 from openllm_ds.evaluation.sliding_window import check_metrics, evaluate_text, read_documents
 from openllm_ds.evaluation.tasks import TaskSpec
@@ -46,7 +46,7 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
 
     metrics = check_metrics(metrics)
     docs = _read_eval_data(eval_data) if eval_data else None
-    loaded = load_model(model_dir, step=checkpoint, device=pick_device())
+    loaded = load_model(model_dir, step=checkpoint, device=select_device())
     if docs is None:
         eval_data, docs = run_validation_documents(loaded.run_config)
 

@@ -112,8 +112,9 @@ def perplexity(model, token_ids, max_seq_len: int | None = None, stride: int | N
         raise UserError(f"window of {max_seq_len} tokens exceeds the model's context ({model.cfg.max_seq_len})")
     stride = stride or max(1, max_seq_len // 2)
     windows = sliding_windows(ids.numel(), max_seq_len, stride)
-    device = next(model.parameters()).device
-    was_training = model.training
+    torch_model = isinstance(model, torch.nn.Module)  # else an OnnxCausalLM (onnxruntime, host memory)
+    device = next(model.parameters()).device if torch_model else torch.device("cpu")
+    was_training = torch_model and model.training
     model.eval()
     total_nll = 0.0
     num_scored = 0

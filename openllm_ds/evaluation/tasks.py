@@ -36,7 +36,6 @@ KINDS: dict[str, tuple[str, ...]] = {  # kind -> its metrics, the first is the d
     "answer_ranking": ("accuracy", "accuracy_norm"),
 }
 LOWER_IS_BETTER = {"perplexity", "loss", "word_perplexity", "bits_per_byte"}
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,10 @@ class TaskSpec:
 
 
 def task_dirs() -> list[Path]:
-    """Where task names are looked up: ./eval, then the repository's eval/."""
-    dirs = [Path.cwd() / "eval", REPO_ROOT / "eval"]
+    """Where task names are looked up: ./eval, then the task YAMLs shipped with the package."""
+    from openllm_ds.presets import shipped_dir
+
+    dirs = [Path.cwd() / "eval", shipped_dir("eval")]
     out = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
@@ -199,11 +200,11 @@ def run_task(task_yaml_or_name, model_dir, step: int | None = None, device: str 
              progress: bool = True) -> dict:
     """Run one harness task on the checkpoint at ``step`` (default: latest) of ``model_dir``."""
     from openllm_ds.checkpoint import load_model
-    from openllm_ds.evaluation.generate import pick_device
+    from openllm_ds.utils import select_device
     from openllm_ds.tokenizer import load_tokenizer
 
     spec = load_task(task_yaml_or_name)
-    loaded = load_model(model_dir, step=step, device=device or pick_device())
+    loaded = load_model(model_dir, step=step, device=device or select_device())
     tokenizer = load_tokenizer(loaded.tokenizer_dir)
     result = run_task_on_model(spec, loaded.model, tokenizer, progress)
     return {**result, "step": loaded.step, "model_dir": str(model_dir), "checkpoint": str(loaded.path)}

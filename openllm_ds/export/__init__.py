@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
-from openllm_ds.export.huggingface import VerificationError, export_huggingface
+from openllm_ds.errors import VerificationError
+from openllm_ds.export.huggingface import export_huggingface
 from openllm_ds.export.source import ExportSource, check_output_dir, is_export_file, load_export_source
 from openllm_ds.utils import _umask, atomic_dir
 

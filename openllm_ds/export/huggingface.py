@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from openllm_ds.export.hf_map import to_hf_config, to_hf_state_dict
+from openllm_ds.model.hf_map import to_hf_config, to_hf_state_dict
 from openllm_ds.export.source import (
     EXPORT_INFO, HF_DTYPE_NAMES, TORCH_DTYPES, ExportSource, copy_tokenizer_files, encode_for_verification,
     verification_texts,
 )
-from openllm_ds.errors import UserError
+from openllm_ds.errors import VerificationError
 from openllm_ds.tokenizer.hf_files import PROMPT_PREFIX, apply_prompt_convention
 from openllm_ds.utils import atomic_write_json, atomic_write_text
 
@@ -28,10 +28,6 @@ from openllm_ds.utils import atomic_write_json, atomic_write_text
 # rounding; fp16/bf16 exports are compared with our model cast to the same dtype, and both sides
 # round differently in their reductions.
 VERIFY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1.5e-1}
-
-
-class VerificationError(UserError):
-    """The export does not reproduce the source model; nothing was written."""
 
 
 def hf_state_dict(src: ExportSource, dtype: str) -> dict[str, torch.Tensor]:

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from openllm_ds.errors import UserError
-from openllm_ds.export.huggingface import VerificationError
+from openllm_ds.errors import UserError, VerificationError
 from openllm_ds.export.onnx_runtime import (
     DECODER_FILE, MODEL_FILE, VARIANTS, OnnxCausalLM, past_names, present_names,
 )
 from openllm_ds.export.source import EXPORT_INFO, ExportSource, copy_tokenizer_files, encode_for_verification, verification_texts
+from openllm_ds.model import generate
 from openllm_ds.utils import atomic_write_json
 
 FP32_TOLERANCE = 1e-4
@@ -206,8 +206,8 @@ def verify_onnx(out: Path, src: ExportSource, variant: str = "fp32") -> dict:
         got_logits, present = lm.decode(batch[:, split:].numpy(), present)
         compare(got_logits, ref_logits)
         prompt = batch[:, : max(1, min(n, model.cfg.max_seq_len - VERIFY_GENERATE_STEPS))]
-        want = torch.stack(list(model.generate(prompt, VERIFY_GENERATE_STEPS, temperature=0)), 1)
-        got = torch.stack(list(lm.generate(prompt, VERIFY_GENERATE_STEPS, temperature=0)), 1)
+        want = torch.stack(list(generate(model, prompt, VERIFY_GENERATE_STEPS, temperature=0)), 1)
+        got = torch.stack(list(generate(lm, prompt, VERIFY_GENERATE_STEPS, temperature=0)), 1)
     result = {"max_abs_diff": max_diff, "max_abs_logit": max_ref, "argmax_agreement": agree / total,
               "generated_tokens": int(want.numel()), "generation_matches": bool(torch.equal(want, got))}
     if variant == "int8":

@@ -8,7 +8,7 @@ The export holds two graphs (see onnx.py):
   (batch, kv_heads, past_sequence + sequence, head_dim). A past of length 0 is the prefill step.
 
 ``OnnxCausalLM`` is called like our ``Transformer`` (``lm(idx, kv_cache=..., start_pos=...)``), so
-generation runs ``Transformer.generate``'s own loop and sampling code on onnxruntime's logits.
+generation runs ``openllm_ds.model.generate``, the torch backend's own loop and sampling code, on onnxruntime's logits.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from openllm_ds.config import ModelConfig
 from openllm_ds.errors import UserError
 from openllm_ds.utils import read_json
-from openllm_ds.model import Transformer
 
 MODEL_FILE = "model.onnx"
 DECODER_FILE = "decoder_with_past.onnx"
@@ -110,7 +109,7 @@ class OnnxCausalLM:
         out = self._session("decoder").run(["logits", *self._present_names], feeds)
         return out[0], out[1:]
 
-    # --- the Transformer calling convention, for Transformer.generate -----------------------------
+    # --- the Transformer calling convention, for openllm_ds.model.generate -----------------------------
     def __call__(self, idx: torch.Tensor, targets=None, kv_cache: list | None = None, start_pos: int = 0,
                  last_only: bool = False):
         if targets is not None:
@@ -136,10 +135,3 @@ class OnnxCausalLM:
         if mode:
             raise ValueError("an ONNX model cannot be trained")
         return self
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_id: int | None = None, repetition_penalty: float = 1.0,
-                 generator: torch.Generator | None = None):
-        """Yield (B,) tensors of new tokens, exactly as ``Transformer.generate`` does."""
-        return Transformer.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    eos_id=eos_id, repetition_penalty=repetition_penalty, generator=generator)

@@ -15,15 +15,12 @@ from pathlib import Path
 
 import torch
 
-from openllm_ds.checkpoint import refusing_pickled_code
-from openllm_ds.config import ModelConfig
-from openllm_ds.errors import UserError
-from openllm_ds.export.huggingface import VerificationError
+from openllm_ds.checkpoint import PYTORCH_WEIGHTS, load_model
+from openllm_ds.errors import VerificationError
 from openllm_ds.export.source import EXPORT_INFO, TORCH_DTYPES, ExportSource, copy_tokenizer_files, encode_for_verification, verification_texts
-from openllm_ds.model import Transformer
-from openllm_ds.utils import atomic_write_json, read_json
+from openllm_ds.utils import atomic_write_json
 
-WEIGHTS_FILE = "model.pt"
+WEIGHTS_FILE = PYTORCH_WEIGHTS
 
 
 def export_pytorch(src: ExportSource, out: Path, dtype: str = "fp32", verify: bool = True) -> dict:
@@ -39,26 +36,8 @@ def export_pytorch(src: ExportSource, out: Path, dtype: str = "fp32", verify: bo
     return report
 
 
-def is_pytorch_export(path: Path) -> bool:
-    return (path / WEIGHTS_FILE).is_file() and (path / "config.json").is_file()
-
-
-def load_pytorch_export(path: str | Path, dtype: torch.dtype | None = None) -> Transformer:
-    """The model of a PyTorch export, in eval mode (weights_only loading: no pickled code runs)."""
-    path = Path(path)
-    if not is_pytorch_export(path):
-        raise UserError(f"{path} is not a PyTorch export (needs {WEIGHTS_FILE} and config.json); "
-                        "run `openllm-ds export --format pytorch` first")
-    cfg = ModelConfig(**read_json(path / "config.json", "re-export the model (--format pytorch)"))
-    with refusing_pickled_code(f"refusing to load {path}: its {WEIGHTS_FILE} holds pickled objects other than tensors"):
-        state = torch.load(path / WEIGHTS_FILE, weights_only=True, map_location="cpu")
-    model = Transformer(cfg).to(state["embed_tokens.weight"].dtype)  # compute in the stored dtype
-    model.load_state_dict(state)
-    return model.to(dtype=dtype).eval()
-
-
 def verify_pytorch(out: Path, src: ExportSource, dtype: str) -> dict:
-    reloaded = load_pytorch_export(out)
+    reloaded = load_model(out).model
     ref_model = src.model if dtype == "fp32" else _cast(src.model, TORCH_DTYPES[dtype])
     max_diff = 0.0
     texts = verification_texts(src)

@@ -9,7 +9,6 @@ shards are gathered into fp32 weights by DeepSpeed's ``zero_to_fp32``.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, is_hf_export, load_model, step_tag,
-                                  weights_only_loads)
+from openllm_ds.checkpoint import (ANY_STEP_DIR, CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, is_hf_export, load_model,
+                                   step_tag, weights_only_loads)
 from openllm_ds.config import ModelConfig, RunConfig, run_config_from_dict
 from openllm_ds.errors import UserError
 from openllm_ds.model import Transformer
@@ -34,7 +33,6 @@ EXPORT_FILES = (*TOKENIZER_FILES, EXPORT_INFO, "config.json", "generation_config
                 "model.pt")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_STEP_NAME = re.compile(r"^(?:step_|global_step)(\d+)$")
 _DEEPSPEED_STATES = "*model_states.pt"
 
 # Real sentences for the logits comparisons of --verify; validation passages are added when the
@@ -120,7 +118,7 @@ def _read_train_state(d: Path) -> dict:
 
 
 def _load_consolidated(root: Path, step: int | None) -> ExportSource:
-    m = _STEP_NAME.match(root.name)
+    m = ANY_STEP_DIR.match(root.name)
     if m and root.parent.name == CHECKPOINTS and not is_hf_export(root):  # one step dir of a run
         if step is not None and step != int(m.group(1)):
             raise UserError(f"--model_dir {root} is the checkpoint of step {int(m.group(1))} but --checkpoint is {step}")
@@ -167,7 +165,7 @@ def _load_deepspeed(tag_dir: Path) -> ExportSource:
     if missing or unexpected:
         raise UserError(f"weights in {tag_dir} do not fit its run config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     train_state = _read_train_state(tag_dir)
-    m = _STEP_NAME.match(tag_dir.name)
+    m = ANY_STEP_DIR.match(tag_dir.name)
     step = train_state.get("step", int(m.group(1)) if m else None)
     tok_dir = run_dir / "tokenizer" if (run_dir / "tokenizer").is_dir() else Path(run_cfg.train.tokenizer_dir)
     return ExportSource(

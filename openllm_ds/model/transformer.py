@@ -3,7 +3,7 @@
 RoPE positions, RMSNorm, SwiGLU feed-forward, optional grouped-query attention and tied
 embeddings. The weights are Hugging Face's ``LlamaForCausalLM``'s under the same names, except that
 q/k/v and gate/up projections are stacked into one matmul each (fewer, larger matmuls, and fewer
-calls per decoded token); openllm_ds/export/hf_map.py splits them. No DeepSpeed, Ray or distributed
+calls per decoded token); openllm_ds/model/hf_map.py splits them. No DeepSpeed, Ray or distributed
 code here.
 """
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from openllm_ds.config import ModelConfig
+from openllm_ds.model.kernels import Linear, LMHead
 
 PastKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v): (B, nkv, S, hs)
 
@@ -38,35 +39,6 @@ class KVCache:
         self.k[layer].narrow(2, self.pos, T).copy_(k)
         self.v[layer].narrow(2, self.pos, T).copy_(v)
         return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias, faster for one token per sequence on the CPU under inference mode (a
-    decoding step, as in generate).
-
-    On MKL, x @ W^T for one row of x runs 1.2-1.5x slower than the same product with W^T stored
-    contiguous, (in, out). So a decoding step multiplies by a transposed copy of the weight (memory for
-    a second copy of the weights, once the model has decoded), made on first use and again when the
-    weight moves or changes in place (its version counter); train() and eval() drop it. A write
-    through ``weight.data`` bypasses the version counter: call eval() after one.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-        self.packed = None  # (weight's data_ptr and version, weight transposed and contiguous)
-
-    def forward(self, x):
-        if self.training or not torch.is_inference_mode_enabled() or x.size(-2) != 1 or not x.is_cpu:
-            return F.linear(x, self.weight)
-        key = (self.weight.data_ptr(), self.weight._version)
-        packed = self.packed
-        if packed is None or packed[0] != key:
-            packed = self.packed = (key, self.weight.t().contiguous())
-        return x @ packed[1]
-
-    def train(self, mode: bool = True):
-        self.packed = None
-        return super().train(mode)
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +71,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer  # its slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
-        # q, k and v in one matmul (HF's q_proj, k_proj, v_proj stacked: see export/hf_map.py)
+        # q, k and v in one matmul (HF's q_proj, k_proj, v_proj stacked: see model/hf_map.py)
         self.qkv_proj = Linear(cfg.d_model, (cfg.n_heads + 2 * self.n_kv_heads) * cfg.head_dim)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model)
         self.dropout = cfg.dropout
@@ -157,20 +129,6 @@ class Block(nn.Module):
 
     def drop(self, x):
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
-
-
-class LMHead(Linear):
-    """The output projection; given targets it returns the loss instead of the logits."""
-
-    def forward(self, x, targets=None):
-        if targets is None:
-            return super().forward(x)
-        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                return LinearCrossEntropy.apply(x, self.weight, targets)
-            return LinearCrossEntropy.loss_only(x, self.weight, targets)
-        return F.cross_entropy(super().forward(x).float(), targets, ignore_index=-100)
 
 
 class Transformer(nn.Module):
@@ -250,128 +208,3 @@ class Transformer(nn.Module):
 
     def new_kv_cache(self, batch: int, device) -> KVCache:
         return KVCache(self.cfg, batch, device, self.embed_tokens.weight.dtype)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        repetition_penalty: float = 1.0,
-        generator: torch.Generator | None = None,
-    ):
-        """Yield (B,) tensors of new tokens one step at a time, using a KV cache.
-
-        temperature 0 is greedy. Stops when every row has produced ``eos_id`` or the context is full.
-        Runs in inference mode, so the tokens are inference tensors.
-        """
-        was_training = self.training
-        if was_training:
-            self.eval()
-        try:
-            B = idx.size(0)
-            cache = self.new_kv_cache(B, idx.device)
-            pos, step_in = 0, idx
-            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            seen = idx
-            for _ in range(max_new_tokens):
-                if pos + step_in.size(1) > self.cfg.max_seq_len:
-                    break
-                logits, _, cache = self(step_in, kv_cache=cache, start_pos=pos, last_only=True)
-                pos += step_in.size(1)
-                logits = logits[:, -1]
-                if logits.dtype != torch.float32:
-                    logits = logits.float()
-                if repetition_penalty != 1.0:
-                    prev = logits.gather(1, seen)
-                    logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                    done |= nxt == eos_id
-                yield nxt
-                if eos_id is not None and bool(done.all()):
-                    break
-                step_in = nxt[:, None]
-                if repetition_penalty != 1.0:
-                    seen = torch.cat((seen, step_in), dim=1)
-        finally:
-            if was_training:
-                self.train()
-
-
-def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None):
-    """logits: (B, V) -> (B,) token ids."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``x @ weight.T`` against ``targets`` (-100 ignored), for fp32 on the CPU.
-
-    F.cross_entropy on the logits makes three more passes over a (tokens x vocab) tensor (log-softmax,
-    its backward, a one-hot fill), a tenth of a CPU training step at a 32k vocabulary. Here the forward
-    pass turns the logits, in place and a cache-sized block of rows at a time, into their gradient
-    softmax - one-hot, and the backward pass multiplies it out: the same numbers, one pass.
-    """
-
-    @staticmethod
-    def blocks(logits, targets):
-        rows = max(1, 2**20 // logits.size(1))  # ~4 MB of logits per block
-        for i in range(0, logits.size(0), rows):
-            yield logits[i : i + rows], targets[i : i + rows]
-
-    @staticmethod
-    def loss_only(x, weight, targets):
-        logits = x @ weight.t()  # (N, V)
-        total = logits.new_zeros(())
-        for block, t in LinearCrossEntropy.blocks(logits, targets):
-            keep = t != -100
-            nll = torch.logsumexp(block, dim=-1) - block.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-            total += nll[keep].sum()
-        return total / (targets != -100).sum()
-
-    @staticmethod
-    def forward(ctx, x, weight, targets):
-        logits = x @ weight.t()  # (N, V), becomes the gradient
-        total = logits.new_zeros(())
-        for block, t in LinearCrossEntropy.blocks(logits, targets):
-            t = t[:, None]
-            target_logit = block.gather(1, t.clamp(min=0))
-            top = block.amax(dim=-1, keepdim=True)
-            block.sub_(top).exp_()
-            sums = block.sum(dim=-1, keepdim=True)
-            block.div_(sums)  # softmax
-            block.scatter_add_(1, t.clamp(min=0), torch.full_like(target_logit, -1.0))
-            nll = top + sums.log_() - target_logit
-            ignored = t == -100
-            if ignored.any():
-                block.masked_fill_(ignored, 0.0)
-                nll.masked_fill_(ignored, 0.0)
-            total += nll.sum()
-        count = (targets != -100).sum()
-        ctx.save_for_backward(x, weight, logits, count)
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, g, count = ctx.saved_tensors
-        scale = grad / count
-        grad_x = (g @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
-        grad_w = (g.t() @ x).mul_(scale) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None

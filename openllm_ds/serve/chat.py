@@ -13,8 +13,6 @@ from openllm_ds.errors import UserError
 from openllm_ds.utils import read_json
 from openllm_ds.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
-
 
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "<s>", eos_token: str = "</s>", pad_token: str = "<pad>",

@@ -35,6 +35,7 @@ from typing import Iterator
 import torch
 
 from openllm_ds.errors import UserError
+from openllm_ds.model import generate
 from openllm_ds.serve.chat import ChatTemplate, load_chat_template
 from openllm_ds.tokenizer import Tokenizer, load_tokenizer
 
@@ -225,7 +226,7 @@ class CompletionEngine:
 
     def _record_path(self, first_token: torch.Tensor) -> None:
         if self.backend == "torch":
-            from openllm_ds.model.transformer import Linear
+            from openllm_ds.model.kernels import Linear
 
             linears = [m for m in self.lm.modules() if isinstance(m, Linear)]
             transposed = all(m.packed is not None and m.packed[0] == (m.weight.data_ptr(), m.weight._version)
@@ -265,7 +266,7 @@ class Generation:
         eos = engine.tokenizer.eos_id
         with engine._lock:
             engine.running += 1
-        steps = engine.lm.generate(idx, p.max_tokens, temperature=p.temperature,
+        steps = generate(engine.lm, idx, p.max_tokens, temperature=p.temperature,
                                    top_p=p.top_p if p.top_p < 1.0 else None, eos_id=eos, generator=generator)
         tokens = None
         try:
@@ -309,7 +310,6 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
     """
     from openllm_ds.checkpoint import is_hf_export, load_model
     from openllm_ds.export.onnx_runtime import OnnxCausalLM, is_onnx_export
-    from openllm_ds.export.pytorch import is_pytorch_export, load_pytorch_export
 
     path = Path(model_path)
     if not path.exists():
@@ -324,12 +324,8 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
     if backend == "torch":
         if is_onnx_export(path) and not is_hf_export(path):
             raise UserError(f"--model_path {path} is an ONNX export; serve it with --backend onnx")
-        if is_pytorch_export(path) and not is_hf_export(path):
-            lm, tok_dir = load_pytorch_export(path), path
-        else:
-            loaded = load_model(path)
-            lm, tok_dir = loaded.model, loaded.tokenizer_dir
-        lm.eval()
+        loaded = load_model(path)  # a training output, a step dir, an HF or a PyTorch export
+        lm, tok_dir = loaded.model, loaded.tokenizer_dir
     elif backend == "onnx":
         if is_onnx_export(path):
             tok_dir = path

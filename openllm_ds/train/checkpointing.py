@@ -17,7 +17,6 @@ import dataclasses
 import io
 import os
 import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,18 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openllm_ds.checkpoint import CHECKPOINTS, LATEST, TRAIN_STATE, WEIGHTS, list_checkpoints, step_tag, weights_only_loads
+from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, STEP_DIR, TRAIN_STATE, WEIGHTS, list_checkpoints, step_tag,
+                                   weights_only_loads)
 from openllm_ds.config import RunConfig
-from openllm_ds.errors import ConfigError, UserError
+from openllm_ds.errors import CheckpointWriteError, ConfigError
 from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
-from openllm_ds.utils import atomic_write_json, atomic_write_text, read_yaml
+from openllm_ds.utils import _umask, atomic_write_json, atomic_write_text, read_yaml
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 UNIVERSAL = "universal"  # a step converted to DeepSpeed's universal checkpoint format, inside the step dir
-
-
-class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (full disk, permissions); the previous one is intact."""
 
 
 @dataclass
@@ -158,12 +153,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def prune_checkpoints(output_dir: Path, keep_last: int, current_step: int) -> list[Path]:
     """Keep the newest ``keep_last`` complete checkpoints up to ``current_step``; delete older step dirs.
 
@@ -174,7 +163,7 @@ def prune_checkpoints(output_dir: Path, keep_last: int, current_step: int) -> li
     keep = {d.name for _, d in complete[-keep_last:]}
     removed = []
     for d in (output_dir / CHECKPOINTS).iterdir():
-        m = _STEP_DIR.match(d.name)
+        m = STEP_DIR.match(d.name)
         if m and d.is_dir() and int(m.group(1)) <= current_step and d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)

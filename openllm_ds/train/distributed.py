@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from openllm_ds.utils import select_device
+
 OBJECT_TIMEOUT = timedelta(hours=2)  # object collectives: rank-0-only work (shards, checkpoint) may be long
 
 
@@ -43,10 +45,6 @@ class DistEnv:
     @property
     def torch_device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.device == "cuda" else torch.device("cpu")
-
-
-def select_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def import_deepspeed(device: str):

@@ -40,12 +40,14 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def read_base_ds_config(path: str | Path) -> dict:
-    p = Path(path)
+    from openllm_ds.presets import ds_config_file, shipped_dir
+
+    p = ds_config_file(path)
     if not p.is_file():
-        have = ", ".join(sorted(q.name for q in Path("ds_configs").glob("*.json"))) if Path("ds_configs").is_dir() else ""
+        have = ", ".join(sorted(q.stem for q in shipped_dir("ds_configs").glob("*.json")))
         raise ConfigError(f"train.ds_config {p} does not exist; pass a DeepSpeed JSON such as ds_configs/zero2.json "
                           "(--ds_config or train.ds_config=PATH, relative to the current directory)"
-                          + (f" (ds_configs/ holds {have})" if have else ""))
+                          + (f" or a shipped one by name ({have})" if have else ""))
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

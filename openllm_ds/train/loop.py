@@ -18,24 +18,20 @@ import numpy as np
 import torch
 
 from openllm_ds.config import RunConfig
-from openllm_ds.errors import UserError
+from openllm_ds.errors import TrainingError, UserError
 from openllm_ds.model import Transformer
 from openllm_ds.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from openllm_ds.train.data import DataPosition, DataSource, EvalWindows, TrainBatches, load_sources
 from openllm_ds.train.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, import_deepspeed,
                                          init_distributed)
 from openllm_ds.train.ds_config import zero_stage
-from openllm_ds.train.metrics import RunLog, flops_per_token, memory_mb, peak_flops, perplexity
+from openllm_ds.train.metrics import RunLog, exp_loss, flops_per_token, memory_mb, peak_flops
 from openllm_ds.train.optim import build_lr_scheduler, param_groups
 from openllm_ds.train.preflight import RunInputs, RunLock, check_lengths, check_run_inputs
 from openllm_ds.train.spikes import SpikeGuard
 from openllm_ds.utils import atomic_dir, keep_freed_memory
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainingError(UserError):
-    """Training cannot go on (e.g. the loss kept spiking); the last complete checkpoint is intact."""
 
 
 def train(cfg: RunConfig) -> dict:
@@ -118,7 +114,7 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
             log.step(state.step, loss, tokens_per_sec)
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 log.scalars(state.step, {
-                    "train/loss": loss, "train/perplexity": perplexity(loss), "train/lr": lr,
+                    "train/loss": loss, "train/perplexity": exp_loss(loss), "train/lr": lr,
                     "train/grad_norm": grad_norm, "train/loss_scale": loss_scale(engine),
                     "train/tokens_per_sec": tokens_per_sec,
                     "train/mfu": flops_tok * tokens_per_sec / (peak * env.world_size),
@@ -132,14 +128,14 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
                                   universal=inputs.universal and last_ckpt == inputs.resume_from)
                 continue
             if state.step % t.eval_every == 0 or state.step == t.max_steps:
-                state.source_eval_losses = [evaluate(engine, w, env) for w in eval_sets]
+                state.source_eval_losses = [validate(engine, w, env) for w in eval_sets]
                 state.last_eval_loss = sum(s.weight * v for s, v in zip(sources, state.source_eval_losses))
                 log.scalars(state.step, {"eval/loss": state.last_eval_loss,
-                                         "eval/perplexity": perplexity(state.last_eval_loss),
+                                         "eval/perplexity": exp_loss(state.last_eval_loss),
                                          **({f"eval/{s.name}/loss": v for s, v in zip(sources, state.source_eval_losses)}
                                             if len(sources) > 1 else {})})
                 log.info(f"step {state.step}: train loss {loss:.4f}, val loss {state.last_eval_loss:.4f}, "
-                         f"val perplexity {perplexity(state.last_eval_loss):.2f}")
+                         f"val perplexity {exp_loss(state.last_eval_loss):.2f}")
                 if inputs.eval_tasks:
                     results = run_eval_tasks(engine, inputs, env, stage)
                     log.scalars(state.step, {f"harness/{r['task']}/{r['metric']}": r["value"] for r in results})
@@ -158,7 +154,7 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
         "final_step": state.step,
         "train_loss": loss,
         "val_loss": state.last_eval_loss,
-        "val_perplexity": perplexity(state.last_eval_loss) if state.last_eval_loss is not None else None,
+        "val_perplexity": exp_loss(state.last_eval_loss) if state.last_eval_loss is not None else None,
         "tokens_seen": state.tokens_seen,
         "num_params": num_params,
         "output_dir": str(out),
@@ -319,7 +315,7 @@ def skip_nonfinite_update(engine) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, windows: EvalWindows, env: DistEnv) -> float:
+def validate(engine, windows: EvalWindows, env: DistEnv) -> float:
     """Mean next-token loss over the fixed validation windows (all ranks)."""
     engine.eval()
     total, count = 0.0, 0

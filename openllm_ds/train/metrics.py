@@ -166,7 +166,8 @@ def memory_mb(device: torch.device) -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
-def perplexity(loss: float) -> float:
+def exp_loss(loss: float) -> float:
+    """Perplexity from a mean loss in nats (inf past float range)."""
     return math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
 
 

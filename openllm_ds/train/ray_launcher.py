@@ -41,7 +41,9 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         return spec if is_hub_source(spec) else str(Path(spec).expanduser().resolve())
 
     t = cfg.train
-    absolute = {k: str(Path(getattr(t, k)).resolve()) for k in ("tokenizer_dir", "ds_config")}
+    from openllm_ds.presets import ds_config_file
+
+    absolute = {"tokenizer_dir": str(Path(t.tokenizer_dir).resolve()), "ds_config": str(ds_config_file(t.ds_config).resolve())}
     absolute["output_dir"] = str(Path(cfg.output_dir).resolve())
     absolute["data_file"] = source(t.data_file)
     absolute["data_files"] = tuple(source(f) for f in t.data_files)
@@ -146,14 +148,10 @@ def _train_worker(config: dict) -> None:
 
 def _error_class(name: str) -> type[UserError]:
     """The UserError subclass called ``name`` (a worker's error crosses to the driver as text)."""
-    from openllm_ds.train.loop import TrainingError  # noqa: F401 - defines the subclasses searched below
+    from openllm_ds import errors
 
-    todo, seen = [UserError], {}
-    while todo:
-        cls = todo.pop()
-        seen[cls.__name__] = cls
-        todo += cls.__subclasses__()
-    return seen.get(name, UserError)
+    cls = getattr(errors, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, UserError) else UserError
 
 
 def _user_error_in(exc: BaseException) -> UserError | None:

@@ -1,0 +1,101 @@
+"""The Python API (``openllm_ds.load``), the one entry point (``python -m openllm_ds``), and the presets shipped in
+the package (a wheel installed elsewhere finds them by name)."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import openllm_ds
+from openllm_ds.errors import UserError
+from openllm_ds.evaluation.generate import generate_text
+from openllm_ds.evaluation.run import evaluate
+from openllm_ds.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["The Normans were", "In 1066 the", "Beyoncé Giselle Knowles"]
+TEXTS = ["The Normans gave their name to Normandy, a region in France.",
+         "The university library holds more than a million volumes."]
+
+
+@pytest.mark.parametrize("where", ["hf", "run", "run/checkpoints/step_00000150"])
+def test_load_generates_and_scores_as_the_cli_does(trained_export, tmp_path, where):
+    hf, _ = trained_export
+    path = hf.parent / where
+    with openllm_ds.load(path) as lm:
+        assert lm.tokenizer.encode("Normandy") == load_tokenizer(hf).encode("Normandy")
+        for prompt in PROMPTS:  # greedy: the text `openllm-ds generate --temperature 0` prints
+            want = generate_text(hf, prompt, max_length=12, temperature=0.0, stream=False)[0]
+            assert lm.generate(prompt, max_new_tokens=12) == want
+        (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+        report = evaluate(hf, eval_data=str(tmp_path / "texts.txt"), metrics=("perplexity",))
+        assert lm.perplexity(TEXTS) == pytest.approx(report["perplexity"], rel=1e-6)
+        assert 1 < lm.perplexity(TEXTS) < 8000
+    assert lm.engine._pool._shutdown  # closed by the with block
+
+
+def test_load_onnx_backend_matches_torch(trained_export):
+    hf, _ = trained_export
+    with openllm_ds.load(hf) as torch_lm, openllm_ds.load(hf, backend="onnx") as onnx_lm:
+        assert onnx_lm.engine.backend == "onnx"
+        tmp = list(onnx_lm.engine.cleanup)
+        assert onnx_lm.generate(PROMPTS[0], max_new_tokens=12) == torch_lm.generate(PROMPTS[0], max_new_tokens=12)
+        assert onnx_lm.perplexity(TEXTS) == pytest.approx(torch_lm.perplexity(TEXTS), rel=1e-4)
+    assert tmp and not any(Path(d).exists() for d in tmp)  # its temporary ONNX export is gone
+
+
+def test_load_bad_path_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"--model_path .*nothing does not exist"):
+        openllm_ds.load(tmp_path / "nothing")
+
+
+def test_python_m_openllm_ds_is_the_cli(tmp_path):
+    """`python -m openllm_ds STAGE` parses as `openllm-ds STAGE`; `--config tiny` is found from any directory."""
+    r = subprocess.run([sys.executable, "-m", "openllm_ds", "train", "--config", "tiny", "--max_steps", "7",
+                        "--dry_run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "name: tiny" in r.stdout and "max_steps: 7" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "openllm_ds", "train", "--config", "nope"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--config nope does not exist; pass a YAML file or a preset name (large, medium, " \
+                                  "small, tiny)" in r.stderr
+
+
+def test_a_wheel_ships_the_presets_and_finds_them_from_anywhere(tmp_path):
+    """Built from a copy of the sources (no build dir in the clone) with the venv's setuptools, installed into a
+    directory of its own: the presets, DeepSpeed JSONs and task YAMLs come from inside the package."""
+    src = tmp_path / "src"
+    for name in ("openllm_ds", "configs", "ds_configs", "eval"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("openllm_ds-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for f in ("configs/tiny.yaml", "configs/medium_model.json", "ds_configs/zero3_offload.json", "eval/squad_v1_qa.yaml"):
+        assert f"openllm_ds/presets/{f}" in names
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    code = ("import openllm_ds, sys\n"
+            "from openllm_ds.config import load_run_config\n"
+            "from openllm_ds.presets import config_file, ds_config_file\n"
+            "from openllm_ds.train.ds_config import build_ds_config\n"
+            "from openllm_ds.evaluation.tasks import available_tasks\n"
+            "cfg = load_run_config('tiny')\n"
+            "print(openllm_ds.__file__, config_file('tiny'), ds_config_file(cfg.train.ds_config), sep='\\n')\n"
+            "print(build_ds_config(cfg, 1, 'cpu')['zero_optimization']['stage'], available_tasks()['squad_v1_qa'])\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    package = site / "openllm_ds"
+    assert lines[:3] == [str(package / "__init__.py"), str(package / "presets/configs/tiny.yaml"),
+                         str(package / "presets/ds_configs/zero2.json")]
+    assert lines[3] == f"2 {package / 'presets/eval/squad_v1_qa.yaml'}"
