@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_export.py [--model_dir models/tiny] [--threads 1]
         [--new_tokens 128] [--repeats 5]
 
-1. Generation at batch 1: our KV-cache ``Transformer.generate`` against transformers'
+1. Generation at batch 1: our KV-cache ``openllm_ds.model.generate`` against transformers'
    ``generate`` (greedy, KV cache on) on the Hugging Face export of the same weights, and
    onnxruntime with decoder_with_past. Exactly ``--new_tokens`` tokens each (no EOS stop);
    tokens/s = new tokens / wall time of the whole call (prefill included), median of R runs.
@@ -128,7 +128,7 @@ def generation_rows(hf_dir: Path, onnx_dir: Path, args) -> list[str]:
         "| engine | tokens/s | ms/token | vs transformers | same tokens as ours |",
         "|---|---:|---:|---:|---|",
         f"| transformers `generate` (export, KV cache) | {n / t_hf:.1f} | {1e3 * t_hf / n:.2f} | 1.00x | {'yes' if same_hf else 'NO'} |",
-        f"| ours `Transformer.generate` (KV cache) | {n / t_ours:.1f} | {1e3 * t_ours / n:.2f} | {t_hf / t_ours:.2f}x | - |",
+        f"| ours `openllm_ds.model.generate` (KV cache) | {n / t_ours:.1f} | {1e3 * t_ours / n:.2f} | {t_hf / t_ours:.2f}x | - |",
         f"| onnxruntime decoder_with_past ({lm.variant}) | {n / t_onnx:.1f} | {1e3 * t_onnx / n:.2f} | {t_hf / t_onnx:.2f}x | {'yes' if same_onnx else 'NO'} |",
     ]
 

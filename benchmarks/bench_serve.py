@@ -4,7 +4,7 @@
         [--max_tokens 32] [--servers vllm,torch,onnx,replicas] [--repeats 5]
 
 1. One client, 64 greedy tokens of "The history of the university": the built-in server's torch and
-   onnx backends (both running) against the same engines in-process (our ``Transformer.generate`` and
+   onnx backends (both running) against the same engines in-process (our ``openllm_ds.model.generate`` and
    onnxruntime, one thread, as bench_export.py) and transformers' ``generate`` on the export; after a
    warm-up, the five take turns ``--repeats`` times and each row is the median.
 2. Load: vLLM (its CPU build here), the built-in server (torch, onnx) and 2 built-in replicas on Ray
@@ -234,7 +234,7 @@ def main():
     print("|---|---:|---:|---:|")
     t = inproc["transformers"]
     print(f"| transformers `generate` (export, KV cache, in-process) | {t:.0f} | - | 1.00x |")
-    print(f"| ours `Transformer.generate` (in-process, 1 thread) | {inproc['ours']:.0f} | 1.00x | {inproc['ours'] / t:.2f}x |")
+    print(f"| ours `openllm_ds.model.generate` (in-process, 1 thread) | {inproc['ours']:.0f} | 1.00x | {inproc['ours'] / t:.2f}x |")
     print(f"| built-in server, torch backend | {served['torch']:.0f} | {served['torch'] / inproc['ours']:.2f}x | "
           f"{served['torch'] / t:.2f}x |")
     print(f"| onnxruntime (in-process, 1 thread) | {inproc['onnx']:.0f} | 1.00x | {inproc['onnx'] / t:.2f}x |")

@@ -10,7 +10,7 @@ of the MatMul weights with activations quantised at run time.
 
 Verification (on by default): every written graph is run with onnxruntime on real text against
 PyTorch's logits, and greedy KV-cache generation with decoder_with_past must reproduce
-``Transformer.generate`` token for token. fp32 graphs must match to ``FP32_TOLERANCE``; int8 graphs
+``openllm_ds.model.generate`` (the torch model) token for token. fp32 graphs must match to ``FP32_TOLERANCE``; int8 graphs
 are approximations and must stay within ``INT8_RELATIVE_TOLERANCE`` of the largest |logit|.
 """
 
