@@ -37,6 +37,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
 PYTORCH_WEIGHTS = "model.pt"  # a PyTorch export's state dict
+HF_INDEX = "model.safetensors.index.json"  # a Hugging Face checkpoint in several safetensors shards
 TRAIN_STATE = "train_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")  # checkpoints/step_00000100
 ANY_STEP_DIR = re.compile(r"^(?:step_|global_step)(\d+)$")  # ours, or a DeepSpeed tag of its default name
@@ -58,7 +59,24 @@ class LoadedModel:
 
 
 def is_hf_export(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / WEIGHTS).is_file()
+    """An HF Llama dir: ours (one model.safetensors) or any Llama checkpoint (possibly in shards)."""
+    return (path / "config.json").is_file() and ((path / WEIGHTS).is_file() or (path / HF_INDEX).is_file())
+
+
+def load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an HF dir: model.safetensors, or every shard its index names."""
+    if (path / WEIGHTS).is_file():
+        return load_state_dict(path / WEIGHTS)
+    index = read_json(path / HF_INDEX, "download the checkpoint again")
+    shards = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+    if not shards:
+        raise UserError(f"{path / HF_INDEX} names no weight files (no \"weight_map\"); download the checkpoint again")
+    sd = {}
+    for shard in shards:
+        if not (path / shard).is_file():
+            raise UserError(f"{path / shard}, a shard {HF_INDEX} names, is missing; download the checkpoint again")
+        sd.update(load_state_dict(path / shard))
+    return sd
 
 
 def is_pytorch_export(path: Path) -> bool:
@@ -191,7 +209,7 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
     if src.kind == "huggingface":
         from openllm_ds.model.hf_map import from_hf_state_dict
 
-        sd = from_hf_state_dict(load_state_dict(path / WEIGHTS), cfg, str(path / WEIGHTS))
+        sd = from_hf_state_dict(load_hf_weights(path), cfg, str(path))
     elif src.kind == "pytorch":
         with refusing_pickled_code(f"refusing to load {path}: its {PYTORCH_WEIGHTS} holds pickled objects other "
                                    "than tensors"):

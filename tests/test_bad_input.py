@@ -297,6 +297,11 @@ CASES = [
          r"that model's config", ("run",),
          files={**TRAIN_FILES, "hf/config.json": HF_TIED.replace('"num_hidden_layers": 1', '"num_hidden_layers": 2'),
                 "hf/model.safetensors": GARBAGE}),
+    Case("train", "init_from a Llama this model cannot reproduce (RoPE scaling)", 2, "train --config t.yaml --init_from hf",
+         r"hf/config\.json describes a model this one cannot reproduce \(rope type='llama3'; this model is a Llama with "
+         r"SiLU, no biases, plain RoPE", ("run",),
+         files={**TRAIN_FILES, "hf/config.json": HF_TIED[:-1] + ', "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}',
+                "hf/model.safetensors": GARBAGE}),
     Case("train", "init_from trained with another tokenizer", 2, "train --config t.yaml --init_from hf",
          r"train\.init_from hf was trained with another tokenizer \(hf\) than train\.tokenizer_dir tok: .*train "
          r"with --tokenizer_dir hf", ("run",),

@@ -143,12 +143,19 @@ def test_ray_train_resumes_on_fewer_workers(prepared_data, tokenizer_dir, token_
     assert_continues(out, reference, (5, 6))
 
 
-@pytest.mark.parametrize("source", ["hf", "run", "run/checkpoints/step_00000150"])
+@pytest.mark.parametrize("source", ["hf", "run", "run/checkpoints/step_00000150", "llama-shards"])
 def test_init_from_trained_weights(trained_export, prepared_data, tokenizer_dir, token_shards, tmp_path, source, capsys):
-    """A new run (step 0, its own optimizer and schedule) from an HF export of ours, a training output or one of its
-    step dirs: with a learning rate of 1e-9, one step leaves the source's weights as they were."""
+    """A new run (step 0, its own optimizer and schedule) from an HF export of ours, a training output, one of its
+    step dirs, or a Llama checkpoint as transformers saves one (in safetensors shards, no tokenizer.model): with a
+    learning rate of 1e-9, one step leaves the source's weights as they were."""
     hf, model = trained_export
     path = hf.parent / source
+    if source == "llama-shards":
+        from transformers import LlamaForCausalLM
+
+        path = tmp_path / "llama"
+        LlamaForCausalLM.from_pretrained(hf).save_pretrained(path, max_shard_size="300KB")
+        assert (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").exists()
     shape = {f"model__{k}": v for k, v in TRAINED_SHAPE.items()}
     cfg = tiny_cfg(prepared_data, tokenizer_dir, tmp_path / "warm", train__init_from=str(path), train__max_steps=1,
                    train__learning_rate=1e-9, train__warmup_steps=0, train__eval_every=1, train__save_every=1,

@@ -107,9 +107,20 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
                         "point --model_dir at an export written by `openllm-ds export --format huggingface`")
     heads = hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or heads
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 | 4
     rope_theta = hf.get("rope_theta")
     if rope_theta is None:  # transformers 5 nests it under rope_parameters
-        rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        rope_theta = rope.get("rope_theta", 10000.0)
+    unlike = [f"{key}={value!r}" for key, value, ours in (
+        ("model_type", hf.get("model_type", "llama"), "llama"),
+        ("hidden_act", hf.get("hidden_act", "silu"), "silu"),
+        ("attention_bias", bool(hf.get("attention_bias", False)), False),
+        ("mlp_bias", bool(hf.get("mlp_bias", False)), False),
+        ("rope type", rope.get("rope_type", rope.get("type", "default")), "default"),
+        ("head_dim", hf.get("head_dim") or hf["hidden_size"] // heads, hf["hidden_size"] // heads)) if value != ours]
+    if unlike:
+        raise UserError(f"{source} describes a model this one cannot reproduce ({', '.join(unlike)}; this model is "
+                        "a Llama with SiLU, no biases, plain RoPE and head_dim = hidden_size / num_attention_heads)")
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
