@@ -110,6 +110,15 @@ def test_resume_on_fewer_and_more_ranks(prepared_data, tokenizer_dir, token_shar
             ROOT / f"ds_configs/zero{stage}_offload.json")}))
         assert_continues(offload, ref2, range(3, STEPS + 1))
 
+    # 2 ranks under this stage -> 1 under the other (ZeRO-2 <-> ZeRO-3): the same universal checkpoint
+    other = 3 if stage == 2 else 2
+    across = tmp_path / "across"
+    cut_back(ref2, across, 2)
+    capsys.readouterr()
+    one_rank(prepared_data, tokenizer_dir, across, other)
+    assert f"written with ZeRO-{stage} on 2 rank(s) and resumes with ZeRO-{other} on 1 rank(s)" in capsys.readouterr().out
+    assert_continues(across, ref2, range(3, STEPS + 1))
+
     # 1 rank -> 2
     up = tmp_path / "up"
     tag = cut_back(ref1, up, 2)

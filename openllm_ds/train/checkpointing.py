@@ -254,6 +254,7 @@ def convert_to_universal(tag_dir: Path, env: DistEnv) -> Path:
             with weights_only_loads(f"refusing to convert {tag_dir}", ConfigError), \
                     contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 ds_to_universal.main(args)
+                readable_by_every_stage(partial, tag_dir / WEIGHTS)
             (tag_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to its output
             os.replace(partial, out)
         except ConfigError as e:  # pickled code in its files
@@ -269,6 +270,44 @@ def convert_to_universal(tag_dir: Path, env: DistEnv) -> Path:
     if error:
         raise ConfigError(error)
     return out
+
+
+def readable_by_every_stage(universal: Path, weights: Path) -> None:
+    """Give a universal checkpoint the files of both of DeepSpeed's loaders, so that one written under ZeRO-1/2
+    resumes under ZeRO-3 and back. ds_to_universal writes each layout in its own dialect: the model states file
+    is ``mp_rank_00_model_states.pt`` (ZeRO-1/2) or ``zero_pp_rank_0_mp_rank_00_model_states.pt`` (ZeRO-3); a
+    parameter's ``fp32``/``exp_avg``/``exp_avg_sq`` are ``{"param": tensor}`` in its own shape with a ``step.pt``
+    beside them (1/2) or flat tensors (3); ``zero/optimizer_state.pt`` holds the step in its
+    ``optimizer_state_dict`` (3) or the DeepSpeed version and clipping (1/2)."""
+    import deepspeed
+    from safetensors import safe_open
+
+    stage12, stage3 = universal / "mp_rank_00_model_states.pt", universal / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if not stage12.is_file():
+        shutil.copy2(stage3, stage12)
+    elif not stage3.is_file():
+        shutil.copy2(stage12, stage3)
+    zero = universal / "zero"
+    optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=True)
+    steps = [torch.load(d / "step.pt", weights_only=True) for d in zero.iterdir() if (d / "step.pt").is_file()]
+    step = steps[0] if steps else optim["optimizer_state_dict"]["state"][0]["step"]
+    optim.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]})
+    optim.setdefault("ds_version", deepspeed.__version__)
+    model_states = torch.load(stage12, map_location="cpu", weights_only=True)
+    optim.setdefault("clip_grad", float(model_states.get("ds_config", {}).get("gradient_clipping", 0.0)))
+    torch.save(optim, zero / "optimizer_state.pt")
+    with safe_open(str(weights), "pt") as f:
+        shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    for d in zero.iterdir():
+        if not d.is_dir() or d.name not in shapes:
+            continue
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            if (d / f"{key}.pt").is_file():
+                t = torch.load(d / f"{key}.pt", map_location="cpu", weights_only=True)
+                if torch.is_tensor(t):
+                    torch.save({"param": t.view(shapes[d.name]), "cat_dim": 0}, d / f"{key}.pt")
+        if not (d / "step.pt").is_file() and (d / "exp_avg.pt").is_file():
+            torch.save(step.clone() if torch.is_tensor(step) else step, d / "step.pt")
 
 
 def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False) -> TrainState:

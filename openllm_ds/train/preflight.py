@@ -99,12 +99,6 @@ def plan_layout_change(cfg: RunConfig, tag_dir: Path, saved: dict, world_size: i
                           f"optimizer state {'into' if layout.zero_stage == 0 else 'out of'} ZeRO partitions "
                           f"({here} asked): {fix} to resume it, or start a new run from its weights with "
                           f"--resume none --init_from {tag_dir}")
-    if (layout.zero_stage == 3) != (stage == 3):
-        raise ConfigError(f"checkpoint {tag_dir} was written with {layout.describe()}; DeepSpeed's universal checkpoint "
-                          f"does not carry a ZeRO-{layout.zero_stage} optimizer state into ZeRO-{stage} ({here} "
-                          f"asked): resume it under ZeRO-{layout.zero_stage} (--ds_config ds_configs/zero"
-                          f"{layout.zero_stage}.json, on any number of ranks), or start a new run from its weights "
-                          f"with --resume none --init_from {tag_dir}")
     t = cfg.train
     notes = []
     global_batch = saved.get("global_batch") or (layout.world_size and saved_global_batch(tag_dir, layout.world_size))
