@@ -2,8 +2,9 @@
 
 The elastic runs all train 6 steps with a checkpoint every 2 and a global batch of 16 windows: 2 ranks x micro 8,
 or 1 rank x micro 8 x 2 accumulation steps (the data order depends on the global batch only). A run cut back to its
-step-2 checkpoint and resumed on the other number of ranks must log the losses of the uninterrupted run within
-1e-4 (only the order of float additions differs), on the same learning-rate schedule.
+step-2 checkpoint and resumed on the other number of ranks, or under another ZeRO stage (0-3), must log the
+losses of the uninterrupted run within 1e-4 (only the order of float additions differs), on the same
+learning-rate schedule.
 """
 
 import json
@@ -110,14 +111,24 @@ def test_resume_on_fewer_and_more_ranks(prepared_data, tokenizer_dir, token_shar
             ROOT / f"ds_configs/zero{stage}_offload.json")}))
         assert_continues(offload, ref2, range(3, STEPS + 1))
 
-    # 2 ranks under this stage -> 1 under the other (ZeRO-2 <-> ZeRO-3): the same universal checkpoint
-    other = 3 if stage == 2 else 2
-    across = tmp_path / "across"
-    cut_back(ref2, across, 2)
-    capsys.readouterr()
-    one_rank(prepared_data, tokenizer_dir, across, other)
-    assert f"written with ZeRO-{stage} on 2 rank(s) and resumes with ZeRO-{other} on 1 rank(s)" in capsys.readouterr().out
-    assert_continues(across, ref2, range(3, STEPS + 1))
+    # 2 ranks under this stage -> 1 under the other (ZeRO-2 <-> ZeRO-3): the same universal checkpoint; and -> 1
+    # without ZeRO (a stage-0 checkpoint made from it)
+    for other in (3 if stage == 2 else 2, 0):
+        across = tmp_path / f"across{other}"
+        tag = cut_back(ref2, across, 2)
+        capsys.readouterr()
+        one_rank(prepared_data, tokenizer_dir, across, other)
+        said = capsys.readouterr().out
+        assert f"written with ZeRO-{stage} on 2 rank(s) and resumes with ZeRO-{other} on 1 rank(s)" in said
+        assert (tag / "zero0").is_dir() == (other == 0)
+        assert_continues(across, ref2, range(3, STEPS + 1))
+
+    # 2 ranks without ZeRO -> 1 under this stage: the plain AdamW state laid out as a universal checkpoint
+    ref0, from0 = tmp_path / "ref0", tmp_path / "from0"
+    two_ranks(prepared_data, tokenizer_dir, ref0, 0)
+    cut_back(ref0, from0, 2)
+    one_rank(prepared_data, tokenizer_dir, from0, stage)
+    assert_continues(from0, ref0, range(3, STEPS + 1))
 
     # 1 rank -> 2
     up = tmp_path / "up"

@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, STEP_DIR, TRAIN_STATE, WEIGHTS, list_checkpoints, step_tag,
-                                   weights_only_loads)
+from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, STEP_DIR, TRAIN_STATE, WEIGHTS, list_checkpoints,
+                                   load_state_dict, step_tag, weights_only_loads)
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import CheckpointWriteError, ConfigError
 from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 from openllm_ds.utils import _umask, atomic_write_json, atomic_write_text, read_yaml
 
 UNIVERSAL = "universal"  # a step converted to DeepSpeed's universal checkpoint format, inside the step dir
+ZERO0 = "zero0"  # a ZeRO step converted for a run without ZeRO, inside the step dir
 
 
 @dataclass
@@ -235,9 +236,10 @@ def needs_universal(saved: Layout, world_size: int, zero_stage: int) -> bool:
     return (saved.world_size, saved.zero_stage) != (world_size, zero_stage)
 
 
-def convert_to_universal(tag_dir: Path, env: DistEnv) -> Path:
+def convert_to_universal(tag_dir: Path, env: DistEnv, model_cfg) -> Path:
     """``<step>/universal``: the step in DeepSpeed's universal checkpoint format (its ds_to_universal, by rank 0,
-    once: a complete conversion is renamed into place; a later resume reuses it). All ranks call this."""
+    once: a complete conversion is renamed into place; a later resume reuses it). All ranks call this. A step
+    written without ZeRO (stage 0, fp32: a plain AdamW state) is laid out in the same format here."""
     out = tag_dir / UNIVERSAL
     error = None
     if env.is_rank_zero and not out.is_dir():
@@ -253,7 +255,10 @@ def convert_to_universal(tag_dir: Path, env: DistEnv) -> Path:
         try:
             with weights_only_loads(f"refusing to convert {tag_dir}", ConfigError), \
                     contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                ds_to_universal.main(args)
+                if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+                    ds_to_universal.main(args)
+                else:
+                    universal_from_stage0(tag_dir, partial, model_cfg)
                 readable_by_every_stage(partial, tag_dir / WEIGHTS)
             (tag_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to its output
             os.replace(partial, out)
@@ -266,6 +271,91 @@ def convert_to_universal(tag_dir: Path, env: DistEnv) -> Path:
                      f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}); resume it with its own "
                      "number of ranks and ZeRO stage, or start a new run from its weights with --init_from "
                      f"{tag_dir}")
+    error = broadcast_object(error, env)
+    if error:
+        raise ConfigError(error)
+    return out
+
+
+def optimizer_order(model_cfg) -> tuple[list[str], list[int]]:
+    """The parameter names in the optimizer's order (train/optim.param_groups on the model), and the size of each
+    group: how a plain AdamW state dict numbers them."""
+    from openllm_ds.model import Transformer
+    from openllm_ds.train.optim import param_groups
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.0)
+    return [names[id(p)] for g in groups for p in g["params"]], [len(g["params"]) for g in groups]
+
+
+def universal_from_stage0(tag_dir: Path, out: Path, model_cfg) -> None:
+    """A stage-0 step (the module and a plain AdamW state in mp_rank_00_model_states.pt) as a universal checkpoint:
+    per parameter its fp32 weight, exp_avg, exp_avg_sq and step; the groups' settings in zero/optimizer_state.pt."""
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    optimizer = states.get("optimizer")
+    if not (isinstance(optimizer, dict) and "state" in optimizer and "param_groups" in optimizer):
+        raise ConfigError(f"{tag_dir} keeps no plain AdamW state (a run without ZeRO in fp16 or bf16 keeps "
+                          "DeepSpeed's own): resume it without ZeRO (--ds_config ds_configs/zero0.json)")
+    order, _ = optimizer_order(model_cfg)
+    step = None
+    for i, name in enumerate(order):
+        d = out / "zero" / name
+        d.mkdir(parents=True)
+        torch.save({"param": states["module"][name].float(), "cat_dim": 0}, d / "fp32.pt")
+        state = optimizer["state"].get(i)
+        if state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.save({"param": state[key].float(), "cat_dim": 0}, d / f"{key}.pt")
+            torch.save(state["step"], d / "step.pt")
+            step = state["step"]
+    groups = optimizer["param_groups"]
+    torch.save({"param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+               out / "zero" / "optimizer_state.pt")
+    shutil.copy2(tag_dir / "mp_rank_00_model_states.pt", out / "mp_rank_00_model_states.pt")
+
+
+def stage0_from_universal(tag_dir: Path, universal: Path, out: Path, model_cfg) -> None:
+    """The step as a stage-0 checkpoint (``out/mp_rank_00_model_states.pt``): the consolidated fp32 weights as the
+    module, and a plain AdamW state dict built from the universal checkpoint's per-parameter states."""
+    states = torch.load(universal / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    module = load_state_dict(tag_dir / WEIGHTS)
+    if model_cfg.tie_embeddings:
+        module["lm_head.weight"] = module["embed_tokens.weight"]
+    order, sizes = optimizer_order(model_cfg)
+    state = {}
+    for i, name in enumerate(order):
+        d = universal / "zero" / name
+        if (d / "exp_avg.pt").is_file():
+            state[i] = {"step": torch.load(d / "step.pt", weights_only=True),
+                        **{key: torch.load(d / f"{key}.pt", weights_only=True)["param"].float()
+                           for key in ("exp_avg", "exp_avg_sq")}}
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=True)["param_groups"]
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    groups = [{**own, "params": list(range(start, start + n))} for own, start, n in zip(saved, starts, sizes)]
+    out.mkdir()
+    torch.save({**states, "module": module, "optimizer": {"state": state, "param_groups": groups}},
+               out / "mp_rank_00_model_states.pt")
+
+
+def convert_to_stage0(tag_dir: Path, env: DistEnv, model_cfg) -> Path:
+    """``<step>/zero0``: a ZeRO step for a run without ZeRO (through its universal conversion), once. All ranks
+    call this."""
+    universal = convert_to_universal(tag_dir, env, model_cfg)
+    out, error = tag_dir / ZERO0, None
+    if env.is_rank_zero and not out.is_dir():
+        partial = tag_dir / f".{ZERO0}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            with weights_only_loads(f"refusing to convert {tag_dir}", ConfigError):
+                stage0_from_universal(tag_dir, universal, partial, model_cfg)
+            os.replace(partial, out)
+        except Exception as e:  # noqa: BLE001 - damaged files: torch, safetensors and OS errors
+            shutil.rmtree(partial, ignore_errors=True)
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            error = (f"could not convert {tag_dir} for a run without ZeRO ({why}); resume it under ZeRO, or start a "
+                     f"new run from its weights with --init_from {tag_dir}")
     error = broadcast_object(error, env)
     if error:
         raise ConfigError(error)
@@ -310,12 +400,18 @@ def readable_by_every_stage(universal: Path, weights: Path) -> None:
             torch.save(step.clone() if torch.is_tensor(step) else step, d / "step.pt")
 
 
-def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False) -> TrainState:
-    """Restore engine state (model, optimizer, scheduler, scaler), RNG and the train state; ``universal``: from the
-    step's universal conversion (the engine was built with ``checkpoint.load_universal``)."""
+def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False, model_cfg=None) -> TrainState:
+    """Restore engine state (model, optimizer, scheduler, scaler), RNG and the train state; ``universal``: the step
+    was written in another layout and loads through its conversion (``model_cfg``, the model's config, names the
+    parameters): DeepSpeed's universal checkpoint for a ZeRO engine (built with ``checkpoint.load_universal``), a
+    stage-0 checkpoint made from it for an engine without ZeRO."""
     error, path, client_state = None, None, None
     try:
-        load_dir, tag = (convert_to_universal(tag_dir, env), UNIVERSAL) if universal else (tag_dir, None)
+        load_dir, tag = tag_dir, None
+        if universal and engine.zero_optimization_stage() == 0:
+            load_dir, tag, universal = convert_to_stage0(tag_dir, env, model_cfg), ZERO0, False
+        elif universal:
+            load_dir, tag = convert_to_universal(tag_dir, env, model_cfg), UNIVERSAL
         engine._config.load_universal_checkpoint = universal  # the engine reads its checkpoint.load_universal here
         with weights_only_loads(f"refusing to resume from {tag_dir}", ConfigError):  # no code runs from the files
             path, client_state = engine.load_checkpoint(str(load_dir.parent), tag=tag or tag_dir.name,

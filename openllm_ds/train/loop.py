@@ -63,7 +63,7 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
                        data_sha256=data_sha256, tokenizer_sha256=inputs.tokenizer.sha256)
     if inputs.resume_from is not None:
         t0 = time.perf_counter()
-        state = check_resumed_data(load_checkpoint(engine, inputs.resume_from, env, inputs.universal), sources,
+        state = check_resumed_data(load_checkpoint(engine, inputs.resume_from, env, inputs.universal, cfg.model), sources,
                                    data_sha256, cfg, inputs.resume_from, log)
         if inputs.resume_note:
             log.info(f"{inputs.resume_note}; loaded in {time.perf_counter() - t0:.1f} s")
@@ -223,7 +223,7 @@ def roll_back(engine, state: TrainState, last_ckpt: Path | None, guard: SpikeGua
         raise TrainingError(f"{what}; {why}, so the run stops; the last good checkpoint is "
                             f"{last_ckpt or 'none (no checkpoint yet)'}; lower train.learning_rate, raise "
                             "train.warmup_steps, or check the data")
-    restored = load_checkpoint(engine, last_ckpt, env, universal)
+    restored = load_checkpoint(engine, last_ckpt, env, universal, cfg.model)
     skipped = state.step - restored.step
     restored.data = state.data  # skip every batch since the checkpoint
     restored.rollbacks = state.rollbacks + 1

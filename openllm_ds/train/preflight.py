@@ -14,8 +14,8 @@ from pathlib import Path
 from openllm_ds.checkpoint import read_train_state
 from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
-from openllm_ds.train.checkpointing import (UNIVERSAL, check_fresh_output_dir, find_resume_checkpoint, needs_universal,
-                                            saved_layout)
+from openllm_ds.train.checkpointing import (UNIVERSAL, ZERO0, check_fresh_output_dir, find_resume_checkpoint,
+                                            needs_universal, saved_layout)
 from openllm_ds.train.data import num_windows, windows_needed
 from openllm_ds.train.distributed import DistEnv, broadcast_object
 from openllm_ds.train.ds_config import build_ds_config, resolve_precision, zero_stage
@@ -75,30 +75,29 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> tuple[RunConfig, RunInputs
                               f"checkpoint it resumes ({resume_from}); pass --max_steps above {resume_step} to train "
                               "on, or --resume none with a new --output_dir to start over")
         check_resumed_tokenizer(resume_from, saved.get("tokenizer_sha256"), tokenizer, t.tokenizer_dir)
-        new_cfg, universal, note = plan_layout_change(cfg, resume_from, saved, env.world_size, zero_stage(ds_config))
+        new_cfg, universal, note = plan_layout_change(cfg, resume_from, saved, env.world_size, zero_stage(ds_config),
+                                                      resolve_precision(t.precision, env.device))
         if new_cfg is not cfg:
             cfg = new_cfg
             ds_config = build_ds_config(cfg, env.world_size, env.device)
-        if universal:
+        if universal and zero_stage(ds_config) != 0:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return cfg, RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from, eval_tasks,
                           resume_step, t.max_steps, universal, note)
 
 
-def plan_layout_change(cfg: RunConfig, tag_dir: Path, saved: dict, world_size: int, stage: int
+def plan_layout_change(cfg: RunConfig, tag_dir: Path, saved: dict, world_size: int, stage: int, precision: str
                        ) -> tuple[RunConfig, bool, str | None]:
     """A checkpoint written on another number of ranks or under another ZeRO stage: (the run config with the
     gradient accumulation that keeps the checkpoint's global batch, whether the step must be loaded through
     DeepSpeed's universal checkpoint, the line that says so). The data order depends on the global batch only."""
     layout = saved_layout(tag_dir, saved)
     here = f"ZeRO-{stage} on {world_size} rank(s)"
-    if (layout.zero_stage == 0) != (stage == 0):
-        fix = ("pass --ds_config ds_configs/zero0.json" if layout.zero_stage == 0
-               else f"pass a ZeRO config (--ds_config ds_configs/zero{layout.zero_stage}.json)")
-        raise ConfigError(f"checkpoint {tag_dir} was written with {layout.describe()}; DeepSpeed cannot carry its "
-                          f"optimizer state {'into' if layout.zero_stage == 0 else 'out of'} ZeRO partitions "
-                          f"({here} asked): {fix} to resume it, or start a new run from its weights with "
-                          f"--resume none --init_from {tag_dir}")
+    if stage == 0 and layout.zero_stage != 0 and precision != "fp32":
+        raise ConfigError(f"checkpoint {tag_dir} was written with {layout.describe()}; a run without ZeRO in "
+                          f"{precision} keeps DeepSpeed's own optimizer state, which a ZeRO state cannot become: "
+                          f"resume it under ZeRO (--ds_config ds_configs/zero{layout.zero_stage}.json, any number of "
+                          f"ranks), or start a new run from its weights with --resume none --init_from {tag_dir}")
     t = cfg.train
     notes = []
     global_batch = saved.get("global_batch") or (layout.world_size and saved_global_batch(tag_dir, layout.world_size))
@@ -118,8 +117,9 @@ def plan_layout_change(cfg: RunConfig, tag_dir: Path, saved: dict, world_size: i
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_accumulation_steps=accum))
     universal = needs_universal(layout, world_size, stage)
     if universal:
-        notes.insert(0, f"{tag_dir.name} was written with {layout.describe()} and resumes with {here} through "
-                        f"DeepSpeed's universal checkpoint ({tag_dir / UNIVERSAL}, converted once)")
+        via = (f"a stage-0 checkpoint made from DeepSpeed's universal checkpoint ({tag_dir / ZERO0}, converted once)"
+               if stage == 0 else f"DeepSpeed's universal checkpoint ({tag_dir / UNIVERSAL}, converted once)")
+        notes.insert(0, f"{tag_dir.name} was written with {layout.describe()} and resumes with {here} through {via}")
     elif notes:
         notes.insert(0, f"{tag_dir.name} was written on {layout.world_size} rank(s) and resumes on {world_size}"
                      if layout.world_size not in (None, world_size) else f"resuming {tag_dir.name}")
