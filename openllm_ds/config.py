@@ -223,9 +223,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model_dir: str | None = None
-    eval_data: str | None = None
-    metrics: tuple[str, ...] = ("perplexity", "loss")
+    """The pipeline's evaluation stage (``openllm-ds evaluate`` takes flags)."""
+
     stride: int | None = None  # sliding-window stride; None = max_seq_len // 2
     batch_size: int = 8
     tasks: tuple[str, ...] = ()
@@ -504,6 +503,13 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+RETIRED_KEYS = {"eval": ("model_dir", "eval_data", "metrics")}  # in run configs saved before they were removed
+
+
 def run_config_from_dict(raw: dict, source: str = "a saved run config") -> RunConfig:
     """Rebuild a RunConfig saved by ``RunConfig.save`` (checkpoints, exports)."""
-    return load_run_config(base=raw) if raw else RunConfig()
+    if not raw:
+        return RunConfig()
+    raw = {sec: ({k: v for k, v in sub.items() if k not in RETIRED_KEYS.get(sec, ())} if isinstance(sub, dict) else sub)
+           for sec, sub in raw.items()}
+    return load_run_config(base=raw)
