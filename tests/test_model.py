@@ -93,8 +93,8 @@ def _step_logits(m, seq, prompt_len):
     """Logits at positions prompt_len - 1 onwards, as generate computes them: a prefill, then one token a step."""
     cache = m.new_kv_cache(seq.size(0), seq.device)
     with torch.inference_mode():
-        out = [m(seq[:, :prompt_len], kv_cache=cache, last_only=True)[0]]
-        out += [m(seq[:, i : i + 1], kv_cache=cache, last_only=True)[0] for i in range(prompt_len, seq.size(1))]
+        out = [m.decode_step(seq[:, :prompt_len], cache)]
+        out += [m.decode_step(seq[:, i : i + 1], cache) for i in range(prompt_len, seq.size(1))]
     return torch.cat(out, dim=1)
 
 

@@ -61,7 +61,7 @@ class DecoderWithPastGraph(nn.Module):
     def forward(self, input_ids, *past):
         cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         # With a cache the model takes its explicit causal-mask path, which is also right for P = 0.
-        logits, _, present = self.model(input_ids, kv_cache=cache, start_pos=past[0].shape[2])
+        logits, present = self.model.forward_with_past(input_ids, cache)
         return (logits, *[t for kv in present for t in kv])
 
 
@@ -199,10 +199,10 @@ def verify_onnx(out: Path, src: ExportSource, variant: str = "fp32") -> dict:
         batch = torch.tensor([encoded[0][:n], encoded[1][:n]])
         compare(lm.logits(batch.numpy()), model(batch)[0])
         split = max(1, n // 2)
-        ref_logits, _, ref_cache = model(batch[:, :split], kv_cache=[], start_pos=0)
+        ref_logits, ref_cache = model.forward_with_past(batch[:, :split], [])
         got_logits, present = lm.decode(batch[:, :split].numpy(), lm.empty_past(2))
         compare(got_logits, ref_logits)
-        ref_logits, _, _ = model(batch[:, split:], kv_cache=ref_cache, start_pos=split)
+        ref_logits, _ = model.forward_with_past(batch[:, split:], ref_cache)
         got_logits, present = lm.decode(batch[:, split:].numpy(), present)
         compare(got_logits, ref_logits)
         prompt = batch[:, : max(1, min(n, model.cfg.max_seq_len - VERIFY_GENERATE_STEPS))]

@@ -7,7 +7,7 @@ The export holds two graphs (see onnx.py):
   (batch, kv_heads, past_sequence, head_dim) -> ``logits`` and ``present.{i}.key|value``
   (batch, kv_heads, past_sequence + sequence, head_dim). A past of length 0 is the prefill step.
 
-``OnnxCausalLM`` is called like our ``Transformer`` (``lm(idx, kv_cache=..., start_pos=...)``), so
+``OnnxCausalLM`` is called like our ``Transformer`` (``lm(idx)``, ``lm.decode_step(idx, cache)``), so
 generation runs ``openllm_ds.model.generate``, the torch backend's own loop and sampling code, on onnxruntime's logits.
 """
 
@@ -53,6 +53,13 @@ def session_options(num_threads: int | None = None, spinning: bool = False):
     # Busy-waiting worker threads steal the CPU from concurrent requests and from PyTorch.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return so
+
+
+class PastCache:
+    """decoder_with_past's key/value inputs, flat per layer, replaced by its outputs at each step."""
+
+    def __init__(self, past: list[np.ndarray]):
+        self.past = past
 
 
 class OnnxCausalLM:
@@ -109,24 +116,19 @@ class OnnxCausalLM:
         out = self._session("decoder").run(["logits", *self._present_names], feeds)
         return out[0], out[1:]
 
-    # --- the Transformer calling convention, for openllm_ds.model.generate -----------------------------
-    def __call__(self, idx: torch.Tensor, targets=None, kv_cache: list | None = None, start_pos: int = 0,
-                 last_only: bool = False):
+    # --- the Transformer's calling convention: forward, and the decode step of openllm_ds.model.generate ----
+    def __call__(self, idx: torch.Tensor, targets=None):
         if targets is not None:
             raise ValueError("OnnxCausalLM computes no loss")
-        if kv_cache is None:
-            logits = torch.from_numpy(self.logits(idx.numpy()))
-            return (logits[:, -1:] if last_only else logits), None
-        past = [t for kv in kv_cache for t in kv] if kv_cache else self.empty_past(idx.size(0))
-        if past[0].shape[2] != start_pos:
-            raise ValueError(f"past length {past[0].shape[2]} != start_pos {start_pos}")
-        logits, present = self.decode(idx.numpy(), past)
-        cache = [(present[2 * i], present[2 * i + 1]) for i in range(self.cfg.n_layers)]
-        logits = torch.from_numpy(logits)
-        return (logits[:, -1:] if last_only else logits), None, cache
+        return torch.from_numpy(self.logits(idx.numpy())), None
 
-    def new_kv_cache(self, batch: int, device) -> list:
-        return []  # the list form: decoder_with_past takes the past and returns the present
+    def new_kv_cache(self, batch: int, device) -> PastCache:
+        return PastCache(self.empty_past(batch))
+
+    def decode_step(self, idx: torch.Tensor, cache: PastCache) -> torch.Tensor:
+        """The logits (B, 1, V) of the position after ``idx``; decoder_with_past's present becomes the past."""
+        logits, cache.past = self.decode(idx.numpy(), cache.past)
+        return torch.from_numpy(logits[:, -1:])
 
     def eval(self):
         return self

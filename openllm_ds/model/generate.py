@@ -1,5 +1,5 @@
 """Decoding, one loop for every backend: ``generate(model, ids, ...)`` with a ``Transformer`` or an ``OnnxCausalLM``
-(anything with ``cfg``, ``new_kv_cache(batch, device)`` and the forward's ``kv_cache``/``start_pos``/``last_only``)."""
+(anything with ``cfg``, ``new_kv_cache(batch, device)`` and ``decode_step(ids, cache)`` -> the next position's logits)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,8 @@ def generate(
         for _ in range(max_new_tokens):
             if pos + step_in.size(1) > model.cfg.max_seq_len:
                 break
-            logits, _, cache = model(step_in, kv_cache=cache, start_pos=pos, last_only=True)
+            logits = model.decode_step(step_in, cache)[:, -1]
             pos += step_in.size(1)
-            logits = logits[:, -1]
             if logits.dtype != torch.float32:
                 logits = logits.float()
             if repetition_penalty != 1.0:

@@ -160,51 +160,53 @@ class Transformer(nn.Module):
         """Unique parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | PastKV | None = None, start_pos: int = 0,
-                last_only: bool = False):
-        """idx: (B, T) token ids. Returns (logits (B, T, V), None[, kv cache]), or with ``targets``
-        (B, T) (None, the mean next-token cross-entropy, -100 ignored): the loss comes from the hidden
-        states without keeping the (B, T, V) logits. ``last_only``: logits (B, 1, V) of the last position.
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids -> (logits (B, T, V), None); with ``targets`` (B, T) -> (None, the mean
+        next-token cross-entropy, -100 ignored), from the hidden states without keeping the (B, T, V) logits."""
+        logits, loss, _ = self._run(idx, targets=targets)
+        return logits, loss
 
-        With ``kv_cache`` the cache is returned third: a ``KVCache`` is updated in place (``start_pos``
-        is its fill); a list (possibly empty) of per-layer past (k, v) gives the list of the present ones.
-        """
+    def decode_step(self, idx, cache: KVCache):
+        """Generation: the logits (B, 1, V) of the position after ``idx`` (B, T), which follows the ``cache.pos``
+        positions already in ``cache``; ``idx``'s keys and values are added to it."""
+        return self._run(idx, cache=cache)[0]
+
+    def forward_with_past(self, idx, past: PastKV) -> tuple[torch.Tensor, PastKV]:
+        """The ONNX graphs' form: logits (B, T, V) of ``idx`` after the per-layer past (k, v) (an empty list: none),
+        and the present (k, v) of the past and ``idx`` together."""
+        logits, _, present = self._run(idx, past=past)
+        return logits, present
+
+    def _run(self, idx, targets=None, cache: KVCache | None = None, past: PastKV | None = None):
         B, T = idx.shape
-        if isinstance(kv_cache, KVCache):
-            start_pos = kv_cache.pos
-        if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        start = cache.pos if cache is not None else past[0][0].size(2) if past else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         dtype = self.embed_tokens.weight.dtype
-        cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         if cos.dtype != dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.embed_tokens(idx)  # (B, T, C)
         if self.training and self.cfg.dropout:
             x = F.dropout(x, self.cfg.dropout)
-        new_cache: PastKV = []
+        present: PastKV = []
         for i, layer in enumerate(self.layers):
-            if isinstance(kv_cache, KVCache):
-                x = layer(x, cos, sin, kv_cache)[0]
-            elif kv_cache is not None:
-                x, kv = layer(x, cos, sin, kv_cache[i] if i < len(kv_cache) else None)
-                new_cache.append(kv)
+            if cache is not None:
+                x = layer(x, cos, sin, cache)[0]
+            elif past is not None:
+                x, kv = layer(x, cos, sin, past[i] if i < len(past) else None)
+                present.append(kv)
             elif self.gradient_checkpointing and self.training:
                 fn = lambda h, blk=layer: blk(h, cos, sin)[0]  # noqa: E731
                 x = self.checkpoint_fn(fn, x) if self.checkpoint_fn else checkpoint(fn, x, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)[0]
+        if cache is not None:
+            cache.pos += T
+            x = x[:, -1:]  # a decoding step needs the last position only
         if targets is not None:
-            logits, loss = None, self.lm_head(self.norm(x), targets)
-        elif last_only:
-            logits, loss = self.lm_head(self.norm(x[:, -1:])), None
-        else:
-            logits, loss = self.lm_head(self.norm(x)), None
-        if isinstance(kv_cache, KVCache):
-            kv_cache.pos += T
-            return logits, loss, kv_cache
-        if kv_cache is not None:
-            return logits, loss, new_cache
-        return logits, loss
+            return None, self.lm_head(self.norm(x), targets), present
+        return self.lm_head(self.norm(x)), None, present
 
     def new_kv_cache(self, batch: int, device) -> KVCache:
         return KVCache(self.cfg, batch, device, self.embed_tokens.weight.dtype)
