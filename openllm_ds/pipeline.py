@@ -80,9 +80,11 @@ def uses_prepare(cfg: RunConfig) -> bool:
     return not cfg.train.data_files and Path(cfg.train.data_file) == Path(cfg.data.output_dir) / "training_data.txt"
 
 
-# settings a finished run can change and still go on (more steps, other cadences, another launcher)
+# settings a finished run can change and still go on (more steps, other cadences, another launcher; another number
+# of ranks, ZeRO stage or micro batch: the trainer keeps the checkpoint's global batch, or says which flag does)
 CONTINUABLE = {"max_steps", "eval_every", "save_every", "log_every", "keep_last", "eval_batches", "resume",
-               "num_workers", "max_failures", "eval_tasks", "allow_data_change", "output_dir"}
+               "num_workers", "max_failures", "eval_tasks", "allow_data_change", "output_dir", "ds_config",
+               "micro_batch_size", "gradient_accumulation_steps", "init_from"}
 RUN_OUTPUTS = ("checkpoints", "tensorboard", "tokenizer", "eval", "run_config.yaml", "train_log.jsonl")
 
 

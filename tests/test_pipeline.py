@@ -154,3 +154,26 @@ def test_force_replaces_only_the_run_the_pipeline_trained(tmp_path, monkeypatch)
     train_stage(cfg, {"result": {"final_step": 10}}, tmp_path / "tok", True, lambda c: launched.append(c) or {})
     assert launched == [cfg]
     assert sorted(p.name for p in run.iterdir()) == ["notes.md"]
+
+
+def test_a_rerun_on_other_ranks_or_another_zero_stage_goes_on(tmp_path):
+    """Another number of workers, ZeRO config or micro batch continues the run (the trainer converts the checkpoint
+    and keeps its global batch, or names the flag that does); another learning rate does not."""
+    from openllm_ds.pipeline import train_stage
+
+    run = tmp_path / "run"
+    cfg = load_run_config(ROOT / "configs/tiny.yaml", {"train.output_dir": str(run)})
+    for f in ("checkpoints/step_00000010/model.safetensors", "checkpoints/step_00000010/train_state.json"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_text("x")
+    cfg.save(run / "run_config.yaml")
+    launched = []
+    other = load_run_config(ROOT / "configs/tiny.yaml", {
+        "train.output_dir": str(run), "train.num_workers": "2", "train.micro_batch_size": "8",
+        "train.gradient_accumulation_steps": "1", "train.ds_config": str(ROOT / "ds_configs/zero3.json")})
+    train_stage(other, {"result": {"final_step": 10}}, tmp_path / "tok", False, launched.append)
+    assert launched == [other]
+    with pytest.raises(UserError, match=r"trained with other settings \(train\.learning_rate: 0\.003 -> 0\.01\)"):
+        train_stage(load_run_config(ROOT / "configs/tiny.yaml", {"train.output_dir": str(run),
+                                                                 "train.learning_rate": "0.01"}),
+                    {"result": {"final_step": 10}}, tmp_path / "tok", False, launched.append)
