@@ -63,12 +63,7 @@ class LanguageModel:
         return evaluate_text(self.model, self.tokenizer, docs, stride=stride, progress=False)["perplexity"]
 
     def close(self) -> None:
-        import shutil
-
         self.engine.close()
-        for d in self.engine.cleanup:
-            shutil.rmtree(d, ignore_errors=True)
-        self.engine.cleanup = []
 
     def __enter__(self):
         return self

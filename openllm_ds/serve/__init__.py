@@ -8,7 +8,6 @@ tests, benchmarks and notebooks; ``VLLMServer`` and ``start_replicas`` do the sa
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 from dataclasses import dataclass
@@ -108,8 +107,6 @@ class RunningServer:
         self.sock.close()
         if self.owns_engine:
             self.engine.close()
-            for d in self.engine.cleanup:
-                shutil.rmtree(d, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -186,5 +183,3 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_length: int
         print("stopped", flush=True)
     finally:
         loaded.close()
-        for d in loaded.cleanup:
-            shutil.rmtree(d, ignore_errors=True)

@@ -220,9 +220,12 @@ class CompletionEngine:
         self.submit(self.complete, [self.tokenizer.prompt_prefix_id], SamplingParams(max_tokens=2, temperature=0)).result()
 
     def close(self) -> None:
+        """Stop the workers, give the process its thread count back, remove the engine's temporary dirs."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.backend == "torch":
             torch.set_num_threads(self._threads_before)
+        for d in self.cleanup:
+            shutil.rmtree(d, ignore_errors=True)
 
     def _record_path(self, first_token: torch.Tensor) -> None:
         if self.backend == "torch":
