@@ -63,7 +63,7 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> tuple[RunConfig, RunInputs
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is None and t.init_from:  # a resumed run goes on from its own checkpoint instead
         check_init_from(cfg, tokenizer)
-    check_output_dir(cfg, tokenizer.model_file)
+    check_output_dir(cfg, tokenizer)
     resume_step, universal, note = None, False, None
     if resume_from is None:
         check_fresh_output_dir(cfg)
@@ -146,8 +146,7 @@ def check_init_from(cfg: RunConfig, tokenizer) -> None:
     if diff:
         raise ConfigError(f"train.init_from {path} holds a model of another shape ({'; '.join(diff)}); give this run "
                           "that model's config (--config or model.KEY=VALUE), or start from weights of this shape")
-    theirs = src.tokenizer_dir / tokenizer.model_file.name
-    if theirs.is_file() and theirs.read_bytes() != tokenizer.model_file.read_bytes():
+    if holds_other_tokenizer(src.tokenizer_dir, tokenizer):
         raise ConfigError(f"train.init_from {path} was trained with another tokenizer ({src.tokenizer_dir}) than "
                           f"train.tokenizer_dir {cfg.train.tokenizer_dir}: its token ids mean other text; train with "
                           f"--tokenizer_dir {src.tokenizer_dir}")
@@ -168,9 +167,7 @@ def check_resumed_tokenizer(tag_dir: Path, recorded: str | None, tokenizer, toke
     """A checkpoint goes on only with the tokenizer it was trained with (the copy in its run dir, and the
     sha256 its train state records)."""
     run_dir = tag_dir.parent.parent
-    copied = run_dir / "tokenizer" / tokenizer.model_file.name
-    if copied.is_file() and copied.read_bytes() != tokenizer.model_file.read_bytes() or \
-            recorded not in (None, tokenizer.sha256):
+    if holds_other_tokenizer(run_dir / "tokenizer", tokenizer) or recorded not in (None, tokenizer.sha256):
         raise ConfigError(f"checkpoint {tag_dir} was trained with another tokenizer ({run_dir / 'tokenizer'}) than "
                           f"train.tokenizer_dir {tokenizer_dir}; resume with --tokenizer_dir {run_dir / 'tokenizer'}, "
                           "or start a new run (--resume none, a new --output_dir)")
@@ -237,13 +234,18 @@ def load_eval_tasks(names) -> tuple:
         raise ConfigError(f"train.eval_tasks: {e}") from None
 
 
-def check_output_dir(cfg: RunConfig, tokenizer_model: Path) -> None:
+def check_output_dir(cfg: RunConfig, tokenizer) -> None:
     """Writable, and not a run trained with another tokenizer."""
     out = ensure_writable_dir(cfg.output_dir, "train.output_dir (--output_dir)")
-    copied = out / "tokenizer" / tokenizer_model.name
-    if copied.is_file() and copied.read_bytes() != tokenizer_model.read_bytes():
-        raise ConfigError(f"output dir {out} holds a run trained with another tokenizer ({copied.parent}) than "
+    if holds_other_tokenizer(out / "tokenizer", tokenizer):
+        raise ConfigError(f"output dir {out} holds a run trained with another tokenizer ({out / 'tokenizer'}) than "
                           f"train.tokenizer_dir {cfg.train.tokenizer_dir}; choose another --output_dir")
+
+
+def holds_other_tokenizer(directory: Path, tokenizer) -> bool:
+    """``directory`` holds a tokenizer.model other than ``tokenizer``'s (a run dir's copy, an export's)."""
+    theirs = Path(directory) / tokenizer.model_file.name
+    return theirs.is_file() and theirs.read_bytes() != tokenizer.model_file.read_bytes()
 
 
 def data_keys(cfg: RunConfig) -> list[tuple[str, str]]:
