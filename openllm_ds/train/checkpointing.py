@@ -299,7 +299,6 @@ def universal_from_stage0(tag_dir: Path, out: Path, model_cfg) -> None:
         raise ConfigError(f"{tag_dir} keeps no plain AdamW state (a run without ZeRO in fp16 or bf16 keeps "
                           "DeepSpeed's own): resume it without ZeRO (--ds_config ds_configs/zero0.json)")
     order, _ = optimizer_order(model_cfg)
-    step = None
     for i, name in enumerate(order):
         d = out / "zero" / name
         d.mkdir(parents=True)
@@ -309,10 +308,8 @@ def universal_from_stage0(tag_dir: Path, out: Path, model_cfg) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.save({"param": state[key].float(), "cat_dim": 0}, d / f"{key}.pt")
             torch.save(state["step"], d / "step.pt")
-            step = state["step"]
-    groups = optimizer["param_groups"]
-    torch.save({"param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
-               out / "zero" / "optimizer_state.pt")
+    # the rest of optimizer_state.pt (the step where ZeRO-3 reads it, version, clipping): readable_by_every_stage
+    torch.save({"param_groups": optimizer["param_groups"]}, out / "zero" / "optimizer_state.pt")
     shutil.copy2(tag_dir / "mp_rank_00_model_states.pt", out / "mp_rank_00_model_states.pt")
 
 
@@ -403,8 +400,8 @@ def readable_by_every_stage(universal: Path, weights: Path) -> None:
 def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False, model_cfg=None) -> TrainState:
     """Restore engine state (model, optimizer, scheduler, scaler), RNG and the train state; ``universal``: the step
     was written in another layout and loads through its conversion (``model_cfg``, the model's config, names the
-    parameters): DeepSpeed's universal checkpoint for a ZeRO engine (built with ``checkpoint.load_universal``), a
-    stage-0 checkpoint made from it for an engine without ZeRO."""
+    parameters): DeepSpeed's universal checkpoint for a ZeRO engine (its ``checkpoint.load_universal`` switched on
+    for this load), a stage-0 checkpoint made from it for an engine without ZeRO."""
     error, path, client_state = None, None, None
     try:
         load_dir, tag = tag_dir, None

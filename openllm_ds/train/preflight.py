@@ -80,8 +80,6 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> tuple[RunConfig, RunInputs
         if new_cfg is not cfg:
             cfg = new_cfg
             ds_config = build_ds_config(cfg, env.world_size, env.device)
-        if universal and zero_stage(ds_config) != 0:
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return cfg, RunInputs(tokenizer, ds_config, resolve_precision(t.precision, env.device), resume_from, eval_tasks,
                           resume_step, t.max_steps, universal, note)
 
