@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from openllm_ds.config import load_run_config  # noqa: E402
-from openllm_ds.train.checkpointing import convert_to_universal, load_checkpoint  # noqa: E402
+from openllm_ds.train.checkpointing import (TrainState, convert_to_universal, load_checkpoint,  # noqa: E402
+                                            save_checkpoint)
 from openllm_ds.train.distributed import init_distributed  # noqa: E402
 from openllm_ds.train.ds_config import build_ds_config  # noqa: E402
 from openllm_ds.train.loop import build_engine, train_step  # noqa: E402
@@ -46,11 +47,9 @@ def run_config(preset: str, stage: int, out: Path):
     return cfg
 
 
-def engine_for(cfg, env, universal: bool = False):
+def engine_for(cfg, env):
     ds = build_ds_config(cfg, env.world_size, env.device)
     ds["tensorboard"]["enabled"] = False
-    if universal:
-        ds["checkpoint"] = {"load_universal": True}
     return build_engine(cfg, RunInputs(None, ds, "fp32", None), env)[0]
 
 
@@ -62,8 +61,7 @@ def write(preset: str, stage: int, out: Path) -> None:
     g = torch.Generator().manual_seed(env.rank)
     ids = torch.randint(0, cfg.model.vocab_size, (1, 65), generator=g)
     train_step(engine, [(ids[:, :-1], ids[:, 1:])], env, stage, "fp32")
-    engine.save_checkpoint(str(out / "checkpoints"), tag=TAG, save_latest=False,
-                           client_state={"train_state": {"step": 1}, "rng": []})
+    save_checkpoint(engine, cfg, TrainState(step=1), env, stage)  # as training does: DeepSpeed's files + weights
 
 
 def size_mb(path: Path) -> float:
@@ -85,14 +83,14 @@ def bench(preset: str, stage: int, work: Path) -> dict:
         raise SystemExit(f"the two-rank writer failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     tag_dir = out / "checkpoints" / TAG
     env = init_distributed()
-    t0 = time.perf_counter()
-    universal = convert_to_universal(tag_dir, env)
-    convert_s = time.perf_counter() - t0
     cfg = run_config(preset, stage, out)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_accumulation_steps=2))
-    engine = engine_for(cfg, env, universal=True)
     t0 = time.perf_counter()
-    load_checkpoint(engine, tag_dir, env, universal=True)
+    universal = convert_to_universal(tag_dir, env, cfg.model)
+    convert_s = time.perf_counter() - t0
+    engine = engine_for(cfg, env)
+    t0 = time.perf_counter()
+    load_checkpoint(engine, tag_dir, env, universal=True, model_cfg=cfg.model)
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in engine.module.parameters()) if stage != 3 else \
         sum(p.ds_numel for p in engine.module.parameters())
