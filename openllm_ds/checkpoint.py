@@ -21,6 +21,7 @@ tokenizer files; a PyTorch export ``config.json`` (our ModelConfig), ``model.pt`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import re
@@ -48,14 +49,22 @@ def step_tag(step: int) -> str:
 
 
 @dataclass
-class LoadedModel:
-    model: torch.nn.Module
+class WeightsSource:
+    """Where trained weights are and what they fit, read without loading them."""
+
     model_config: ModelConfig
     tokenizer_dir: Path
     step: int | None  # training step of the weights, when known
     kind: str  # "train", "huggingface" or "pytorch"
     path: Path  # the checkpoint step dir or the export dir
     run_config: RunConfig | None = None
+
+
+@dataclass
+class LoadedModel(WeightsSource):
+    """A WeightsSource with its weights loaded into our Transformer."""
+
+    model: torch.nn.Module | None = None
 
 
 def is_hf_export(path: Path) -> bool:
@@ -156,18 +165,6 @@ def _read_json(path: Path) -> dict:
     return read_json(path, "re-export the model")
 
 
-@dataclass
-class WeightsSource:
-    """Where trained weights are and what they fit, read without loading them."""
-
-    model_config: ModelConfig
-    tokenizer_dir: Path
-    step: int | None
-    kind: str  # "train", "huggingface" or "pytorch"
-    path: Path  # the checkpoint step dir or the export dir
-    run_config: RunConfig | None = None
-
-
 def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSource:
     """A training output (its ``latest`` or ``step``), one of its ``checkpoints/step_*`` dirs, or an HF or PyTorch
     export."""
@@ -222,7 +219,7 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
     if missing or unexpected:
         raise UserError(f"weights in {path} do not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.to(device=device, dtype=dtype).eval()
-    return LoadedModel(model, cfg, src.tokenizer_dir, src.step, src.kind, path, src.run_config)
+    return LoadedModel(**{f.name: getattr(src, f.name) for f in dataclasses.fields(src)}, model=model)
 
 
 def _stack_split_projections(sd: dict, cfg: ModelConfig, source: str) -> dict:
