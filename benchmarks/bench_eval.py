@@ -140,7 +140,7 @@ def main():
           f"{torch.get_num_threads()} threads, batch {args.batch_size}")
 
     impls = {
-        "openllm_ds": lambda x: ours(x)[0],
+        "openllm_ds": lambda x: ours(x),
         "transformers LlamaForCausalLM": lambda x: hf(input_ids=x).logits,
     }
     rows = []

@@ -171,7 +171,7 @@ def trained_export(prepared_data, tokenizer_dir, tmp_path_factory):
     for _ in range(150):
         start = torch.randint(0, len(data) - 65, (16,), generator=g)
         window = torch.stack([data[i:i + 65] for i in start])
-        _, loss = model(window[:, :-1], window[:, 1:])
+        loss = model(window[:, :-1], window[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()

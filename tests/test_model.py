@@ -22,10 +22,10 @@ def test_forward_shapes_and_initial_loss():
     m = _model()
     idx = torch.randint(0, CFG.vocab_size, (3, 16))
     targets = torch.randint(0, CFG.vocab_size, (3, 16))
-    logits, _ = m(idx)
+    logits = m(idx)
     assert logits.shape == (3, 16, CFG.vocab_size)
-    no_logits, loss = m(idx, targets)  # with targets: the loss without the (B, T, V) logits
-    assert no_logits is None
+    loss = m(idx, targets)  # with targets: the loss, from the hidden states
+    assert loss.shape == ()
     # small init: on random targets an untrained model's loss is close to ln(V)
     assert abs(loss.item() - math.log(CFG.vocab_size)) < 0.2
     assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, CFG.vocab_size), targets.view(-1)).item(),
@@ -42,12 +42,12 @@ def test_loss_and_gradients_equal_cross_entropy_on_the_logits(grad):
     targets = torch.randint(0, 5000, (3, 32))
     targets[:, ::5] = -100
     with torch.set_grad_enabled(grad):
-        _, loss = m(idx, targets)
+        loss = m(idx, targets)
     if grad:
         loss.backward()
     ours = {n: p.grad.clone() for n, p in m.named_parameters()} if grad else None
     m.zero_grad()
-    logits, _ = m(idx)
+    logits = m(idx)
     ref = F.cross_entropy(logits.view(-1, 5000), targets.view(-1), ignore_index=-100)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     if grad:
@@ -61,8 +61,8 @@ def test_causal_prefix_logits_do_not_depend_on_future_tokens():
     a = torch.randint(0, CFG.vocab_size, (1, 20))
     b = a.clone()
     b[0, 10:] = (b[0, 10:] + 1) % CFG.vocab_size
-    la, _ = m(a)
-    lb, _ = m(b)
+    la = m(a)
+    lb = m(b)
     torch.testing.assert_close(la[0, :10], lb[0, :10])
     assert not torch.allclose(la[0, 10:], lb[0, 10:])
 
@@ -82,11 +82,11 @@ def test_kv_cache_generation_matches_full_recompute(kv_heads):
     cached = torch.stack(list(generate(m, prompt, 10, temperature=0)), dim=1)
     seq = prompt
     for _ in range(10):  # greedy without a cache
-        nxt = m(seq)[0][:, -1].argmax(-1, keepdim=True)
+        nxt = m(seq)[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat((seq, nxt), dim=1)
     assert torch.equal(cached, seq[:, 5:])
     # the decoding steps' logits (one token, last position only, transposed weights) equal the full pass's
-    torch.testing.assert_close(_step_logits(m, seq, 5), m(seq)[0][:, 4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_step_logits(m, seq, 5), m(seq)[:, 4:], rtol=1e-5, atol=1e-5)
 
 
 def _step_logits(m, seq, prompt_len):
@@ -104,7 +104,7 @@ def test_decoding_sees_weights_loaded_after_it():
     seq = torch.randint(0, CFG.vocab_size, (1, 12))
     list(generate(m, seq[:, :4], 3, temperature=0))  # makes the copies
     m.load_state_dict(other.state_dict())
-    torch.testing.assert_close(_step_logits(m, seq, 4), other(seq)[0][:, 3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_step_logits(m, seq, 4), other(seq)[:, 3:], rtol=1e-5, atol=1e-5)
 
 
 def test_generate_stops_at_eos_and_is_seeded():
@@ -123,11 +123,11 @@ def test_gradient_checkpointing_gives_same_gradients():
     m = _model()
     m.train()
     idx = torch.randint(0, CFG.vocab_size, (2, 12))
-    m(idx, idx)[1].backward()
+    m(idx, idx).backward()
     ref = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
     m.gradient_checkpointing = True
-    m(idx, idx)[1].backward()
+    m(idx, idx).backward()
     for r, p in zip(ref, m.parameters()):
         torch.testing.assert_close(r, p.grad)
 
@@ -143,7 +143,7 @@ def test_logits_match_transformers_llama(tie, kv_heads):
     idx = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         ref = hf(idx).logits
-    assert (ours(idx)[0] - ref).abs().max().item() < 1e-4
+    assert (ours(idx) - ref).abs().max().item() < 1e-4
 
 
 def test_hf_weight_map_round_trip_splits_the_stacked_projections():

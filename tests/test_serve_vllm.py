@@ -143,9 +143,9 @@ def test_one_prompt_convention_first_token_logits(client, builtin, trained_expor
         assert srv.engine.encode(prompt) == ids  # the built-in server
         assert hf_tok(prompt)["input_ids"] == ids and hf_tok.bos_token_id == 2  # transformers, by itself
         with torch.no_grad():
-            logits = model(torch.tensor([ids]))[0][0, -1]
+            logits = model(torch.tensor([ids]))[0, -1]
             hf_logits = hf_model(**hf_tok(prompt, return_tensors="pt")).logits[0, -1]
-            no_prefix = model(torch.tensor([ids[1:]]))[0][0, -1]
+            no_prefix = model(torch.tensor([ids[1:]]))[0, -1]
         assert (hf_logits - logits).abs().max() < 1e-4
         # the convention matters: without </s> the logits differ, by far more than the implementations do
         assert (no_prefix - logits).abs().max() > 1e-3

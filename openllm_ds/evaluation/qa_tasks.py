@@ -263,7 +263,7 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]]) ->
     x = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
         x[i, : len(s) - 1] = torch.tensor(s[:-1])
-    logprobs = F.log_softmax(model(x.to(device))[0].float(), dim=-1)
+    logprobs = F.log_softmax(model(x.to(device)).float(), dim=-1)
     out = []
     for i, (s, (n_ctx, n_cont)) in enumerate(zip(seqs, spans)):
         targets = torch.tensor(s[n_ctx:], device=device)

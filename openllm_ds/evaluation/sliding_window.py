@@ -102,7 +102,7 @@ def perplexity(model, token_ids, max_seq_len: int | None = None, stride: int | N
     """Summed next-token NLL (nats, float64) and the number of scored tokens over one id stream.
 
     ``token_ids``: a 1-D sequence; the first id is context only. ``max_seq_len`` defaults to the
-    model's, ``stride`` to half of it. ``model(idx)`` must return ``(logits, ...)``.
+    model's, ``stride`` to half of it. ``model(idx)`` returns the logits.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     if ids.numel() < 2:
@@ -128,7 +128,7 @@ def perplexity(model, token_ids, max_seq_len: int | None = None, stride: int | N
                 for row, (begin, end, n) in enumerate(batch):
                     x[row, : end - begin] = ids[begin:end]
                     y[row, end - begin - n : end - begin] = ids[end - n + 1 : end + 1]
-                logits = model(x.to(device))[0]
+                logits = model(x.to(device))
                 nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1),
                                       ignore_index=-100, reduction="sum")
                 total_nll += float(nll.double())

@@ -92,7 +92,7 @@ def verify_huggingface(out: Path, src: ExportSource, dtype: str = "fp32") -> dic
             raise VerificationError(f"AutoTokenizer on {out} decodes {text[:60]!r} differently from SentencePiece")
         ids = torch.tensor([encode_for_verification(src, text)])
         with torch.no_grad():
-            ref = ours(ids)[0].float()
+            ref = ours(ids).float()
             got_logits = hf_model(ids).logits.float()
         max_diff = max(max_diff, (ref - got_logits).abs().max().item())
         num_tokens += ids.numel()

@@ -48,7 +48,7 @@ class LogitsGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids):
-        return self.model(input_ids)[0]
+        return self.model(input_ids)
 
 
 class DecoderWithPastGraph(nn.Module):
@@ -194,10 +194,10 @@ def verify_onnx(out: Path, src: ExportSource, variant: str = "fp32") -> dict:
 
     with torch.no_grad():
         for ids in encoded:  # model.onnx, one text at a time
-            compare(lm.logits([ids]), model(torch.tensor([ids]))[0])
+            compare(lm.logits([ids]), model(torch.tensor([ids])))
         n = min(len(encoded[0]), len(encoded[1]))  # a batch of two, and decoder_with_past step by step
         batch = torch.tensor([encoded[0][:n], encoded[1][:n]])
-        compare(lm.logits(batch.numpy()), model(batch)[0])
+        compare(lm.logits(batch.numpy()), model(batch))
         split = max(1, n // 2)
         ref_logits, ref_cache = model.forward_with_past(batch[:, :split], [])
         got_logits, present = lm.decode(batch[:, :split].numpy(), lm.empty_past(2))

@@ -120,7 +120,7 @@ class OnnxCausalLM:
     def __call__(self, idx: torch.Tensor, targets=None):
         if targets is not None:
             raise ValueError("OnnxCausalLM computes no loss")
-        return torch.from_numpy(self.logits(idx.numpy())), None
+        return torch.from_numpy(self.logits(idx.numpy()))
 
     def new_kv_cache(self, batch: int, device) -> PastCache:
         return PastCache(self.empty_past(batch))

@@ -44,7 +44,7 @@ def verify_pytorch(out: Path, src: ExportSource, dtype: str) -> dict:
     for text in texts:
         ids = torch.tensor([encode_for_verification(src, text)])
         with torch.no_grad():
-            max_diff = max(max_diff, (reloaded(ids)[0].float() - ref_model(ids)[0].float()).abs().max().item())
+            max_diff = max(max_diff, (reloaded(ids).float() - ref_model(ids).float()).abs().max().item())
     if max_diff != 0.0:
         raise VerificationError(f"the model reloaded from {out / WEIGHTS_FILE} gives other logits (max diff {max_diff:.3g})")
     return {"verified": True, "max_abs_diff": max_diff, "num_texts": len(texts)}

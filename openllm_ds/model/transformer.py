@@ -161,23 +161,26 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def forward(self, idx, targets=None):
-        """idx: (B, T) token ids -> (logits (B, T, V), None); with ``targets`` (B, T) -> (None, the mean
-        next-token cross-entropy, -100 ignored), from the hidden states without keeping the (B, T, V) logits."""
-        logits, loss, _ = self._run(idx, targets=targets)
-        return logits, loss
+        """idx: (B, T) token ids -> logits (B, T, V). Training: with ``targets`` (B, T) -> the mean next-token
+        cross-entropy (-100 ignored), computed from the hidden states without keeping the (B, T, V) logits."""
+        return self.lm_head(self.norm(self._trunk(idx)), targets)
 
     def decode_step(self, idx, cache: KVCache):
         """Generation: the logits (B, 1, V) of the position after ``idx`` (B, T), which follows the ``cache.pos``
         positions already in ``cache``; ``idx``'s keys and values are added to it."""
-        return self._run(idx, cache=cache)[0]
+        x = self._trunk(idx, cache=cache)
+        cache.pos += idx.size(1)
+        return self.lm_head(self.norm(x[:, -1:]))  # the next token needs the last position only
 
     def forward_with_past(self, idx, past: PastKV) -> tuple[torch.Tensor, PastKV]:
         """The ONNX graphs' form: logits (B, T, V) of ``idx`` after the per-layer past (k, v) (an empty list: none),
         and the present (k, v) of the past and ``idx`` together."""
-        logits, _, present = self._run(idx, past=past)
-        return logits, present
+        present: PastKV = []
+        x = self._trunk(idx, past=past, present=present)
+        return self.lm_head(self.norm(x)), present
 
-    def _run(self, idx, targets=None, cache: KVCache | None = None, past: PastKV | None = None):
+    def _trunk(self, idx, cache: KVCache | None = None, past: PastKV | None = None, present: PastKV | None = None):
+        """The hidden states (B, T, C) after the last block."""
         B, T = idx.shape
         start = cache.pos if cache is not None else past[0][0].size(2) if past else 0
         if start + T > self.cfg.max_seq_len:
@@ -189,7 +192,6 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, C)
         if self.training and self.cfg.dropout:
             x = F.dropout(x, self.cfg.dropout)
-        present: PastKV = []
         for i, layer in enumerate(self.layers):
             if cache is not None:
                 x = layer(x, cos, sin, cache)[0]
@@ -201,12 +203,7 @@ class Transformer(nn.Module):
                 x = self.checkpoint_fn(fn, x) if self.checkpoint_fn else checkpoint(fn, x, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)[0]
-        if cache is not None:
-            cache.pos += T
-            x = x[:, -1:]  # a decoding step needs the last position only
-        if targets is not None:
-            return None, self.lm_head(self.norm(x), targets), present
-        return self.lm_head(self.norm(x)), None, present
+        return x
 
     def new_kv_cache(self, batch: int, device) -> KVCache:
         return KVCache(self.cfg, batch, device, self.embed_tokens.weight.dtype)

@@ -286,7 +286,7 @@ def train_step(engine, micro_batches, env: DistEnv, stage: int, precision: str) 
     skipped_before = engine.skipped_steps
     losses, own_norm = [], None
     for x, y in micro_batches:
-        _, loss = engine(x, y)
+        loss = engine(x, y)
         engine.backward(loss)
         if stage == 0 and precision == "fp32" and engine.is_gradient_accumulation_boundary():
             own_norm = skip_nonfinite_update(engine)
@@ -321,7 +321,7 @@ def validate(engine, windows: EvalWindows, env: DistEnv) -> float:
     total, count = 0.0, 0
     with torch.compiler.set_stance("force_eager"):  # a compiled model would compile its eval mode too
         for x, y in windows.batches():
-            _, loss = engine(x, y)
+            loss = engine(x, y)
             total += float(loss) * y.numel()
             count += y.numel()
     total, count = all_reduce_sum([total, count], env)
