@@ -37,7 +37,7 @@ import torch
 
 from openllm_ds.config import ExportConfig, load_run_config
 from openllm_ds.export import export
-from openllm_ds.export.onnx_runtime import OnnxCausalLM
+from openllm_ds.checkpoint.onnx import OnnxCausalLM
 from openllm_ds.model import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def matmul_peaks(threads: int, repeats: int, n: int = 1024) -> tuple[float, floa
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from openllm_ds.export.onnx_runtime import session_options
+    from openllm_ds.checkpoint.onnx import session_options
 
     spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b", "c")]
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", spec[:2], spec[2:])

@@ -133,7 +133,7 @@ def one_client_rates(hf_dir: Path, onnx_dir: Path, ports: dict[str, int], repeat
     from transformers import AutoModelForCausalLM
 
     from openllm_ds.checkpoint import load_model
-    from openllm_ds.export.onnx_runtime import OnnxCausalLM
+    from openllm_ds.checkpoint.onnx import OnnxCausalLM
     from openllm_ds.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import torch
 
 from openllm_ds.config import ExportConfig
 from openllm_ds.export import export
-from openllm_ds.export.onnx_runtime import OnnxCausalLM
+from openllm_ds.checkpoint.onnx import OnnxCausalLM
 from openllm_ds.model import generate
 
 ort = pytest.importorskip("onnxruntime")

@@ -247,7 +247,7 @@ def test_api_key(engine):
 def test_onnx_backend_gives_the_torch_answers(hf_export, client):
     with start_server(hf_export[0], backend="onnx", max_length=128, model_name=MODEL) as srv:
         tmp = srv.engine.cleanup[0]
-        assert (tmp / "decoder_with_past.onnx").is_file() and srv.engine.backend == "onnx"
+        assert (tmp / "onnx" / "decoder_with_past.onnx").is_file() and srv.engine.backend == "onnx"
         onnx_client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
         for prompt in PROMPTS[:3]:
             kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)

@@ -9,7 +9,6 @@ import torch
 from openllm_ds.checkpoint import load_model
 from openllm_ds.errors import UserError
 from openllm_ds.model import generate
-from openllm_ds.tokenizer import load_tokenizer
 from openllm_ds.utils import select_device
 
 
@@ -41,7 +40,7 @@ def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: fl
 
     device = select_device()
     loaded = load_model(model_dir, step=checkpoint, device=device)
-    tokenizer = load_tokenizer(loaded.tokenizer_dir)
+    tokenizer = loaded.tokenizer
     model = loaded.model
     prompt_ids = tokenizer.encode_prompt(prompt)  # the prompt convention: after EOS, as a training document
     if len(prompt_ids) >= model.cfg.max_seq_len:

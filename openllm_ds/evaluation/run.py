@@ -50,9 +50,7 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
     if docs is None:
         eval_data, docs = run_validation_documents(loaded.run_config)
 
-    from openllm_ds.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(loaded.tokenizer_dir)
+    tokenizer = loaded.tokenizer
     start = time.perf_counter()
     result = evaluate_text(loaded.model, tokenizer, docs, stride=stride, batch_size=batch_size)
     seconds = time.perf_counter() - start

@@ -201,12 +201,10 @@ def run_task(task_yaml_or_name, model_dir, step: int | None = None, device: str 
     """Run one harness task on the checkpoint at ``step`` (default: latest) of ``model_dir``."""
     from openllm_ds.checkpoint import load_model
     from openllm_ds.utils import select_device
-    from openllm_ds.tokenizer import load_tokenizer
 
     spec = load_task(task_yaml_or_name)
     loaded = load_model(model_dir, step=step, device=device or select_device())
-    tokenizer = load_tokenizer(loaded.tokenizer_dir)
-    result = run_task_on_model(spec, loaded.model, tokenizer, progress)
+    result = run_task_on_model(spec, loaded.model, loaded.tokenizer, progress)
     return {**result, "step": loaded.step, "model_dir": str(model_dir), "checkpoint": str(loaded.path)}
 
 

@@ -1,7 +1,7 @@
 """Stage 6, export: Hugging Face (transformers, vLLM), PyTorch and ONNX (onnxruntime) writers.
 
-``export(ExportConfig(...))`` loads the weights (see source.py for what ``--model_dir`` may be),
-writes the chosen format into a temporary sibling of the output dir, verifies it there, and only
+``export(ExportConfig(...))`` loads the weights through the read side (``openllm_ds.checkpoint.load_model``: a
+training output, a step dir, a DeepSpeed tag of ZeRO shards or another export), writes the chosen format into a temporary sibling of the output dir, verifies it there, and only
 then moves it into place: a failed export leaves no directory a later stage would take for
 complete.
 """
@@ -12,18 +12,20 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
 from openllm_ds.errors import VerificationError
 from openllm_ds.export.huggingface import export_huggingface
-from openllm_ds.export.source import ExportSource, check_output_dir, is_export_file, load_export_source
+from openllm_ds.checkpoint import LoadedModel, is_export_file, load_model
+from openllm_ds.export.common import check_output_dir
 from openllm_ds.utils import _umask, atomic_dir
 
 FORMATS = ("huggingface", "pytorch", "onnx")
 
-__all__ = ["export", "ExportSource", "load_export_source", "FORMATS", "VerificationError"]
+__all__ = ["export", "load_source", "FORMATS", "VerificationError"]
 
 
 def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
@@ -45,7 +47,7 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
     stages = ["load", "write + verify" if cfg.verify else "write", "move into place"]
     with tqdm(total=len(stages), desc=f"export {cfg.format}", unit="stage") as bar:
         bar.set_postfix_str(stages[0])
-        src = load_export_source(model_dir, checkpoint)
+        src = load_source(model_dir, checkpoint)
         bar.update()
         bar.set_postfix_str(stages[1])
         try:
@@ -72,6 +74,13 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
     }
 
 
+def load_source(model_dir: str | Path, checkpoint: int | None = None) -> LoadedModel:
+    """The weights to export, in fp32 on the CPU, with their tokenizer (its vocabulary checked)."""
+    src = load_model(model_dir, checkpoint, dtype=torch.float32)
+    src.tokenizer  # noqa: B018 - a tokenizer that does not fit the weights stops the export before any work
+    return src
+
+
 def readable_by_all(root: Path) -> None:
     """Files get the usual mode (0644 under umask 022), whatever wrote them: safetensors and the ONNX writers
     create 0600 files, which a server running as another user could not read."""
@@ -81,7 +90,7 @@ def readable_by_all(root: Path) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _write(cfg: ExportConfig, src: ExportSource, tmp: Path) -> dict:
+def _write(cfg: ExportConfig, src: LoadedModel, tmp: Path) -> dict:
     if cfg.format == "huggingface":
         return export_huggingface(src, tmp, cfg.dtype, cfg.verify)
     if cfg.format == "pytorch":

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from openllm_ds.model.hf_map import to_hf_config, to_hf_state_dict
-from openllm_ds.export.source import (
-    EXPORT_INFO, HF_DTYPE_NAMES, TORCH_DTYPES, ExportSource, copy_tokenizer_files, encode_for_verification,
-    verification_texts,
+from openllm_ds.checkpoint import EXPORT_INFO, LoadedModel
+from openllm_ds.export.common import (
+    HF_DTYPE_NAMES, TORCH_DTYPES, copy_tokenizer_files, encode_for_verification, export_info, verification_texts,
 )
 from openllm_ds.errors import VerificationError
 from openllm_ds.tokenizer.hf_files import PROMPT_PREFIX, apply_prompt_convention
@@ -30,12 +30,12 @@ from openllm_ds.utils import atomic_write_json, atomic_write_text
 VERIFY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1.5e-1}
 
 
-def hf_state_dict(src: ExportSource, dtype: str) -> dict[str, torch.Tensor]:
+def hf_state_dict(src: LoadedModel, dtype: str) -> dict[str, torch.Tensor]:
     hf = to_hf_state_dict(src.model.state_dict(), src.model_config)
     return {name: t.detach().to(TORCH_DTYPES[dtype]).contiguous() for name, t in hf.items()}
 
 
-def hf_config(src: ExportSource, dtype: str) -> dict:
+def hf_config(src: LoadedModel, dtype: str) -> dict:
     tok = src.tokenizer
     cfg = to_hf_config(src.model_config, bos_id=tok.prompt_prefix_id, eos_id=tok.eos_id,
                        pad_id=tok.pad_id if tok.pad_id >= 0 else None, dtype=HF_DTYPE_NAMES[dtype])
@@ -43,10 +43,10 @@ def hf_config(src: ExportSource, dtype: str) -> dict:
     return cfg
 
 
-def export_huggingface(src: ExportSource, out: Path, dtype: str = "fp32", verify: bool = True) -> dict:
+def export_huggingface(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool = True) -> dict:
     from safetensors.torch import save_file
 
-    if src.model_config.vocab_size != src.tokenizer.vocab_size:  # check_vocab ran; keep config.json honest
+    if src.model_config.vocab_size != src.tokenizer.vocab_size:  # the loader checked it; keep config.json honest
         raise ValueError("vocab size of the tokenizer and the model differ")
     save_file(hf_state_dict(src, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(out / "config.json", hf_config(src, dtype))
@@ -58,14 +58,14 @@ def export_huggingface(src: ExportSource, out: Path, dtype: str = "fp32", verify
     copy_tokenizer_files(src, out)
     # the prompt convention, and model_max_length = the model's context (the tokenizer has no limit)
     apply_prompt_convention(out, tok.prompt_prefix_id, src.model_config.max_seq_len)
-    atomic_write_json(out / EXPORT_INFO, {**src.info(), "format": "huggingface", "dtype": dtype})
+    atomic_write_json(out / EXPORT_INFO, {**export_info(src), "format": "huggingface", "dtype": dtype})
     atomic_write_text(out / "README.md", model_card(src, dtype))
     report = {"dtype": dtype}
     report["verification"] = verify_huggingface(out, src, dtype) if verify else {"skipped": "--no-verify"}
     return report
 
 
-def verify_huggingface(out: Path, src: ExportSource, dtype: str = "fp32") -> dict:
+def verify_huggingface(out: Path, src: LoadedModel, dtype: str = "fp32") -> dict:
     """Load the export with transformers; token ids and logits must match ours on real text."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,7 +107,7 @@ def verify_huggingface(out: Path, src: ExportSource, dtype: str = "fp32") -> dic
             "num_tokens": num_tokens, "tokenizer_ids_match": True}
 
 
-def tok_prefix(src: ExportSource) -> str:
+def tok_prefix(src: LoadedModel) -> str:
     return f"{PROMPT_PREFIX} (id {src.tokenizer.prompt_prefix_id})"
 
 
@@ -117,8 +117,8 @@ def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(model).to(dtype).eval()
 
 
-def model_card(src: ExportSource, dtype: str) -> str:
-    cfg, tok, info = src.model_config, src.tokenizer, src.info()
+def model_card(src: LoadedModel, dtype: str) -> str:
+    cfg, tok, info = src.model_config, src.tokenizer, export_info(src)
     run = src.run_config
     name = src.run_name or "openllm-ds model"
     ppl = f"{info['val_perplexity']:.2f}" if info["val_perplexity"] is not None else "not recorded"

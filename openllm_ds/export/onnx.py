@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 
 from openllm_ds.errors import UserError, VerificationError
-from openllm_ds.export.onnx_runtime import (
-    DECODER_FILE, MODEL_FILE, VARIANTS, OnnxCausalLM, past_names, present_names,
-)
-from openllm_ds.export.source import EXPORT_INFO, ExportSource, copy_tokenizer_files, encode_for_verification, verification_texts
+from openllm_ds.checkpoint import EXPORT_INFO, LoadedModel
+from openllm_ds.checkpoint.layout import ONNX_DECODER, ONNX_MODEL, ONNX_VARIANTS, past_names, present_names
+from openllm_ds.checkpoint.onnx import OnnxCausalLM
+from openllm_ds.export.common import copy_tokenizer_files, encode_for_verification, export_info, verification_texts
 from openllm_ds.model import generate
 from openllm_ds.utils import atomic_write_json
 
@@ -97,11 +97,11 @@ def export_graphs(model: nn.Module, out: Path) -> dict:
     external = model.num_params() * 4 > EXTERNAL_DATA_BYTES
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(
-            LogitsGraph(model).eval(), (ids,), str(out / MODEL_FILE), input_names=["input_ids"], output_names=["logits"],
+            LogitsGraph(model).eval(), (ids,), str(out / ONNX_MODEL), input_names=["input_ids"], output_names=["logits"],
             dynamic_shapes=({0: batch, 1: seq},), dynamo=True, external_data=external, verbose=False,
         )
         torch.onnx.export(
-            DecoderWithPastGraph(model).eval(), (ids, *past), str(out / DECODER_FILE),
+            DecoderWithPastGraph(model).eval(), (ids, *past), str(out / ONNX_DECODER),
             input_names=["input_ids", *past_names(cfg.n_layers)],
             output_names=["logits", *present_names(cfg.n_layers)],
             dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past)),
@@ -109,7 +109,7 @@ def export_graphs(model: nn.Module, out: Path) -> dict:
         )
     import onnx
 
-    opset = next(o.version for o in onnx.load(str(out / MODEL_FILE), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    opset = next(o.version for o in onnx.load(str(out / ONNX_MODEL), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
     return {
         "opset": opset,
         "external_data": external,
@@ -148,7 +148,7 @@ def quantize_graph(src: Path, dst: Path) -> None:
                          use_external_data_format=(src.parent / f"{src.name}.data").is_file())
 
 
-def export_onnx(src: ExportSource, out: Path, dtype: str = "fp32", verify: bool = True,
+def export_onnx(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool = True,
                 optimize: bool = False, quantize_int8: bool = False) -> dict:
     if dtype != "fp32":
         raise UserError(f"--dtype {dtype} applies to huggingface and pytorch exports; ONNX export is fp32 "
@@ -156,17 +156,17 @@ def export_onnx(src: ExportSource, out: Path, dtype: str = "fp32", verify: bool 
     io = export_graphs(src.model, out)
     variants = ["fp32"]
     if optimize:
-        for a, b in zip(VARIANTS["fp32"], VARIANTS["optimized"]):
+        for a, b in zip(ONNX_VARIANTS["fp32"], ONNX_VARIANTS["optimized"]):
             optimize_graph(out / a, out / b)
         variants.append("optimized")
     if quantize_int8:
-        for a, b in zip(VARIANTS["fp32"], VARIANTS["int8"]):
+        for a, b in zip(ONNX_VARIANTS["fp32"], ONNX_VARIANTS["int8"]):
             quantize_graph(out / a, out / b)
         variants.append("int8")
     atomic_write_json(out / "config.json", dataclasses.asdict(src.model_config))
     copy_tokenizer_files(src, out)
-    files = {v: dict(zip(("model", "decoder_with_past"), VARIANTS[v])) for v in variants}
-    atomic_write_json(out / EXPORT_INFO, {**src.info(), "format": "onnx", "dtype": "fp32", "onnx": {**io, "files": files}})
+    files = {v: dict(zip(("model", "decoder_with_past"), ONNX_VARIANTS[v])) for v in variants}
+    atomic_write_json(out / EXPORT_INFO, {**export_info(src), "format": "onnx", "dtype": "fp32", "onnx": {**io, "files": files}})
     report = {"dtype": "fp32", "variants": variants, "opset": io["opset"]}
     if verify:
         report["verification"] = {v: verify_onnx(out, src, v) for v in variants}
@@ -175,7 +175,7 @@ def export_onnx(src: ExportSource, out: Path, dtype: str = "fp32", verify: bool 
     return report
 
 
-def verify_onnx(out: Path, src: ExportSource, variant: str = "fp32") -> dict:
+def verify_onnx(out: Path, src: LoadedModel, variant: str = "fp32") -> dict:
     """Logits of both graphs against PyTorch on real text, then greedy KV-cache generation."""
     lm = OnnxCausalLM(out, variant=variant)
     model = src.model
@@ -214,13 +214,13 @@ def verify_onnx(out: Path, src: ExportSource, variant: str = "fp32") -> dict:
         tol = INT8_RELATIVE_TOLERANCE * max_ref
         result["tolerance"] = tol
         if not max_diff <= tol:
-            raise VerificationError(f"{out / VARIANTS[variant][0]}: int8 logits differ by {max_diff:.3g} "
+            raise VerificationError(f"{out / ONNX_VARIANTS[variant][0]}: int8 logits differ by {max_diff:.3g} "
                                     f"(> {INT8_RELATIVE_TOLERANCE:.0%} of the largest logit, {max_ref:.3g})")
         return {"verified": True, **result}
     result["tolerance"] = FP32_TOLERANCE
     if not max_diff < FP32_TOLERANCE:
-        raise VerificationError(f"{out / VARIANTS[variant][0]}: onnxruntime logits differ from PyTorch by {max_diff:.3g}")
+        raise VerificationError(f"{out / ONNX_VARIANTS[variant][0]}: onnxruntime logits differ from PyTorch by {max_diff:.3g}")
     if not result["generation_matches"]:
-        raise VerificationError(f"{out / DECODER_FILE}: KV-cache generation with onnxruntime gives {got.tolist()}, "
+        raise VerificationError(f"{out / ONNX_DECODER}: KV-cache generation with onnxruntime gives {got.tolist()}, "
                                 f"PyTorch {want.tolist()}")
     return {"verified": True, **result}

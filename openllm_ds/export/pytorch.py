@@ -15,28 +15,29 @@ from pathlib import Path
 
 import torch
 
-from openllm_ds.checkpoint import PYTORCH_WEIGHTS, load_model
+from openllm_ds.checkpoint import EXPORT_INFO, PYTORCH_WEIGHTS, LoadedModel, load_model
 from openllm_ds.errors import VerificationError
-from openllm_ds.export.source import EXPORT_INFO, TORCH_DTYPES, ExportSource, copy_tokenizer_files, encode_for_verification, verification_texts
+from openllm_ds.export.common import (TORCH_DTYPES, copy_tokenizer_files, encode_for_verification, export_info,
+                                      verification_texts)
 from openllm_ds.utils import atomic_write_json
 
 WEIGHTS_FILE = PYTORCH_WEIGHTS
 
 
-def export_pytorch(src: ExportSource, out: Path, dtype: str = "fp32", verify: bool = True) -> dict:
+def export_pytorch(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool = True) -> dict:
     state = {k: v.detach().to(TORCH_DTYPES[dtype]) for k, v in src.model.state_dict().items()}
     if src.model_config.tie_embeddings:  # keep one shared storage, as in the model
         state["lm_head.weight"] = state["embed_tokens.weight"]
     torch.save(state, out / WEIGHTS_FILE)
     atomic_write_json(out / "config.json", dataclasses.asdict(src.model_config))
     copy_tokenizer_files(src, out)
-    atomic_write_json(out / EXPORT_INFO, {**src.info(), "format": "pytorch", "dtype": dtype})
+    atomic_write_json(out / EXPORT_INFO, {**export_info(src), "format": "pytorch", "dtype": dtype})
     report = {"dtype": dtype}
     report["verification"] = verify_pytorch(out, src, dtype) if verify else {"skipped": "--no-verify"}
     return report
 
 
-def verify_pytorch(out: Path, src: ExportSource, dtype: str) -> dict:
+def verify_pytorch(out: Path, src: LoadedModel, dtype: str) -> dict:
     reloaded = load_model(out).model
     ref_model = src.model if dtype == "fp32" else _cast(src.model, TORCH_DTYPES[dtype])
     max_diff = 0.0

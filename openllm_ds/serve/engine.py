@@ -37,7 +37,7 @@ import torch
 from openllm_ds.errors import UserError
 from openllm_ds.model import generate
 from openllm_ds.serve.chat import ChatTemplate, load_chat_template
-from openllm_ds.tokenizer import Tokenizer, load_tokenizer
+from openllm_ds.tokenizer import Tokenizer
 
 PROMPT_CONTEXT_TOKENS = 8  # prompt tokens decoded ahead of the completion, so its first space survives
 WORKER_PREFIX = "openllm-ds-generate"
@@ -306,13 +306,12 @@ class Generation:
 
 def load_engine(model_path: str | Path, backend: str = "torch", max_length: int = 512, model_name: str | None = None,
                 max_concurrency: int = 4, num_threads: int | None = None, warm_up: bool = True) -> CompletionEngine:
-    """Load an export or training output for the built-in server.
+    """Load a training output, a step dir or any export (``openllm_ds.checkpoint.load_model``) for the built-in server.
 
-    backend torch: a Hugging Face export, a training output or a PyTorch export.
-    backend onnx: an ONNX export, or any of the above exported to ONNX on the fly (a temporary dir).
+    backend torch: anything but an ONNX export. backend onnx: an ONNX export, or any of the others exported to ONNX
+    on the fly, as ``openllm-ds export --format onnx`` does, into a temporary dir the engine removes on close.
     """
-    from openllm_ds.checkpoint import is_hf_export, load_model
-    from openllm_ds.export.onnx_runtime import OnnxCausalLM, is_onnx_export
+    from openllm_ds.checkpoint import is_onnx_export, load_model
 
     path = Path(model_path)
     if not path.exists():
@@ -321,34 +320,22 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
         raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
     if num_threads is not None and num_threads < 1:
         raise UserError(f"--num_threads must be >= 1, got {num_threads}")
+    if backend not in ("torch", "onnx"):
+        raise UserError(f"--backend must be torch or onnx, got {backend!r}")
     threads = num_threads or default_threads(max_concurrency)
     name = model_name or path.resolve().name
     cleanup = []
-    if backend == "torch":
-        if is_onnx_export(path) and not is_hf_export(path):
-            raise UserError(f"--model_path {path} is an ONNX export; serve it with --backend onnx")
-        loaded = load_model(path)  # a training output, a step dir, an HF or a PyTorch export
-        lm, tok_dir = loaded.model, loaded.tokenizer_dir
-    elif backend == "onnx":
-        if is_onnx_export(path):
-            tok_dir = path
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix="openllm-ds-onnx-"))
-            cleanup.append(tmp)
-            try:
-                _export_onnx_to(path, tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            tok_dir = path = tmp
-        lm = OnnxCausalLM(path, num_threads=threads)
-    else:
-        raise UserError(f"--backend must be torch or onnx, got {backend!r}")
-    tokenizer = load_tokenizer(tok_dir)
-    if tokenizer.vocab_size != lm.cfg.vocab_size:
-        raise UserError(f"tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model has vocab_size "
-                        f"{lm.cfg.vocab_size}; serve an export made by `openllm-ds export`")
-    engine = CompletionEngine(lm, tokenizer, name, max_length, load_chat_template(tok_dir, tokenizer),
+    if backend == "onnx" and not is_onnx_export(path):
+        tmp = Path(tempfile.mkdtemp(prefix="openllm-ds-onnx-"))
+        cleanup.append(tmp)
+        try:
+            path = _export_onnx_to(path, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    loaded = load_model(path, backend=backend, num_threads=threads)
+    engine = CompletionEngine(loaded.model, loaded.tokenizer, name, max_length,
+                              load_chat_template(loaded.tokenizer_dir, loaded.tokenizer),
                               max_concurrency=max_concurrency, backend=backend, num_threads=threads)
     engine.cleanup = cleanup
     if warm_up:
@@ -356,12 +343,14 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
     return engine
 
 
-def _export_onnx_to(model_path: Path, out: Path) -> None:
-    from openllm_ds.export.onnx import export_onnx
-    from openllm_ds.export.source import load_export_source
+def _export_onnx_to(model_path: Path, tmp: Path) -> Path:
+    from openllm_ds.config import ExportConfig
+    from openllm_ds.export import export
 
+    out = tmp / "onnx"
     print(f"exporting {model_path} to ONNX in {out} for --backend onnx")
-    export_onnx(load_export_source(model_path), out, verify=True)
+    export(ExportConfig(model_dir=str(model_path), format="onnx", output_dir=str(out)))
+    return out
 
 
 def model_card(engine: CompletionEngine) -> dict:

@@ -1,4 +1,4 @@
-"""Save and resume training checkpoints in the layout openllm_ds/checkpoint.py reads.
+"""Save and resume training checkpoints in the layout openllm_ds/checkpoint/layout.py names.
 
 A save, in order (a crash at any point leaves ``latest`` on the previous complete checkpoint):
 1. every rank: ``engine.save_checkpoint(<output>/checkpoints, tag=step_XXXXXXXX, save_latest=False)``

@@ -1,6 +1,6 @@
 """Run an ONNX export with onnxruntime: full-sequence logits and KV-cache generation.
 
-The export holds two graphs (see onnx.py):
+The export holds two graphs (see export/onnx.py):
 
 - ``model.onnx``: ``input_ids`` (batch, sequence) -> ``logits`` (batch, sequence, vocab)
 - ``decoder_with_past.onnx``: ``input_ids`` (batch, sequence) and ``past_key_values.{i}.key|value``
@@ -19,29 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openllm_ds.checkpoint.layout import ONNX_DECODER, ONNX_VARIANTS, is_onnx_export, past_names, present_names
 from openllm_ds.config import ModelConfig
 from openllm_ds.errors import UserError
 from openllm_ds.utils import read_json
-
-MODEL_FILE = "model.onnx"
-DECODER_FILE = "decoder_with_past.onnx"
-VARIANTS = {  # variant -> (model file, decoder file)
-    "fp32": (MODEL_FILE, DECODER_FILE),
-    "optimized": ("model.optimized.onnx", "decoder_with_past.optimized.onnx"),
-    "int8": ("model.int8.onnx", "decoder_with_past.int8.onnx"),
-}
-
-
-def past_names(n_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-
-
-def present_names(n_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-
-
-def is_onnx_export(path: Path) -> bool:
-    return (Path(path) / DECODER_FILE).is_file() and (Path(path) / "config.json").is_file()
 
 
 def session_options(num_threads: int | None = None, spinning: bool = False):
@@ -73,13 +54,13 @@ class OnnxCausalLM:
 
         self.dir = Path(export_dir)
         if not is_onnx_export(self.dir):
-            raise UserError(f"{self.dir} is not an ONNX export (needs {DECODER_FILE} and config.json); "
+            raise UserError(f"{self.dir} is not an ONNX export (needs {ONNX_DECODER} and config.json); "
                             "run `openllm-ds export --format onnx` first")
         if variant == "auto":
-            variant = "optimized" if (self.dir / VARIANTS["optimized"][1]).is_file() else "fp32"
-        if variant not in VARIANTS:
-            raise UserError(f"ONNX variant must be auto, {', '.join(VARIANTS)}; got {variant!r}")
-        missing = [f for f in VARIANTS[variant] if not (self.dir / f).is_file()]
+            variant = "optimized" if (self.dir / ONNX_VARIANTS["optimized"][1]).is_file() else "fp32"
+        if variant not in ONNX_VARIANTS:
+            raise UserError(f"ONNX variant must be auto, {', '.join(ONNX_VARIANTS)}; got {variant!r}")
+        missing = [f for f in ONNX_VARIANTS[variant] if not (self.dir / f).is_file()]
         if missing:
             raise UserError(f"{self.dir} has no {missing[0]}; export with --optimize_for_inference / --quantize_int8")
         self.variant = variant
@@ -95,7 +76,7 @@ class OnnxCausalLM:
     def _session(self, which: str):
         with self._lock:  # created once, on first use; InferenceSession.run itself is thread-safe
             if which not in self._sessions:
-                file = self.dir / VARIANTS[self.variant][0 if which == "model" else 1]
+                file = self.dir / ONNX_VARIANTS[self.variant][0 if which == "model" else 1]
                 self._sessions[which] = self._ort.InferenceSession(str(file), self._options,
                                                                    providers=["CPUExecutionProvider"])
             return self._sessions[which]
