@@ -80,7 +80,7 @@ def run_validation_documents(run_config) -> tuple[str, list[str]]:
             raise UserError(f"pass --eval_data; the run's validation file {run_config.eval_data} is not there")
         return run_config.eval_data, read_documents(run_config.eval_data)
     from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for
-    from openllm_ds.train.data import is_shards_dir
+    from openllm_ds.tokenizer.shards import is_shards_dir
 
     names, docs = [], []
     for spec, _ in run_config.train.sources:

@@ -28,6 +28,12 @@ META_KEYS = ("format", "vocab_size", "dtype", "eos_id", "tokenizer_sha256", "sou
              "shards")
 
 
+def is_shards_dir(spec: str) -> bool:
+    """A data spec naming token shards already written (a dir with meta.json), not a corpus to tokenize."""
+    p = Path(spec)
+    return not spec.startswith("hf:") and p.is_dir() and (p / META_FILE).is_file()
+
+
 def shard_name(split: str, unit: int) -> str:
     return f"{SPLITS[split]}_{unit:05d}.bin"
 

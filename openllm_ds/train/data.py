@@ -31,6 +31,7 @@ import torch
 
 from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import DataError, UserError
+from openllm_ds.tokenizer.shards import is_shards_dir
 from openllm_ds.train.distributed import DistEnv, broadcast_object
 
 
@@ -125,13 +126,6 @@ def _picklable(result):
     if result is not None and result[0] == "error":
         return result if isinstance(result[1], UserError) else ("error", str(result[1]))
     return result
-
-
-def is_shards_dir(spec: str) -> bool:
-    from openllm_ds.tokenizer.shards import META_FILE
-
-    p = Path(spec)
-    return not spec.startswith("hf:") and p.is_dir() and (p / META_FILE).is_file()
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
