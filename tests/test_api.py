@@ -47,6 +47,58 @@ def test_load_onnx_backend_matches_torch(trained_export):
     assert tmp and not any(Path(d).exists() for d in tmp)  # its temporary ONNX export is gone
 
 
+def test_one_loader_reads_every_kind_of_path(trained_export, tmp_path):
+    """PyTorch and ONNX exports and a DeepSpeed tag of ZeRO shards load through the same loader into the same
+    object: the same step, tokenizer and logits as the training output they came from."""
+    import torch
+
+    from openllm_ds.checkpoint import load_model
+    from openllm_ds.config import ExportConfig
+    from openllm_ds.export import export
+
+    hf, _ = trained_export
+    run = hf.parent / "run"
+    for fmt in ("pytorch", "onnx"):
+        export(ExportConfig(model_dir=str(run), format=fmt, output_dir=str(tmp_path / fmt), verify=False))
+    zero_tag = tmp_path / "zero" / "checkpoints" / "step_00000150"  # a ZeRO save: shards, no model.safetensors
+    shutil.copytree(run / "checkpoints" / "step_00000150", zero_tag, ignore=shutil.ignore_patterns("model.safetensors"))
+    shutil.copytree(run / "tokenizer", tmp_path / "zero" / "tokenizer")
+    ref = load_model(run)
+    ids = torch.tensor([ref.tokenizer.encode_prompt(TEXTS[0])])
+    want = ref.model(ids)
+    for path, kind, backend in [(hf, "huggingface", "torch"), (tmp_path / "pytorch", "pytorch", "torch"),
+                                (tmp_path / "onnx", "onnx", "onnx")]:
+        got = load_model(path, backend=backend)
+        assert (got.kind, got.step, got.model_config) == (kind, 150, ref.model_config)
+        assert got.tokenizer.sha256 == ref.tokenizer.sha256 and got.val_loss == ref.val_loss
+        torch.testing.assert_close(got.model(ids), want, rtol=0, atol=1e-4)
+    with pytest.raises(UserError, match=r"onnx is an ONNX export; serve it with --backend onnx"):
+        load_model(tmp_path / "onnx")
+    with openllm_ds.load(tmp_path / "onnx", backend="onnx") as lm, openllm_ds.load(tmp_path / "pytorch") as pt:
+        assert lm.engine.cleanup == []  # an ONNX export runs as it is, no conversion
+        assert lm.generate(PROMPTS[0], max_new_tokens=8) == pt.generate(PROMPTS[0], max_new_tokens=8)
+    pytest.importorskip("deepspeed")
+    import deepspeed.utils.zero_to_fp32 as z
+
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (zero_tag / name).write_bytes(b"")  # truncated shards: one clear error, naming the tag
+    with pytest.raises(UserError, match=r"step_00000150 is not a complete DeepSpeed ZeRO checkpoint \(zero_to_fp32 "
+                                        r"said: EOFError"):
+        load_model(zero_tag.parent.parent)
+    calls = []  # shards that read: what DeepSpeed's zero_to_fp32 gathers is what loads
+
+    def gather(checkpoint_dir, tag=None, **kw):
+        calls.append((checkpoint_dir, tag))
+        return {f"module.{k}": v.clone() for k, v in ref.model.state_dict().items()}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(z, "get_fp32_state_dict_from_zero_checkpoint", gather)
+        got = load_model(zero_tag)
+    assert calls == [(str(zero_tag.parent), "step_00000150")]
+    assert (got.kind, got.step, got.path, got.tokenizer_dir) == ("deepspeed", 150, zero_tag, tmp_path / "zero" / "tokenizer")
+    torch.testing.assert_close(got.model(ids), want, rtol=0, atol=0)
+
+
 def test_load_bad_path_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"--model_path .*nothing does not exist"):
         openllm_ds.load(tmp_path / "nothing")

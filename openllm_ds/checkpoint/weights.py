@@ -61,8 +61,15 @@ def load_zero_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
     except ImportError:
         raise UserError(f"{tag_dir} holds DeepSpeed ZeRO shards only; consolidating them needs deepspeed "
                         "(pip install deepspeed) or a checkpoint with model.safetensors") from None
-    with weights_only_loads(f"refusing to load {tag_dir}"):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    try:
+        with weights_only_loads(f"refusing to load {tag_dir}"):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except UserError:
+        raise
+    except Exception as e:  # a truncated, missing or foreign file among the shards
+        raise UserError(f"{tag_dir} is not a complete DeepSpeed ZeRO checkpoint (zero_to_fp32 said: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); copy it again, or "
+                        "pass another checkpoint (--checkpoint STEP)") from None
     state = {k.removeprefix("module."): v for k, v in state.items()}
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
