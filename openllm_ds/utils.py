@@ -206,19 +206,42 @@ def check_job_outputs(outputs: dict[str, str | None]) -> None:
                             f"{flag.split()[0]} /shared/...")
 
 
+def start_local_ray(**kwargs) -> None:
+    """Start a private local Ray instance (``ray.init(address="local", **kwargs)``: never a head found on
+    this machine) whose servers listen on loopback only: GCS, raylet, the core worker of the driver and of
+    every worker, the dashboard and runtime-env agents, the metrics exporters.
+
+    Ray binds them to loopback when the node's address is a loopback one, else to all interfaces or the
+    routable address. ``ray.init(_node_ip_address="127.0.0.1")`` does not get there: Ray replaces a
+    loopback address with the routable one (``ray._private.services.resolve_ip_for_localhost``) unless its
+    multi-node support is off (``ray_constants.ENABLE_RAY_CLUSTER``, which ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+    sets when Ray is imported); then the node's address is 127.0.0.1. It is off in this process for the
+    ``ray.init`` call only: the processes Ray starts get the address on their command line."""
+    import ray
+    from ray._private import ray_constants
+
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
+
+
 def init_ray(num_cpus: int | None = None):
-    """Connect to the cluster in ``RAY_ADDRESS`` or start a local instance (the embedded default)."""
+    """Connect to the cluster in ``RAY_ADDRESS`` or start a local instance listening on loopback only
+    (the embedded default, see start_local_ray)."""
     import ray
 
     if ray.is_initialized():
         return ray
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False, "include_dashboard": False}
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
-        ray.init(**kwargs)
+        start_local_ray(include_dashboard=False, **kwargs)
     try:  # one progress bar per stage is ours; Ray's own bars only add noise
         from ray.data import DataContext
 

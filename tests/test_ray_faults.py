@@ -14,11 +14,14 @@ byte for byte (text files, stats.json, shards, meta.json: none holds a timing fi
 training, every logged loss bit for bit (CPU fp32) and every final weight exactly.
 
 Everything runs in one private local Ray instance (never a `ray start` head found on this machine),
-shut down at the end.
+started as the stages start it (init_ray) and shut down at the end; a first test checks that none of its
+servers listens on an address other than loopback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -46,15 +49,77 @@ KILL_AT_STEP = 6  # between the checkpoints of steps 4 and 8
 
 @pytest.fixture(scope="module")
 def private_ray():
-    """A local Ray instance of this module's own (address="local": never a head another process started)."""
+    """The local Ray instance that prepare, tokenize and train start (init_ray: never a head another
+    process started, nor the cluster in a RAY_ADDRESS of the environment), this module's own."""
     import ray
 
+    from openllm_ds.utils import init_ray
+
     ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        init_ray(num_cpus=2)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+
+
+def listening_sockets(ray) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of this Ray instance: the driver (this
+    process) and every process whose command line names the instance's session dir, with their children
+    (the workers, the agents)."""
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    procs = {psutil.Process()}
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(session_dir in arg for arg in p.info["cmdline"] or ()):
+                procs |= {p, *p.children(recursive=True)}
+    names = {}
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            names[p.pid] = p.name()
+    return sorted((c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections(kind="inet")
+                  if c.status == psutil.CONN_LISTEN and c.pid in names)
+
+
+def test_the_local_instance_listens_on_loopback_only(private_ray):
+    """Every server of the local instance (GCS, raylet, core workers of the driver, a task and an actor,
+    dashboard and runtime-env agents, metrics exporters) listens on loopback, not on every interface."""
+    ray = private_ray
+
+    @ray.remote(num_cpus=0)
+    def task_pid() -> int:
+        import os
+
+        return os.getpid()
+
+    @ray.remote(num_cpus=0)
+    class Actor:
+        def pid(self) -> int:
+            import os
+
+            return os.getpid()
+
+    actor = Actor.remote()
+    ray.get([task_pid.remote(), actor.pid.remote()])  # their worker processes are up, with their servers
+    deadline = time.monotonic() + 30  # the agents and the metrics servers come up a little after ray.init
+    while True:
+        sockets = listening_sockets(ray)
+        names = {name for _, _, name in sockets}
+        if {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    ray.kill(actor)
+    print("\n" + "\n".join(f"{f'[{ip}]' if ':' in ip else ip}:{port} {name}" for ip, port, name in sockets))
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::Actor"} <= names, sockets
+    assert [s for s in sockets if not is_loopback(s[0])] == []
+    assert is_loopback(ray._private.worker._global_node.node_ip_address)  # what the workers advertise
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from pathlib import Path
 from openllm_ds.checkpoint import CHECKPOINTS, LATEST
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import UserError
+from openllm_ds.utils import start_local_ray
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -97,7 +98,8 @@ def train_with_ray(cfg: RunConfig) -> dict:
 
 
 def start_ray(num_workers: int) -> None:
-    """Connect to ``RAY_ADDRESS`` or start a local instance, with the workers' output shown here.
+    """Connect to ``RAY_ADDRESS`` or start a local instance listening on loopback only, with the workers'
+    output shown here.
 
     A local instance gets a CPU slot per worker even on a smaller machine (they share the cores).
     """
@@ -108,7 +110,7 @@ def start_ray(num_workers: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+        start_local_ray(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
 
 
 def latest_checkpoint_id(cfg: RunConfig) -> tuple[int, int] | None:
