@@ -63,6 +63,7 @@ def test_one_loader_reads_every_kind_of_path(trained_export, tmp_path):
     zero_tag = tmp_path / "zero" / "checkpoints" / "step_00000150"  # a ZeRO save: shards, no model.safetensors
     shutil.copytree(run / "checkpoints" / "step_00000150", zero_tag, ignore=shutil.ignore_patterns("model.safetensors"))
     shutil.copytree(run / "tokenizer", tmp_path / "zero" / "tokenizer")
+    shutil.copy2(run / "checkpoints" / "latest", zero_tag.parent / "latest")
     ref = load_model(run)
     ids = torch.tensor([ref.tokenizer.encode_prompt(TEXTS[0])])
     want = ref.model(ids)

@@ -123,7 +123,7 @@ def test_huggingface_export_matches_transformers_and_loads_back(which, request, 
         ids = tok.encode(text)[:128]
         assert hf_tok(text, add_special_tokens=False, verbose=False)["input_ids"][:128] == ids
         with torch.no_grad():
-            diff = (hf(torch.tensor([ids])).logits - model(torch.tensor([ids]))[0]).abs().max().item()
+            diff = (hf(torch.tensor([ids])).logits - model(torch.tensor([ids]))).abs().max().item()
         assert diff < 1e-4
 
     # our loader reads the export back with identical weights and the step

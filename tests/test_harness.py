@@ -210,7 +210,7 @@ def test_continuation_logprobs_match_token_by_token_scoring():
         want = 0.0
         for j in range(len(ctx), len(seq)):
             with torch.no_grad():
-                logits = model(torch.tensor([seq[:j]]))[0][0, -1]
+                logits = model(torch.tensor([seq[:j]]))[0, -1]
             want += torch.log_softmax(logits, -1)[seq[j]].item()
         assert value == pytest.approx(want, rel=1e-5)
 

@@ -163,7 +163,8 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None):
         """idx: (B, T) token ids -> logits (B, T, V). Training: with ``targets`` (B, T) -> the mean next-token
         cross-entropy (-100 ignored), computed from the hidden states without keeping the (B, T, V) logits."""
-        return self.lm_head(self.norm(self._trunk(idx)), targets)
+        h = self.norm(self._trunk(idx))
+        return self.lm_head(h) if targets is None else self.lm_head(h, targets)
 
     def decode_step(self, idx, cache: KVCache):
         """Generation: the logits (B, 1, V) of the position after ``idx`` (B, T), which follows the ``cache.pos``
