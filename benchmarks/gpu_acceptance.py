@@ -294,6 +294,8 @@ def train(ctx: Ctx, r: TrainRun, peaks_: dict) -> dict:
     """Run one training job; its summary, log rows and derived figures (or its error)."""
     out = ctx.work / "models" / r.name
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if r.deterministic else {}
+    if r.deterministic and ctx.plan.dry_run:  # on the CPU: MKL's results otherwise depend on the buffers'
+        env.update(MKL_CBWR="AUTO,STRICT", OMP_NUM_THREADS="1")  # alignment and on how threads split a reduction
     with GpuMemory(0 if ctx.plan.dry_run else ctx.plan.gpus) as mem:
         p = run(ctx, f"train-{r.name}", train_command(ctx, r), 600 if not ctx.plan.dry_run else 300, env)
     res = {"name": r.name, "preset": r.preset, "precision": r.precision, "ds_config": Path(r.ds_config).name,
