@@ -75,7 +75,7 @@ CONFIG_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
         ("--source", "data.source", str, "download (official URLs, sha256-checked) | dir (--squad_dir) | hub (Hugging Face datasets)"),
         ("--output_dir", "data.output_dir", str, "where training_data.txt, validation_data.txt and stats.json go (default data/clean)"),
         ("--min_words", "data.min_words", int, "drop passages with fewer words (default 10)"),
-        ("--num_workers", "data.num_workers", int, "Ray workers for cleaning (default 2)"),
+        ("--num_workers", "data.num_workers", int, "Ray workers that share the stage (default 2): cleaning"),
         ("--cache_dir", "data.cache_dir", str, "download cache (default ~/.cache/openllm-ds/squad)"),
     ],
     "train-tokenizer": [
@@ -105,7 +105,7 @@ CONFIG_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
         ("--on_bad_record", "tokenizer.on_bad_record", str, "error (default) | skip"),
         ("--no_dedup", "tokenizer.dedup", False, "keep exact duplicate documents (default: removed)"),
         ("--output_dir", "train.output_dir", str, "run directory (default models/NAME)"),
-        ("--batch_size", "train.micro_batch_size", int, "micro batch per rank"),
+        ("--batch_size", "train.micro_batch_size", int, "sequences per forward pass, on each rank (the micro batch)"),
         ("--gradient_accumulation_steps", "train.gradient_accumulation_steps", int, "micro batches per optimizer step"),
         ("--learning_rate", "train.learning_rate", float, "peak learning rate (warmup then cosine)"),
         ("--max_steps", "train.max_steps", int, "optimizer steps"),
@@ -115,7 +115,7 @@ CONFIG_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
         ("--resume", "train.resume", str, "auto (latest checkpoint in --output_dir) | none | a checkpoint dir"),
         ("--init_from", "train.init_from", str, "start a new run from these weights: a training output, a "
          "checkpoints/step_* dir or a Hugging Face Llama dir"),
-        ("--num_workers", "train.num_workers", int, "N > 0: N DeepSpeed workers under Ray Train; 0: this process (or the deepspeed launcher's)"),
+        ("--num_workers", "train.num_workers", int, "Ray workers that share the stage (0: this process, or the deepspeed launcher's): N DeepSpeed ranks under Ray Train"),
         ("--seed", "train.seed", int, "random seed"),
     ],
 }
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no_dedup", "--no-dedup", action="store_true", help="keep exact duplicate documents (default: removed)")
     sp.add_argument("--holdout", type=_float, default=0.0, help="share of documents (by hash) written as a held-out "
                     "split for validation (default 0)")
-    sp.add_argument("--num_workers", type=_int, default=2, help="Ray workers (default 2; 0: in this process)")
+    sp.add_argument("--num_workers", type=_int, default=2, help="Ray workers that share the stage (default 2; 0: this process): tokenization")
     sp.add_argument("--unit_bytes", type=_int, default=16 * 2**20, help=argparse.SUPPRESS)
 
     sp = add("train", cmd_train, "Stages 3-4: train the transformer with DeepSpeed ZeRO (locally, or Ray Train with --num_workers).")
@@ -311,11 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval_data", help="text file, one document a line (e.g. data/clean/validation_data.txt)")
     sp.add_argument("--metrics", default="perplexity,loss", help="comma list: perplexity, loss, bits_per_byte, word_perplexity")
     sp.add_argument("--stride", type=_int, default=None, help="sliding-window stride in tokens (default: half the context)")
-    sp.add_argument("--batch_size", type=_int, default=8, help="windows per forward pass")
+    sp.add_argument("--batch_size", type=_int, default=8, help="sequences (evaluation windows) per forward pass")
     sp.add_argument("--checkpoint", type=_int, default=None, help="training step to evaluate (default: latest)")
     sp.add_argument("--tasks", default=None, help="comma list of harness task YAMLs (eval/*.yaml) or task names")
     sp.add_argument("--checkpoints", default=None, help="'all', 'latest' or a comma list of steps (with --tasks)")
-    sp.add_argument("--num_workers", type=_int, default=2, help="Ray workers for tasks x checkpoints")
+    sp.add_argument("--num_workers", type=_int, default=2, help="Ray workers that share the stage (default 2; 0: this process): tasks x checkpoints")
     sp.add_argument("--output", default=None, help="JSON report path (also printed to stdout)")
 
     sp = add("generate", cmd_generate, "Stage 5: generate text from a prompt (streams to the terminal).")
