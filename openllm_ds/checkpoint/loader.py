@@ -137,7 +137,8 @@ def load_model(model_dir: str | Path, step: int | None = None, device: str | tor
     if backend != "torch":
         raise UserError(f"--backend must be torch or onnx, got {backend!r}")
     if src.kind == "onnx":
-        raise UserError(f"{model_dir} is an ONNX export; serve it with --backend onnx")
+        raise UserError(f"{model_dir} is an ONNX export; serve it with --backend onnx (onnxruntime runs it, PyTorch "
+                        "cannot: evaluate or export from the training output or its Hugging Face export)")
     from openllm_ds.model import Transformer
 
     cfg, path = src.model_config, src.path

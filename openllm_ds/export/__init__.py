@@ -1,9 +1,9 @@
 """Stage 6, export: Hugging Face (transformers, vLLM), PyTorch and ONNX (onnxruntime) writers.
 
 ``export(ExportConfig(...))`` loads the weights through the read side (``openllm_ds.checkpoint.load_model``: a
-training output, a step dir, a DeepSpeed tag of ZeRO shards or another export), writes the chosen format into a temporary sibling of the output dir, verifies it there, and only
-then moves it into place: a failed export leaves no directory a later stage would take for
-complete.
+training output, a step dir, a DeepSpeed tag of ZeRO shards or another export), writes the chosen format into a
+temporary sibling of the output dir, verifies it there, and only then moves it into place: a failed export leaves
+no directory a later stage would take for complete.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from openllm_ds.config import ExportConfig
-from openllm_ds.errors import UserError
-from openllm_ds.errors import VerificationError
-from openllm_ds.export.huggingface import export_huggingface
 from openllm_ds.checkpoint import LoadedModel, is_export_file, load_model
+from openllm_ds.config import ExportConfig
+from openllm_ds.errors import UserError, VerificationError
 from openllm_ds.export.common import check_output_dir
+from openllm_ds.export.huggingface import export_huggingface
 from openllm_ds.utils import _umask, atomic_dir
 
 FORMATS = ("huggingface", "pytorch", "onnx")
