@@ -402,6 +402,7 @@ def test_two_replicas_on_ray_serve_behind_one_endpoint(hf_export, client, reques
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=running.base_url, api_key="wrong", max_retries=0).models.list()
         assert [m.id for m in replicas.models.list().data] == [MODEL]
+        assert ray._private.worker._global_node.node_ip_address == "127.0.0.1"  # its servers listen on loopback
 
         def ask(i):
             raw = replicas.completions.with_raw_response.create(model=MODEL, prompt=PROMPTS[i % 8], max_tokens=8,

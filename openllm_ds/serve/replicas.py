@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from openllm_ds.errors import UserError
+from openllm_ds.utils import start_local_ray
 
 APP_NAME = "openllm-ds"
 
@@ -187,8 +188,10 @@ def start_replicas(model_path: str | Path, engine: str, num_replicas: int, host:
     started_ray = not ray.is_initialized()
     if started_ray:
         try:
-            ray.init(address=address, namespace=APP_NAME, log_to_driver=False,
-                     **({} if address else {"include_dashboard": False}))
+            if address:
+                ray.init(address=address, namespace=APP_NAME, log_to_driver=False)
+            else:  # a private instance listening on loopback only, as prepare/tokenize/train start
+                start_local_ray(namespace=APP_NAME, log_to_driver=False, include_dashboard=False)
         except ConnectionError as e:
             raise UserError(f"--address {address}: cannot connect to the Ray cluster ({e}); start it with "
                             "`ray start --head` or fix the address") from None
