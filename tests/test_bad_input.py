@@ -334,7 +334,17 @@ CASES = [
     Case("evaluate", "corrupt model.safetensors", 2, "evaluate --model_dir model --eval_data text.txt --output rep.json",
          r"model/checkpoints/step_00000002/model\.safetensors is not a readable safetensors file .* corrupt or truncated",
          ("rep.json",), files={**CORRUPT_RUN, "text.txt": TEXT}),
+    Case("evaluate", "a DeepSpeed tag of truncated ZeRO shards only", 2,
+         "evaluate --model_dir model --eval_data text.txt --output rep.json",
+         r"model/checkpoints/step_00000002 is not a complete DeepSpeed ZeRO checkpoint \(zero_to_fp32 said: .*\); "
+         r"copy it again, or pass another checkpoint", ("rep.json",),
+         files={**{k: v for k, v in CORRUPT_RUN.items() if not k.endswith("model.safetensors")}, "text.txt": TEXT,
+                "model/checkpoints/step_00000002/mp_rank_00_model_states.pt": "",
+                "model/checkpoints/step_00000002/zero_pp_rank_0_mp_rank_00_optim_states.pt": ""}),
     # ---- generate --------------------------------------------------------------------------------
+    Case("generate", "an ONNX export whose config.json is a JSON list", 2, "generate --model_dir onnx --prompt Hi",
+         r"onnx/config\.json holds a JSON list, not an object; re-export the model \(--format onnx\)", (),
+         files={"onnx/config.json": "[]", "onnx/decoder_with_past.onnx": GARBAGE}),
     Case("generate", "negative temperature", 2, "generate --model_dir model --prompt Hi --temperature -1",
          r"--temperature must be a finite number >= 0 \(0 = greedy\), got -1\.0", ()),
     Case("generate", "temperature NaN", 2, "generate --model_dir model --prompt Hi --temperature nan",
@@ -382,6 +392,10 @@ CASES = [
          r"model\.safetensors is not a readable safetensors file", (),
          files={**CORRUPT_RUN, "out/config.json": HF_CONFIG, "out/model.safetensors": GARBAGE},
          kept=("out/config.json", "out/model.safetensors")),
+    Case("export", "an export whose openllm_ds.json is not an object", 2,
+         "export --model_dir hf --format pytorch --output_dir out",
+         r"hf/openllm_ds\.json holds a JSON str, not an object; re-export the model", ("out",),
+         files={"hf/config.json": HF_TIED, "hf/model.safetensors": GARBAGE, "hf/openllm_ds.json": '"step 3"'}),
     # ---- serve -----------------------------------------------------------------------------------
     Case("serve", "port past 65535", 2, "serve --model_path exp --port 70000",
          r"argument --port: a TCP port is 0-65535 \(0: any free one\), got 70000", ()),

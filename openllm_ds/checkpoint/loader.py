@@ -92,7 +92,7 @@ def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSou
     if not tok_dir.is_dir():
         tok_dir = Path(run_cfg.train.tokenizer_dir)
     if is_zero_tag(path):
-        state = read_json(path / TRAIN_STATE, "pass another --checkpoint") if (path / TRAIN_STATE).is_file() else {}
+        state = _json_object(path / TRAIN_STATE, "pass another --checkpoint") if (path / TRAIN_STATE).is_file() else {}
         m = ANY_STEP_DIR.match(path.name)
         return WeightsSource(run_cfg.model, tok_dir, state.get("step", int(m.group(1)) if m else None), "deepspeed",
                              path, run_cfg, state, run_cfg.name)
@@ -101,7 +101,7 @@ def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSou
 
 
 def _export_source(root: Path) -> WeightsSource:
-    card = read_json(root / EXPORT_INFO, "re-export the model") if (root / EXPORT_INFO).is_file() else {}
+    card = _json_object(root / EXPORT_INFO, "re-export the model") if (root / EXPORT_INFO).is_file() else {}
     figures = {k: card[k] for k in ("val_loss", "tokens_seen") if card.get(k) is not None}
     if is_hf_export(root):
         from openllm_ds.model.hf_map import from_hf_config
@@ -110,13 +110,20 @@ def _export_source(root: Path) -> WeightsSource:
         kind = "huggingface"
     else:  # PyTorch and ONNX exports store our ModelConfig's fields
         kind = "pytorch" if is_pytorch_export(root) else "onnx"
-        fields = read_json(root / "config.json", f"re-export the model (--format {kind})")
+        fields = _json_object(root / "config.json", f"re-export the model (--format {kind})")
         try:
             cfg = ModelConfig(**fields)
         except TypeError as e:
             raise UserError(f"{root / 'config.json'} is not a model config of this version ({e}); re-export the "
                             f"model (--format {kind})") from None
     return WeightsSource(cfg, root, card.get("step"), kind, root, None, figures, card.get("run_name"))
+
+
+def _json_object(path: Path, fix: str) -> dict:
+    data = read_json(path, fix)
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
 
 
 def load_model(model_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",
