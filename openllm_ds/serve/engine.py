@@ -68,14 +68,44 @@ class DecodePath:
         return self.inference_mode is not False and self.transposed_weights is not False
 
 
+class PieceTexts:
+    """The text each normal piece adds after another normal piece, decoded once per id (``Choice``'s fast path).
+
+    SentencePiece decodes a normal piece alike wherever it follows another piece; byte pieces (which join
+    their neighbours into characters), control and unknown pieces have no entry (None).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._anchor = next(i for i in range(tokenizer.vocab_size) if self._normal(i))
+        self._anchor_text = tokenizer.decode([self._anchor])
+        self._texts: dict[int, str | None] = {}
+
+    def _normal(self, token: int) -> bool:
+        sp = self.tokenizer.sp
+        return not (sp.is_control(token) or sp.is_unknown(token) or sp.is_byte(token) or sp.is_unused(token))
+
+    def get(self, token: int) -> str | None:
+        if token not in self._texts:
+            self._texts[token] = (self.tokenizer.decode([self._anchor, token])[len(self._anchor_text):]
+                                  if self._normal(token) else None)
+        return self._texts[token]
+
+
 @dataclass
 class Choice:
-    """One completion of one prompt, assembled token by token."""
+    """One completion of one prompt, assembled token by token.
+
+    Its text is what decoding the prompt's last tokens and all its ids at once gives, less the prompt's own
+    text (which keeps the completion's first space). The text up to a normal piece is final, so a step decodes
+    only the ids from the last normal piece on, and a normal piece right after another is one lookup.
+    """
 
     index: int
     tokenizer: Tokenizer
     prompt_ids: list[int]
     stop: tuple[str, ...]
+    pieces: PieceTexts | None = None  # shared by the engine's generations; one of its own if None
     ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of ``text`` already handed out
@@ -83,8 +113,11 @@ class Choice:
     num_tokens: int = 0
 
     def __post_init__(self):
+        self.pieces = self.pieces or PieceTexts(self.tokenizer)
         self._context = self.prompt_ids[-PROMPT_CONTEXT_TOKENS:]
         self._context_text = self.tokenizer.decode(self._context)
+        self._last: int | None = None  # index in ids of the last normal piece; the text up to it is final
+        self._final = ""  # that text
 
     def add(self, token: int, eos_id: int) -> str:
         """Append a generated token; return the text that is now safe to hand out."""
@@ -92,8 +125,13 @@ class Choice:
         if token == eos_id:
             return self.finish("stop")
         self.ids.append(token)
-        full = self.tokenizer.decode(self._context + self.ids)
-        self.text = full[len(self._context_text):] if full.startswith(self._context_text) else self.tokenizer.decode(self.ids)
+        piece = self.pieces.get(token)
+        if piece is not None and self._last is not None and self._last == len(self.ids) - 2:
+            self.text = self._final + piece
+        else:
+            self.text = self._decode()
+        if piece is not None:
+            self._last, self._final = len(self.ids) - 1, self.text
         hits = [k for k in (self.text.find(s) for s in self.stop) if k >= 0]
         if hits:
             self.text = self.text[: min(hits)]
@@ -103,6 +141,16 @@ class Choice:
             return ""
         delta, self.sent = self.text[self.sent:safe], safe
         return delta
+
+    def _decode(self) -> str:
+        """The text from SentencePiece: the ids from the last normal piece on (less that piece's own text) after the
+        final text, else the context and all ids less the context's text."""
+        decode = self.tokenizer.decode
+        if self._last is not None:
+            tail = self.ids[self._last:]
+            return self._final + decode(tail)[len(decode(tail[:1])):]
+        full = decode(self._context + self.ids)
+        return full[len(self._context_text):] if full.startswith(self._context_text) else decode(self.ids)
 
     def _holdback(self) -> int:
         """Trailing characters that may still change: an incomplete UTF-8 sequence, a partial stop string."""
@@ -166,6 +214,7 @@ class CompletionEngine:
         # longest first, so that one special token that starts another never wins over it
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")")
         self.cleanup: list = []  # temporary dirs owned by the engine (an on-the-fly ONNX export)
+        self.pieces = PieceTexts(tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -252,7 +301,7 @@ class Generation:
                  cancel: threading.Event | None = None):
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
         self.cancel = cancel or threading.Event()
-        self.choices = [Choice(i, engine.tokenizer, prompt_ids, params.stop) for i in range(params.n)]
+        self.choices = [Choice(i, engine.tokenizer, prompt_ids, params.stop, engine.pieces) for i in range(params.n)]
         self.steps = 0  # decode steps run
 
     @property
