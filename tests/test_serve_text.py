@@ -7,8 +7,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
-from openllm_ds.serve.engine import PROMPT_CONTEXT_TOKENS, Choice, PieceTexts
+from openllm_ds.config import ModelConfig
+from openllm_ds.model import generate
+from openllm_ds.serve.engine import PROMPT_CONTEXT_TOKENS, Choice, CompletionEngine, PieceTexts, SamplingParams
 from openllm_ds.tokenizer import load_tokenizer
 
 EOS = 2
@@ -132,3 +135,39 @@ def test_a_step_decodes_only_its_new_ids(tok, monkeypatch):
     assert c.text == decode(prompt[-PROMPT_CONTEXT_TOKENS:] + ids)[len(decode(prompt[-PROMPT_CONTEXT_TOKENS:])):]
     context = len(prompt[-PROMPT_CONTEXT_TOKENS:])
     assert calls == [context, context + 1]  # the context, then it with the first token
+
+
+class _RowModel:
+    """Row 0 says EOS at its third step, then follows its input; rows 1 and 2 sample from broad fixed logits."""
+
+    num_threads = 1
+
+    def __init__(self, vocab_size: int):
+        self.cfg = ModelConfig(vocab_size=vocab_size, d_model=8, n_layers=1, n_heads=1, d_ff=8, max_seq_len=64)
+        self.base = torch.randn(3, vocab_size, generator=torch.Generator().manual_seed(0))
+
+    def new_kv_cache(self, batch, device):
+        return [0]
+
+    def decode_step(self, idx, cache):
+        cache[0] += 1
+        logits = self.base.clone()
+        logits[0] = -1e4
+        logits[0, EOS if cache[0] == 3 else (idx[0, -1].item() * 7 + 5) % self.cfg.vocab_size] = 0
+        return logits[:, None]
+
+
+def test_a_choice_ending_at_eos_changes_no_other_choice(tok):
+    """The engine stops each choice at EOS itself: its samples are those of generate() with eos_id, which feeds
+    a finished row EOS instead of its own next token."""
+    lm = _RowModel(tok.vocab_size)
+    engine = CompletionEngine(lm, tok, "rows", 64, max_concurrency=1, backend="onnx")
+    prompt = tok.encode_prompt("The history of the university")
+    params = SamplingParams(max_tokens=12, temperature=1.0, n=3, seed=11)
+    texts, reasons, _ = engine.complete(prompt, params)
+    steps = list(generate(lm, torch.tensor([prompt] * 3), 12, temperature=1.0, eos_id=EOS,
+                          generator=torch.Generator().manual_seed(11)))
+    rows = torch.stack(steps, dim=1).tolist()
+    expected = [full_text(tok, prompt, row[: row.index(EOS)] if EOS in row else row) for row in rows]
+    assert texts == expected and reasons == ["stop", "length", "length"]
+    engine.close()

@@ -126,7 +126,7 @@ class Choice:
             return self.finish("stop")
         self.ids.append(token)
         piece = self.pieces.get(token)
-        if piece is not None and self._last is not None and self._last == len(self.ids) - 2:
+        if piece is not None and self._last == len(self.ids) - 2:
             self.text = self._final + piece
         else:
             self.text = self._decode()
@@ -318,8 +318,10 @@ class Generation:
         eos = engine.tokenizer.eos_id
         with engine._lock:
             engine.running += 1
+        # no eos_id: Choice.add ends a choice at EOS and the loop below ends once every choice has (rows sample
+        # independently, so what a finished row is fed next changes no other row)
         steps = generate(engine.lm, idx, p.max_tokens, temperature=p.temperature,
-                                   top_p=p.top_p if p.top_p < 1.0 else None, eos_id=eos, generator=generator)
+                         top_p=p.top_p if p.top_p < 1.0 else None, generator=generator)
         tokens = None
         try:
             for tokens in steps:
