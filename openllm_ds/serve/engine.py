@@ -132,10 +132,11 @@ class Choice:
             self.text = self._decode()
         if piece is not None:
             self._last, self._final = len(self.ids) - 1, self.text
-        hits = [k for k in (self.text.find(s) for s in self.stop) if k >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return self.finish("stop")
+        if self.stop:
+            hits = [k for k in (self.text.find(s) for s in self.stop) if k >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return self.finish("stop")
         safe = len(self.text) - self._holdback()
         if safe <= self.sent:
             return ""
@@ -207,7 +208,10 @@ class CompletionEngine:
         self._lock = threading.Lock()
         self._threads_before = torch.get_num_threads()
         if backend == "torch":
+            from openllm_ds.model.kernels import Linear
+
             torch.set_num_threads(self.num_threads)  # process-wide; close() gives the old value back
+            self._linears = [m for m in lm.modules() if isinstance(m, Linear)]  # DecodePath checks their copies
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix=WORKER_PREFIX)
         ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)
         self._special = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}  # "<s>" -> 1, "</s>" -> 2, ...
@@ -278,11 +282,8 @@ class CompletionEngine:
 
     def _record_path(self, first_token: torch.Tensor) -> None:
         if self.backend == "torch":
-            from openllm_ds.model.kernels import Linear
-
-            linears = [m for m in self.lm.modules() if isinstance(m, Linear)]
             transposed = all(m.packed is not None and m.packed[0] == (m.weight.data_ptr(), m.weight._version)
-                             for m in linears)
+                             for m in self._linears)
             path = DecodePath("torch", first_token.is_inference(), transposed, torch.get_num_threads(),
                               threading.current_thread().name)
         else:
