@@ -14,7 +14,9 @@ Speed (one client should see the engine's in-process tokens/s): the workers are 
 workers; on a 2-core machine one thread each, which is also the fastest for a small model), and a
 warm-up generation at load makes the transposed weight copies of the decode fast path
 (``model/transformer.py``'s ``Linear``) before the first request. Each generation records the
-path it took (``DecodePath``): inference mode, transposed weights, threads, worker thread.
+path it took (``DecodePath``): inference mode, transposed weights, threads, worker thread. Per token
+the engine adds little to the decode step: a normal piece's text is a table lookup (``PieceTexts``),
+not a decode of the whole completion, and EOS is checked once, by ``Choice.add``.
 
 A generation stops within one decode step when its ``cancel`` event is set (the client went away).
 """
