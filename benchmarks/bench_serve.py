@@ -5,8 +5,10 @@
 
 1. One client, 64 greedy tokens of "The history of the university": the built-in server's torch and
    onnx backends (both running) against the same engines in-process (our ``openllm_ds.model.generate`` and
-   onnxruntime, one thread, as bench_export.py) and transformers' ``generate`` on the export; after a
-   warm-up, the five take turns ``--repeats`` times and each row is the median.
+   onnxruntime, one thread, as bench_export.py) and transformers' ``generate`` on the export; the servers
+   are asked through the official ``openai`` client and, to show that client's own share of the time,
+   through the standard library's ``http.client``; after a warm-up, the seven take turns ``--repeats``
+   times and each row is the median.
 2. Load: vLLM (its CPU build here), the built-in server (torch, onnx) and 2 built-in replicas on Ray
    Serve, each in its own process(es), at 1, 16 and 64 concurrent clients sending streamed greedy
    completions of ``--max_tokens`` (different prompts) through the official ``openai`` client:
@@ -99,6 +101,23 @@ def one_client_call(port: int, n: int = 64):
     return once
 
 
+def plain_http_call(port: int, n: int = 64):
+    """``one_client_call`` through ``http.client`` (one kept-alive connection) instead of the ``openai`` client."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": n, "temperature": 0}).encode()
+
+    def once() -> float:
+        t = time.perf_counter()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = json.loads(conn.getresponse().read())
+        return r["usage"]["completion_tokens"] / (time.perf_counter() - t)
+
+    return once
+
+
 def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
     import openai
 
@@ -155,7 +174,8 @@ def one_client_rates(hf_dir: Path, onnx_dir: Path, ports: dict[str, int], repeat
 
     ways = {"ours": timed(lambda: list(generate(ours, ids, n, temperature=0))), "transformers": timed(run_hf),
             "onnx": timed(lambda: list(generate(lm, ids, n, temperature=0))),
-            **{f"server {k}": one_client_call(port, n) for k, port in ports.items()}}
+            **{f"server {k}": one_client_call(port, n) for k, port in ports.items()},
+            **{f"server {k} http.client": plain_http_call(port, n) for k, port in ports.items()}}
     for fn in ways.values():
         fn()  # warm-up
     rates = {k: [] for k in ways}
@@ -193,7 +213,7 @@ def main():
             for proc, _ in servers.values():
                 stop(proc)
         inproc = rates
-        served = {"torch": rates["server torch"], "onnx": rates["server onnx"]}
+        served = {k: rates[f"server {k}"] for k in ("torch", "onnx", "torch http.client", "onnx http.client")}
 
         rows, notes = [], []
         clients = [int(c) for c in args.clients.split(",")]
@@ -229,7 +249,7 @@ def main():
     print(f"\n## Serving on loopback ({hf['num_params']:,} parameters, {'random weights' if not args.model_dir else model_dir})\n")
     print(f"{cores} CPU cores, load average {os.getloadavg()[0]:.2f}\n")
     print(f"### One client, 64 greedy tokens (the server against the same engine in-process; medians of {args.repeats} "
-          "turns)\n")
+          "turns; the servers asked through the `openai` client unless marked)\n")
     print("| engine | tokens/s | vs in-process | vs transformers `generate` |")
     print("|---|---:|---:|---:|")
     t = inproc["transformers"]
@@ -237,9 +257,13 @@ def main():
     print(f"| ours `openllm_ds.model.generate` (in-process, 1 thread) | {inproc['ours']:.0f} | 1.00x | {inproc['ours'] / t:.2f}x |")
     print(f"| built-in server, torch backend | {served['torch']:.0f} | {served['torch'] / inproc['ours']:.2f}x | "
           f"{served['torch'] / t:.2f}x |")
+    print(f"| built-in server, torch backend, asked through `http.client` | {served['torch http.client']:.0f} | "
+          f"{served['torch http.client'] / inproc['ours']:.2f}x | {served['torch http.client'] / t:.2f}x |")
     print(f"| onnxruntime (in-process, 1 thread) | {inproc['onnx']:.0f} | 1.00x | {inproc['onnx'] / t:.2f}x |")
     print(f"| built-in server, onnx backend | {served['onnx']:.0f} | {served['onnx'] / inproc['onnx']:.2f}x | "
           f"{served['onnx'] / t:.2f}x |")
+    print(f"| built-in server, onnx backend, asked through `http.client` | {served['onnx http.client']:.0f} | "
+          f"{served['onnx http.client'] / inproc['onnx']:.2f}x | {served['onnx http.client'] / t:.2f}x |")
     print(f"\n### Load ({args.max_tokens}-token streamed greedy completions, {args.requests} per row, each server "
           "alone on the machine)\n")
     print("| server | clients | requests/s | output tokens/s | p50 ms | p99 ms | first token p50 ms | first token p99 ms |")

@@ -119,6 +119,29 @@ def test_generate_stops_at_eos_and_is_seeded():
     assert s1 == s2
 
 
+class _Scripted:
+    """A model whose row r says script[r][k] at step k."""
+
+    cfg = CFG
+
+    def __init__(self, script: list[list[int]]):
+        self.script, self.step = torch.tensor(script), 0
+
+    def new_kv_cache(self, batch, device):
+        return None
+
+    def decode_step(self, idx, cache):
+        self.step += 1
+        return F.one_hot(self.script[:, self.step - 1], CFG.vocab_size).float()[:, None]
+
+
+def test_generate_fills_finished_rows_with_eos_until_every_row_is_done():
+    script = [[5, 6, 2, 7, 8, 9, 9], [5, 2, 6, 7, 8, 9, 9], [5, 6, 7, 8, 2, 9, 9]]
+    out = torch.stack(list(generate(_Scripted(script), torch.zeros(3, 1, dtype=torch.long), 7, temperature=0,
+                                    eos_id=2)), dim=1)
+    assert out.tolist() == [[5, 6, 2, 2, 2], [5, 2, 2, 2, 2], [5, 6, 7, 8, 2]]
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     m = _model()
     m.train()

@@ -30,7 +30,7 @@ def generate(
         B = idx.size(0)
         cache = model.new_kv_cache(B, idx.device)
         pos, step_in = 0, idx
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        done = [False] * B  # rows that produced eos_id, as Python bools: cheaper per step than ops on a (B,) tensor
         seen = idx
         for _ in range(max_new_tokens):
             if pos + step_in.size(1) > model.cfg.max_seq_len:
@@ -44,10 +44,11 @@ def generate(
                 logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
+                if any(done):
+                    nxt = nxt.masked_fill(torch.tensor(done, device=nxt.device), eos_id)
+                done = [d or t == eos_id for d, t in zip(done, nxt.tolist())]
             yield nxt
-            if eos_id is not None and bool(done.all()):
+            if eos_id is not None and all(done):
                 break
             step_in = nxt[:, None]
             if repetition_penalty != 1.0:

@@ -14,7 +14,9 @@ Speed (one client should see the engine's in-process tokens/s): the workers are 
 workers; on a 2-core machine one thread each, which is also the fastest for a small model), and a
 warm-up generation at load makes the transposed weight copies of the decode fast path
 (``model/transformer.py``'s ``Linear``) before the first request. Each generation records the
-path it took (``DecodePath``): inference mode, transposed weights, threads, worker thread.
+path it took (``DecodePath``): inference mode, transposed weights, threads, worker thread. Per token
+the engine adds little to the decode step: a normal piece's text is a table lookup (``PieceTexts``),
+not a decode of the whole completion, and EOS is checked once, by ``Choice.add``.
 
 A generation stops within one decode step when its ``cancel`` event is set (the client went away).
 """
@@ -68,14 +70,44 @@ class DecodePath:
         return self.inference_mode is not False and self.transposed_weights is not False
 
 
+class PieceTexts:
+    """The text each normal piece adds after another normal piece, decoded once per id (``Choice``'s fast path).
+
+    SentencePiece decodes a normal piece alike wherever it follows another piece; byte pieces (which join
+    their neighbours into characters), control and unknown pieces have no entry (None).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._anchor = next(i for i in range(tokenizer.vocab_size) if self._normal(i))
+        self._anchor_text = tokenizer.decode([self._anchor])
+        self._texts: dict[int, str | None] = {}
+
+    def _normal(self, token: int) -> bool:
+        sp = self.tokenizer.sp
+        return not (sp.is_control(token) or sp.is_unknown(token) or sp.is_byte(token) or sp.is_unused(token))
+
+    def get(self, token: int) -> str | None:
+        if token not in self._texts:
+            self._texts[token] = (self.tokenizer.decode([self._anchor, token])[len(self._anchor_text):]
+                                  if self._normal(token) else None)
+        return self._texts[token]
+
+
 @dataclass
 class Choice:
-    """One completion of one prompt, assembled token by token."""
+    """One completion of one prompt, assembled token by token.
+
+    Its text is what decoding the prompt's last tokens and all its ids at once gives, less the prompt's own
+    text (which keeps the completion's first space). The text up to a normal piece is final, so a step decodes
+    only the ids from the last normal piece on, and a normal piece right after another is one lookup.
+    """
 
     index: int
     tokenizer: Tokenizer
     prompt_ids: list[int]
     stop: tuple[str, ...]
+    pieces: PieceTexts | None = None  # shared by the engine's generations; one of its own if None
     ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of ``text`` already handed out
@@ -83,8 +115,11 @@ class Choice:
     num_tokens: int = 0
 
     def __post_init__(self):
+        self.pieces = self.pieces or PieceTexts(self.tokenizer)
         self._context = self.prompt_ids[-PROMPT_CONTEXT_TOKENS:]
         self._context_text = self.tokenizer.decode(self._context)
+        self._last: int | None = None  # index in ids of the last normal piece; the text up to it is final
+        self._final = ""  # that text
 
     def add(self, token: int, eos_id: int) -> str:
         """Append a generated token; return the text that is now safe to hand out."""
@@ -92,17 +127,33 @@ class Choice:
         if token == eos_id:
             return self.finish("stop")
         self.ids.append(token)
-        full = self.tokenizer.decode(self._context + self.ids)
-        self.text = full[len(self._context_text):] if full.startswith(self._context_text) else self.tokenizer.decode(self.ids)
-        hits = [k for k in (self.text.find(s) for s in self.stop) if k >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return self.finish("stop")
+        piece = self.pieces.get(token)
+        if piece is not None and self._last == len(self.ids) - 2:
+            self.text = self._final + piece
+        else:
+            self.text = self._decode()
+        if piece is not None:
+            self._last, self._final = len(self.ids) - 1, self.text
+        if self.stop:
+            hits = [k for k in (self.text.find(s) for s in self.stop) if k >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return self.finish("stop")
         safe = len(self.text) - self._holdback()
         if safe <= self.sent:
             return ""
         delta, self.sent = self.text[self.sent:safe], safe
         return delta
+
+    def _decode(self) -> str:
+        """The text from SentencePiece: the ids from the last normal piece on (less that piece's own text) after the
+        final text, else the context and all ids less the context's text."""
+        decode = self.tokenizer.decode
+        if self._last is not None:
+            tail = self.ids[self._last:]
+            return self._final + decode(tail)[len(decode(tail[:1])):]
+        full = decode(self._context + self.ids)
+        return full[len(self._context_text):] if full.startswith(self._context_text) else decode(self.ids)
 
     def _holdback(self) -> int:
         """Trailing characters that may still change: an incomplete UTF-8 sequence, a partial stop string."""
@@ -159,13 +210,17 @@ class CompletionEngine:
         self._lock = threading.Lock()
         self._threads_before = torch.get_num_threads()
         if backend == "torch":
+            from openllm_ds.model.kernels import Linear
+
             torch.set_num_threads(self.num_threads)  # process-wide; close() gives the old value back
+            self._linears = [m for m in lm.modules() if isinstance(m, Linear)]  # DecodePath checks their copies
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix=WORKER_PREFIX)
         ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)
         self._special = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}  # "<s>" -> 1, "</s>" -> 2, ...
         # longest first, so that one special token that starts another never wins over it
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")")
         self.cleanup: list = []  # temporary dirs owned by the engine (an on-the-fly ONNX export)
+        self.pieces = PieceTexts(tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -229,11 +284,8 @@ class CompletionEngine:
 
     def _record_path(self, first_token: torch.Tensor) -> None:
         if self.backend == "torch":
-            from openllm_ds.model.kernels import Linear
-
-            linears = [m for m in self.lm.modules() if isinstance(m, Linear)]
             transposed = all(m.packed is not None and m.packed[0] == (m.weight.data_ptr(), m.weight._version)
-                             for m in linears)
+                             for m in self._linears)
             path = DecodePath("torch", first_token.is_inference(), transposed, torch.get_num_threads(),
                               threading.current_thread().name)
         else:
@@ -252,7 +304,7 @@ class Generation:
                  cancel: threading.Event | None = None):
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
         self.cancel = cancel or threading.Event()
-        self.choices = [Choice(i, engine.tokenizer, prompt_ids, params.stop) for i in range(params.n)]
+        self.choices = [Choice(i, engine.tokenizer, prompt_ids, params.stop, engine.pieces) for i in range(params.n)]
         self.steps = 0  # decode steps run
 
     @property
@@ -269,8 +321,10 @@ class Generation:
         eos = engine.tokenizer.eos_id
         with engine._lock:
             engine.running += 1
+        # no eos_id: Choice.add ends a choice at EOS and the loop below ends once every choice has (rows sample
+        # independently, so what a finished row is fed next changes no other row)
         steps = generate(engine.lm, idx, p.max_tokens, temperature=p.temperature,
-                                   top_p=p.top_p if p.top_p < 1.0 else None, eos_id=eos, generator=generator)
+                         top_p=p.top_p if p.top_p < 1.0 else None, generator=generator)
         tokens = None
         try:
             for tokens in steps:
