@@ -6,7 +6,7 @@
     print(lm.perplexity(["The Normans gave their name to Normandy."]))
     ids = lm.tokenizer.encode("Normandy")
 
-It is the built-in server's engine (``serve.engine.load_engine``) without the server: the same prompt convention
+It is the built-in server's completer (``serve.completer.load_completer``) without the server: the same prompt convention
 (the prompt after EOS, where training documents start), the same decoding, with the torch or onnx backend.
 """
 
@@ -18,25 +18,25 @@ from openllm_ds.errors import UserError
 
 
 class LanguageModel:
-    """Trained weights, their tokenizer and a decoding engine; ``close()`` (or ``with``) frees its worker threads."""
+    """Trained weights, their tokenizer and a ``Completer`` that decodes; ``close()`` (or ``with``) frees its worker threads."""
 
-    def __init__(self, engine, path: Path):
-        self.engine = engine
+    def __init__(self, completer, path: Path):
+        self.completer = completer
         self.path = path
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.completer.tokenizer
 
     @property
     def model(self):
         """The ``Transformer`` (torch backend) or ``OnnxCausalLM`` (onnx backend)."""
-        return self.engine.lm
+        return self.completer.lm
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: tuple[str, ...] = ()) -> str:
         """The continuation of ``prompt`` (without the prompt); temperature 0 is greedy."""
-        from openllm_ds.serve.engine import SamplingParams
+        from openllm_ds.serve.completer import SamplingParams
 
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -44,12 +44,12 @@ class LanguageModel:
             raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
         if not 0 < top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {top_p}")
-        ids = self.engine.encode(prompt)
-        if len(ids) >= self.engine.max_length:
-            raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {self.engine.max_length}")
+        ids = self.completer.encode(prompt)
+        if len(ids) >= self.completer.max_length:
+            raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {self.completer.max_length}")
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=tuple(stop), seed=seed)
-        texts, _, _ = self.engine.complete(ids, params)
+        texts, _, _ = self.completer.complete(ids, params)
         return texts[0]
 
     def perplexity(self, texts: str | list[str], stride: int | None = None) -> float:
@@ -63,7 +63,7 @@ class LanguageModel:
         return evaluate_text(self.model, self.tokenizer, docs, stride=stride, progress=False)["perplexity"]
 
     def close(self) -> None:
-        self.engine.close()
+        self.completer.close()
 
     def __enter__(self):
         return self
@@ -72,14 +72,14 @@ class LanguageModel:
         self.close()
 
     def __repr__(self) -> str:
-        return f"LanguageModel({str(self.path)!r}, backend={self.engine.backend!r})"
+        return f"LanguageModel({str(self.path)!r}, backend={self.completer.backend!r})"
 
 
 def load(path: str | Path, backend: str = "torch", max_length: int = 2048) -> LanguageModel:
     """Trained weights from ``path``: a training output (its latest checkpoint), one of its ``checkpoints/step_*``
     dirs, or a Hugging Face, PyTorch or ONNX export. ``backend="onnx"`` runs onnxruntime (an export to ONNX is
     made in a temporary dir when ``path`` is not one)."""
-    from openllm_ds.serve.engine import load_engine
+    from openllm_ds.serve.completer import load_completer
 
-    engine = load_engine(path, backend=backend, max_length=max_length, max_concurrency=1, warm_up=False)
-    return LanguageModel(engine, Path(path))
+    completer = load_completer(path, backend=backend, max_length=max_length, max_concurrency=1, warm_up=False)
+    return LanguageModel(completer, Path(path))

@@ -34,14 +34,14 @@ def test_load_generates_and_scores_as_the_cli_does(trained_export, tmp_path, whe
         report = evaluate(hf, eval_data=str(tmp_path / "texts.txt"), metrics=("perplexity",))
         assert lm.perplexity(TEXTS) == pytest.approx(report["perplexity"], rel=1e-6)
         assert 1 < lm.perplexity(TEXTS) < 8000
-    assert lm.engine._pool._shutdown  # closed by the with block
+    assert lm.completer._pool._shutdown  # closed by the with block
 
 
 def test_load_onnx_backend_matches_torch(trained_export):
     hf, _ = trained_export
     with openllm_ds.load(hf) as torch_lm, openllm_ds.load(hf, backend="onnx") as onnx_lm:
-        assert onnx_lm.engine.backend == "onnx"
-        tmp = list(onnx_lm.engine.cleanup)
+        assert onnx_lm.completer.backend == "onnx"
+        tmp = list(onnx_lm.completer.cleanup)
         assert onnx_lm.generate(PROMPTS[0], max_new_tokens=12) == torch_lm.generate(PROMPTS[0], max_new_tokens=12)
         assert onnx_lm.perplexity(TEXTS) == pytest.approx(torch_lm.perplexity(TEXTS), rel=1e-4)
     assert tmp and not any(Path(d).exists() for d in tmp)  # its temporary ONNX export is gone
@@ -76,7 +76,7 @@ def test_one_loader_reads_every_kind_of_path(trained_export, tmp_path):
     with pytest.raises(UserError, match=r"onnx is an ONNX export; serve it with --backend onnx"):
         load_model(tmp_path / "onnx")
     with openllm_ds.load(tmp_path / "onnx", backend="onnx") as lm, openllm_ds.load(tmp_path / "pytorch") as pt:
-        assert lm.engine.cleanup == []  # an ONNX export runs as it is, no conversion
+        assert lm.completer.cleanup == []  # an ONNX export runs as it is, no conversion
         assert lm.generate(PROMPTS[0], max_new_tokens=8) == pt.generate(PROMPTS[0], max_new_tokens=8)
     pytest.importorskip("deepspeed")
     import deepspeed.utils.zero_to_fp32 as z

@@ -1,5 +1,5 @@
 """The built-in OpenAI-compatible server (FastAPI on uvicorn), driven by the official openai client on loopback;
-its decode fast path, cancellation, engine choice, and 2 replicas on Ray Serve."""
+its decode fast path, cancellation, completer choice, and 2 replicas on Ray Serve."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
 from openllm_ds.export import export
 from openllm_ds.model import generate
-from openllm_ds.serve import choose_engine, load_engine, serve, start_server, vllm_command
-from openllm_ds.serve.engine import WORKER_PREFIX
+from openllm_ds.serve import choose_engine, load_completer, serve, start_server, vllm_command
+from openllm_ds.serve.completer import WORKER_PREFIX
 from openllm_ds.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -45,15 +45,15 @@ def hf_export(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(hf_export):
-    engine = load_engine(hf_export[0], "torch", max_length=128, model_name=MODEL)
-    yield engine
-    engine.close()
+def completer(hf_export):
+    completer = load_completer(hf_export[0], "torch", max_length=128, model_name=MODEL)
+    yield completer
+    completer.close()
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    with start_server(engine=engine) as srv:
+def server(completer):
+    with start_server(completer=completer) as srv:
         yield srv
 
 
@@ -121,7 +121,7 @@ def test_streaming_concatenates_to_the_full_answer(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
 
 
-def test_chat_uses_the_exported_chat_template(client, engine, hf_export):
+def test_chat_uses_the_exported_chat_template(client, completer, hf_export):
     transformers = pytest.importorskip("transformers")
     messages = [{"role": "system", "content": "You answer questions about Wikipedia."},
                 {"role": "user", "content": "Where is Normandy?"},
@@ -129,7 +129,7 @@ def test_chat_uses_the_exported_chat_template(client, engine, hf_export):
                 {"role": "user", "content": "Who named it?"}]
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_export[0]))
     want = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert engine.encode(engine.render_chat(messages), add_prefix=False) == list(want)
+    assert completer.encode(completer.render_chat(messages), add_prefix=False) == list(want)
     assert want[0] == 2  # the template opens with the prompt prefix, </s>
     assert 2 in want  # the assistant turn ends with </s> as one token
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0)
@@ -178,16 +178,16 @@ def test_concurrent_requests_each_get_their_own_answer(client):
     assert concurrent == sequential
 
 
-def test_client_leaving_mid_stream_frees_its_slot(server, client, engine):
+def test_client_leaving_mid_stream_frees_its_slot(server, client, completer):
     body = json.dumps({"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 100, "temperature": 0, "stream": True})
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
         assert b"text/event-stream" in sock.recv(4096)
     deadline = time.time() + 10
-    while engine.running and time.time() < deadline:
+    while completer.running and time.time() < deadline:
         time.sleep(0.05)
-    assert engine.running == 0
+    assert completer.running == 0
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
 
@@ -224,16 +224,16 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
 
 
-def test_a_server_bug_is_a_500_and_the_server_keeps_serving(client, engine, monkeypatch):
-    monkeypatch.setattr(engine, "complete", lambda ids, params, cancel=None: 1 / 0)
+def test_a_server_bug_is_a_500_and_the_server_keeps_serving(client, completer, monkeypatch):
+    monkeypatch.setattr(completer, "complete", lambda ids, params, cancel=None: 1 / 0)
     with pytest.raises(openai.InternalServerError, match="internal server error"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2)
     monkeypatch.undo()
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_api_key(engine):
-    with start_server(engine=engine, api_key="s3cret-key") as srv:
+def test_api_key(completer):
+    with start_server(completer=completer, api_key="s3cret-key") as srv:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0).models.list()
         status, body = raw_request(srv, "POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x"}).encode(),
@@ -246,8 +246,8 @@ def test_api_key(engine):
 
 def test_onnx_backend_gives_the_torch_answers(hf_export, client):
     with start_server(hf_export[0], backend="onnx", max_length=128, model_name=MODEL) as srv:
-        tmp = srv.engine.cleanup[0]
-        assert (tmp / "onnx" / "decoder_with_past.onnx").is_file() and srv.engine.backend == "onnx"
+        tmp = srv.completer.cleanup[0]
+        assert (tmp / "onnx" / "decoder_with_past.onnx").is_file() and srv.completer.backend == "onnx"
         onnx_client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
         for prompt in PROMPTS[:3]:
             kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
@@ -255,22 +255,22 @@ def test_onnx_backend_gives_the_torch_answers(hf_export, client):
     assert not tmp.exists()
 
 
-def test_torch_backend_serves_a_pytorch_export(hf_export, engine, tmp_path):
+def test_torch_backend_serves_a_pytorch_export(hf_export, completer, tmp_path):
     export(ExportConfig(model_dir=str(hf_export[0]), format="pytorch", output_dir=str(tmp_path / "pt"), verify=False))
     from openllm_ds.serve import SamplingParams
 
-    pt_engine = load_engine(tmp_path / "pt", "torch", max_length=128)
-    ids = engine.encode(PROMPTS[4])
+    pt_completer = load_completer(tmp_path / "pt", "torch", max_length=128)
+    ids = completer.encode(PROMPTS[4])
     params = SamplingParams(max_tokens=10, temperature=0)
-    assert pt_engine.complete(ids, params) == engine.complete(ids, params)
+    assert pt_completer.complete(ids, params) == completer.complete(ids, params)
     with pytest.raises(UserError, match="is an ONNX export; serve it with --backend onnx"):
         (tmp_path / "fake_onnx").mkdir()
         for name in ("decoder_with_past.onnx", "config.json"):
             (tmp_path / "fake_onnx" / name).write_text("{}")
-        load_engine(tmp_path / "fake_onnx", "torch")
+        load_completer(tmp_path / "fake_onnx", "torch")
 
 
-# --- engine choice and vLLM ---------------------------------------------------------------------------
+# --- engine choice and vLLM ------------------------------------------------------------------------------
 
 def _fake_vllm(monkeypatch, build: str | None, gpu: bool):
     import openllm_ds.serve.vllm as vllm
@@ -332,52 +332,52 @@ def test_vllm_command(hf_export, monkeypatch):
     assert not any("k3y" in a for a in cmd)  # the key travels in VLLM_API_KEY (see test_serve_vllm.py)
 
 
-# --- issue 18: the server keeps the engine's speed --------------------------------------------------------
+# --- the server keeps the completer's in-process speed -----------------------------------------------------
 
-def test_server_generations_take_the_decode_fast_path(client, engine, monkeypatch):
+def test_server_generations_take_the_decode_fast_path(client, completer, monkeypatch):
     r = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=8, temperature=0)
     assert r.usage.completion_tokens >= 1
-    path = engine.last_decode_path
+    path = completer.last_decode_path
     assert path.backend == "torch" and path.inference_mode is True and path.transposed_weights is True and path.fast
-    assert path.threads == engine.num_threads == max(1, (os.cpu_count() or 1) // engine.max_concurrency)
+    assert path.threads == completer.num_threads == max(1, (os.cpu_count() or 1) // completer.max_concurrency)
     assert path.worker.startswith(WORKER_PREFIX)  # a long-lived worker, not a thread per request
     # the check can fail: with the decode fast path switched off, the transposed weights are never made
     import openllm_ds.model.transformer as transformer
 
     monkeypatch.setattr(transformer.torch, "is_inference_mode_enabled", lambda: False)
-    engine.lm.eval()  # drops the transposed copies
+    completer.lm.eval()  # drops the transposed copies
     client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=8, temperature=0)
-    assert engine.last_decode_path.transposed_weights is False and not engine.last_decode_path.fast
+    assert completer.last_decode_path.transposed_weights is False and not completer.last_decode_path.fast
     monkeypatch.undo()
     client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=8, temperature=0)
-    assert engine.last_decode_path.fast
+    assert completer.last_decode_path.fast
 
 
-def test_a_non_streaming_client_that_leaves_stops_its_generation(server, engine, monkeypatch):
-    import openllm_ds.serve.engine as engine_module
+def test_a_non_streaming_client_that_leaves_stops_its_generation(server, completer, monkeypatch):
+    import openllm_ds.serve.completer as completer_module
 
-    real_generate = engine_module.generate
+    real_generate = completer_module.generate
 
     def slow_generate(*a, **kw):  # 50 ms a token: 100 tokens would take 5 s
         for t in real_generate(*a, **kw):
             time.sleep(0.05)
             yield t
 
-    monkeypatch.setattr(engine_module, "generate", slow_generate)
-    cancelled = engine.cancelled
+    monkeypatch.setattr(completer_module, "generate", slow_generate)
+    cancelled = completer.cancelled
     body = json.dumps({"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 100, "temperature": 1.0, "seed": 7})
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
         deadline = time.time() + 10
-        while not engine.running and time.time() < deadline:
+        while not completer.running and time.time() < deadline:
             time.sleep(0.01)
-        assert engine.running == 1
+        assert completer.running == 1
     t = time.time()
-    while engine.running and time.time() - t < 10:
+    while completer.running and time.time() - t < 10:
         time.sleep(0.01)
-    assert engine.running == 0 and time.time() - t < 1.0  # stopped within a decode step or so, not after 5 s
-    assert engine.cancelled == cancelled + 1 and engine.last_cancelled_steps < 60
+    assert completer.running == 0 and time.time() - t < 1.0  # stopped within a decode step or so, not after 5 s
+    assert completer.cancelled == cancelled + 1 and completer.last_cancelled_steps < 60
 
 
 # --- replicas on Ray Serve ----------------------------------------------------------------------------------

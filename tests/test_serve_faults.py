@@ -85,10 +85,10 @@ def server(hf_export, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(hf_export):
-    from openllm_ds.serve import load_engine
+def completer(hf_export):
+    from openllm_ds.serve import load_completer
 
-    return load_engine(hf_export, "torch", max_length=CONTEXT, model_name=MODEL)
+    return load_completer(hf_export, "torch", max_length=CONTEXT, model_name=MODEL)
 
 
 # --- HTTP helpers ----------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def test_every_endpoint_but_health_needs_the_key(server):
     assert status == 200 and [m["id"] for m in data["data"]] == [MODEL]
 
 
-def test_the_key_is_compared_in_constant_time(engine, monkeypatch):
+def test_the_key_is_compared_in_constant_time(completer, monkeypatch):
     import hmac
 
     from openllm_ds.serve import start_server
@@ -394,17 +394,17 @@ def test_the_key_is_compared_in_constant_time(engine, monkeypatch):
     seen = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: seen.append((a, b)) or real(a, b))
-    with start_server(engine=engine, api_key="abc") as srv:
+    with start_server(completer=completer, api_key="abc") as srv:
         assert call(srv.port, "GET", "/v1/models", headers={"Authorization": "Bearer abd"}, auth=False)[0] == 401
         assert call(srv.port, "GET", "/v1/models", headers={"Authorization": "Bearer abc"}, auth=False)[0] == 200
     assert seen == [(b"abd", b"abc"), (b"abc", b"abc")]
 
 
-def test_an_empty_api_key_is_refused(hf_export, engine):
+def test_an_empty_api_key_is_refused(hf_export, completer):
     from openllm_ds.serve import serve, start_server
 
     with pytest.raises(UserError, match="--api_key .*is empty"):
-        start_server(engine=engine, api_key="  ")
+        start_server(completer=completer, api_key="  ")
     with pytest.raises(UserError, match="--api_key .*is empty"):
         serve(hf_export, engine="builtin", api_key="")
     # an empty OPENLLM_API_KEY is refused too (it used to start a server with no authentication at all)
@@ -481,10 +481,10 @@ def test_clients_leaving_mid_stream_free_their_slots(server):
     assert status == 200 and data["usage"]["completion_tokens"] >= 1
 
 
-def test_a_body_that_stalls_gets_408(engine):
+def test_a_body_that_stalls_gets_408(completer):
     from openllm_ds.serve import start_server
 
-    with start_server(engine=engine, body_timeout=0.5) as srv:
+    with start_server(completer=completer, body_timeout=0.5) as srv:
         status, headers, data = raw_exchange(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
                                                        b"Content-Length: 100\r\n\r\n{\"model\"")
         assert_openai_error(status, json.loads(data), 408, None, "request_timeout")
@@ -550,10 +550,10 @@ def test_200_concurrent_clients_get_their_own_answers(server):
 
 # --- nothing from a request reaches the file system or a shell --------------------------------------
 
-def test_no_request_reaches_the_file_system_or_a_shell(engine, monkeypatch, tmp_path):
+def test_no_request_reaches_the_file_system_or_a_shell(completer, monkeypatch, tmp_path):
     from openllm_ds.serve import start_server
 
-    with start_server(engine=engine, api_key=KEY) as srv:
+    with start_server(completer=completer, api_key=KEY) as srv:
         calls = []
 
         def record(name, real):
@@ -596,7 +596,7 @@ class _Payload:
 
 def test_a_pytorch_export_with_pickled_code_is_refused(hf_export, tmp_path):
     from openllm_ds.cli import main as cli_main
-    from openllm_ds.serve import load_engine, serve
+    from openllm_ds.serve import load_completer, serve
 
     export(ExportConfig(model_dir=str(hf_export), format="pytorch", output_dir=str(tmp_path / "pt"), verify=False))
     state = torch.load(tmp_path / "pt" / "model.pt", weights_only=True)
@@ -609,7 +609,7 @@ def test_a_pytorch_export_with_pickled_code_is_refused(hf_export, tmp_path):
     marker = tmp_path / "marker"
     torch.save({**state, "extra": _Payload(marker)}, tmp_path / "pt" / "model.pt")
     with pytest.raises(UserError, match="refusing to load .*pickled objects other than tensors"):
-        load_engine(tmp_path / "pt", "torch", max_length=CONTEXT)
+        load_completer(tmp_path / "pt", "torch", max_length=CONTEXT)
     with pytest.raises(UserError, match="refusing to load"):
         serve(tmp_path / "pt", engine="builtin", port=free_port())
     assert cli_main(["serve", "--model_path", str(tmp_path / "pt"), "--engine", "builtin",
@@ -624,7 +624,7 @@ def test_a_zero_checkpoint_with_pickled_code_is_refused(tokenizer_dir, tmp_path)
 
     from test_export import make_fake_run
 
-    from openllm_ds.serve import load_engine
+    from openllm_ds.serve import load_completer
 
     run = tmp_path / "run"
     make_fake_run(run, tokenizer_dir)
@@ -637,7 +637,7 @@ def test_a_zero_checkpoint_with_pickled_code_is_refused(tokenizer_dir, tmp_path)
         export(ExportConfig(model_dir=str(run), format="huggingface", output_dir=str(tmp_path / "hf"), verify=False))
     before = set(Path(tempfile.gettempdir()).glob("openllm-ds-onnx-*"))
     with pytest.raises(UserError, match="refusing to load"):
-        load_engine(run, "onnx", max_length=CONTEXT)
+        load_completer(run, "onnx", max_length=CONTEXT)
     assert set(Path(tempfile.gettempdir()).glob("openllm-ds-onnx-*")) == before  # its temporary dir is gone
     assert not marker.exists() and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
     torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)  # the payload is live

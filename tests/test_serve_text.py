@@ -11,7 +11,7 @@ import torch
 
 from openllm_ds.config import ModelConfig
 from openllm_ds.model import generate
-from openllm_ds.serve.engine import PROMPT_CONTEXT_TOKENS, Choice, CompletionEngine, PieceTexts, SamplingParams
+from openllm_ds.serve.completer import PROMPT_CONTEXT_TOKENS, Choice, Completer, PieceTexts, SamplingParams
 from openllm_ds.tokenizer import load_tokenizer
 
 EOS = 2
@@ -158,16 +158,16 @@ class _RowModel:
 
 
 def test_a_choice_ending_at_eos_changes_no_other_choice(tok):
-    """The engine stops each choice at EOS itself: its samples are those of generate() with eos_id, which feeds
+    """The completer stops each choice at EOS itself: its samples are those of generate() with eos_id, which feeds
     a finished row EOS instead of its own next token."""
     lm = _RowModel(tok.vocab_size)
-    engine = CompletionEngine(lm, tok, "rows", 64, max_concurrency=1, backend="onnx")
+    completer = Completer(lm, tok, "rows", 64, max_concurrency=1, backend="onnx")
     prompt = tok.encode_prompt("The history of the university")
     params = SamplingParams(max_tokens=12, temperature=1.0, n=3, seed=11)
-    texts, reasons, _ = engine.complete(prompt, params)
+    texts, reasons, _ = completer.complete(prompt, params)
     steps = list(generate(lm, torch.tensor([prompt] * 3), 12, temperature=1.0, eos_id=EOS,
                           generator=torch.Generator().manual_seed(11)))
     rows = torch.stack(steps, dim=1).tolist()
     expected = [full_text(tok, prompt, row[: row.index(EOS)] if EOS in row else row) for row in rows]
     assert texts == expected and reasons == ["stop", "length", "length"]
-    engine.close()
+    completer.close()

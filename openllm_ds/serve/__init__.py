@@ -15,10 +15,10 @@ from pathlib import Path
 
 from openllm_ds.errors import UserError
 from openllm_ds.serve.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, build_app
-from openllm_ds.serve.engine import CompletionEngine, DecodePath, SamplingParams, load_engine
+from openllm_ds.serve.completer import Completer, DecodePath, SamplingParams, load_completer
 from openllm_ds.serve.vllm import VLLMServer, choose_engine, vllm_command
 
-__all__ = ["serve", "start_server", "RunningServer", "load_engine", "CompletionEngine", "SamplingParams",
+__all__ = ["serve", "start_server", "RunningServer", "load_completer", "Completer", "SamplingParams",
            "DecodePath", "build_app", "choose_engine", "vllm_command", "VLLMServer", "check_api_key"]
 
 
@@ -84,8 +84,8 @@ class RunningServer:
     server: object  # uvicorn.Server
     thread: threading.Thread
     sock: socket.socket
-    engine: CompletionEngine
-    owns_engine: bool = False  # stop() then also closes the engine and removes its temporary files
+    completer: Completer
+    owns_completer: bool = False  # stop() then also closes the completer and removes its temporary files
 
     @property
     def port(self) -> int:
@@ -105,8 +105,8 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
-        if self.owns_engine:
-            self.engine.close()
+        if self.owns_completer:
+            self.completer.close()
 
     def __enter__(self):
         return self
@@ -117,27 +117,27 @@ class RunningServer:
 
 def start_server(model_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 0, max_length: int = 512,
                  backend: str = "torch", api_key: str | None = None, model_name: str | None = None,
-                 engine: CompletionEngine | None = None, log_requests: bool = False, max_concurrency: int = 4,
+                 completer: Completer | None = None, log_requests: bool = False, max_concurrency: int = 4,
                  max_body_bytes: int | None = None, num_threads: int | None = None,
                  body_timeout: float = BODY_TIMEOUT_S) -> RunningServer:
-    """Start the built-in server in a daemon thread (port 0: a free port). Pass ``engine`` to reuse a loaded model."""
+    """Start the built-in server in a daemon thread (port 0: a free port). Pass ``completer`` to reuse a loaded model."""
     check_api_key(api_key)
     check_limits(max_body_bytes, max_concurrency)
-    owns_engine = engine is None
-    if engine is None:
+    owns_completer = completer is None
+    if completer is None:
         if model_path is None:
-            raise UserError("start_server needs model_path or engine")
-        engine = load_engine(model_path, backend, max_length, model_name, max_concurrency=max_concurrency,
-                             num_threads=num_threads)
+            raise UserError("start_server needs model_path or completer")
+        completer = load_completer(model_path, backend, max_length, model_name, max_concurrency=max_concurrency,
+                                   num_threads=num_threads)
     sock = listen(host, port)
-    server = uvicorn_server(build_app(engine, api_key, max_body_bytes or MAX_BODY_BYTES, body_timeout), sock,
+    server = uvicorn_server(build_app(completer, api_key, max_body_bytes or MAX_BODY_BYTES, body_timeout), sock,
                             log_requests)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name=f"openllm-ds-server-{sock.getsockname()[1]}")
     thread.start()
     while not server.started and thread.is_alive():
         threading.Event().wait(0.01)
-    return RunningServer(server, thread, sock, engine, owns_engine)
+    return RunningServer(server, thread, sock, completer, owns_completer)
 
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_length: int = 512, engine: str = "auto",
@@ -167,7 +167,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_length: int
 
         run_vllm(path, host, port, max_length, api_key=api_key, model_name=model_name, extra_args=vllm_args)
         return
-    loaded = load_engine(path, backend, max_length, model_name, max_concurrency=max_concurrency, num_threads=num_threads)
+    loaded = load_completer(path, backend, max_length, model_name, max_concurrency=max_concurrency, num_threads=num_threads)
     try:
         sock = listen(host, port)
         server = uvicorn_server(build_app(loaded, api_key, max_body_bytes or MAX_BODY_BYTES), sock)

@@ -12,7 +12,7 @@ time), and the body's framing: a Content-Length is required (411 for chunked bod
 ``body_timeout`` seconds (408). Every error is OpenAI's ``{"error": {...}}`` JSON with a 4xx status;
 after one whose body was not read the connection is closed.
 
-Generation runs on the engine's worker threads; the event loop only parses, streams and waits. A
+Generation runs on the completer's worker threads; the event loop only parses, streams and waits. A
 client that goes away stops its generation within one decode step, streaming or not.
 """
 
@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from openllm_ds.serve.engine import CompletionEngine, model_card
+from openllm_ds.serve.completer import Completer, model_card
 from openllm_ds.serve.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, chunk_body, new_id, now, parse_request,
     response_body, usage_chunk,
@@ -188,9 +188,9 @@ class _ClientGone(Exception):
     pass
 
 
-def build_app(engine: CompletionEngine, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+def build_app(completer: Completer, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
-    """The OpenAI-compatible API of ``engine``: a FastAPI app wrapped in ``RequestGuard``."""
+    """The OpenAI-compatible API of ``completer``: a FastAPI app wrapped in ``RequestGuard``."""
     app = FastAPI(title="openllm-ds", summary="OpenAI-compatible completions and chat completions",
                   redoc_url=None)
     created = now()
@@ -211,17 +211,17 @@ def build_app(engine: CompletionEngine, api_key: str | None = None, max_body_byt
 
     @app.get("/health")
     async def health():
-        return json_response(200, {"status": "ok", "model": engine.model_name})
+        return json_response(200, {"status": "ok", "model": completer.model_name})
 
     @app.get("/v1/models")
     async def models():
-        return json_response(200, {"object": "list", "data": [{**model_card(engine), "created": created}]})
+        return json_response(200, {"object": "list", "data": [{**model_card(completer), "created": created}]})
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != engine.model_name:
+        if model_id != completer.model_name:
             raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-        return json_response(200, {**model_card(engine), "created": created})
+        return json_response(200, {**model_card(completer), "created": created})
 
     def schema(model) -> dict:
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
@@ -236,7 +236,7 @@ def build_app(engine: CompletionEngine, api_key: str | None = None, max_body_byt
 
     async def _answer(request: Request, kind: str):
         try:
-            return await _generate(request, parse_request(parse_json(await request.body()), engine, kind))
+            return await _generate(request, parse_request(parse_json(await request.body()), completer, kind))
         except APIError as e:
             return error_response(e)
         except Exception:  # a bug: answer 500, log it, keep serving (the connection stays usable)
@@ -245,12 +245,12 @@ def build_app(engine: CompletionEngine, api_key: str | None = None, max_body_byt
                                            type="server_error", code="internal_error"))
 
     async def _generate(request: Request, req: GenerationRequest):
-        rid, model_name = new_id(req.kind), engine.model_name
+        rid, model_name = new_id(req.kind), completer.model_name
         if req.stream:
-            return StreamingResponse(_events(engine, req, rid, now()), media_type="text/event-stream",
+            return StreamingResponse(_events(completer, req, rid, now()), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         cancel = threading.Event()
-        future = engine.submit(_complete_all, engine, req, cancel)
+        future = completer.submit(_complete_all, completer, req, cancel)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
         try:
             texts, reasons, completion_tokens = await asyncio.wrap_future(future)
@@ -264,10 +264,10 @@ def build_app(engine: CompletionEngine, api_key: str | None = None, max_body_byt
     return RequestGuard(app, api_key, max_body_bytes, body_timeout)
 
 
-def _complete_all(engine: CompletionEngine, req: GenerationRequest, cancel: threading.Event):
+def _complete_all(completer: Completer, req: GenerationRequest, cancel: threading.Event):
     texts, reasons, tokens = [], [], 0
     for prompt in req.prompts:
-        t, r, c = engine.complete(prompt, req.params, cancel)
+        t, r, c = completer.complete(prompt, req.params, cancel)
         texts, reasons, tokens = texts + t, reasons + r, tokens + c
     return texts, reasons, tokens
 
@@ -280,12 +280,12 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> No
         cancel.set()
 
 
-async def _events(engine: CompletionEngine, req: GenerationRequest, rid: str, created: int):
+async def _events(completer: Completer, req: GenerationRequest, rid: str, created: int):
     """Server-sent events of a streamed answer; the generation runs on a worker and hands its steps over a queue."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
-    model, n = engine.model_name, req.params.n
+    model, n = completer.model_name, req.params.n
 
     def put(item) -> None:
         with suppress(RuntimeError):  # the event loop is gone: the server is shutting down
@@ -296,7 +296,7 @@ async def _events(engine: CompletionEngine, req: GenerationRequest, rid: str, cr
             tokens = 0
             for p_index, prompt in enumerate(req.prompts):
                 put(("start", p_index))
-                run = engine.generate(prompt, req.params, cancel)
+                run = completer.generate(prompt, req.params, cancel)
                 for updates in run:
                     put(("step", p_index, updates))
                 tokens += run.completion_tokens
@@ -307,7 +307,7 @@ async def _events(engine: CompletionEngine, req: GenerationRequest, rid: str, cr
     def event(payload) -> bytes:
         return b"data: " + (payload if isinstance(payload, bytes) else _dumps(payload)) + b"\n\n"
 
-    engine.submit(produce)
+    completer.submit(produce)
     try:
         while True:
             item = await queue.get()

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from openllm_ds.errors import UserError
-from openllm_ds.serve.engine import CompletionEngine, SamplingParams
+from openllm_ds.serve.completer import Completer, SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
@@ -273,50 +273,50 @@ class GenerationRequest:
     include_usage: bool
 
 
-def parse_request(body, engine: CompletionEngine, kind: str) -> GenerationRequest:
-    """Validate a completions ("completion") or chat completions ("chat") body for ``engine``."""
+def parse_request(body, completer: Completer, kind: str) -> GenerationRequest:
+    """Validate a completions ("completion") or chat completions ("chat") body for ``completer``."""
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object")
     model = CompletionRequest if kind == "completion" else ChatCompletionRequest
     try:
-        req = model.model_validate(body, context={"vocab_size": engine.vocab_size})
+        req = model.model_validate(body, context={"vocab_size": completer.vocab_size})
     except ValidationError as e:
         raise api_error(e) from None
-    return generation_request(req, engine)
+    return generation_request(req, completer)
 
 
-def generation_request(req: CompletionRequest | ChatCompletionRequest, engine: CompletionEngine) -> GenerationRequest:
-    if req.model != engine.model_name:
-        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{engine.model_name}'",
+def generation_request(req: CompletionRequest | ChatCompletionRequest, completer: Completer) -> GenerationRequest:
+    if req.model != completer.model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{completer.model_name}'",
                        param="model", code="model_not_found")
     if isinstance(req, ChatCompletionRequest):
         kind, prompt_param = "chat", "messages"
         if req.messages is None:
             raise bad("messages", "you must provide a messages parameter")
         try:
-            text = engine.render_chat([m.model_dump() for m in req.messages])
+            text = completer.render_chat([m.model_dump() for m in req.messages])
         except UserError as e:
             raise bad("messages", str(e)) from None
         except Exception as e:  # a template's raise_exception(), or a jinja error on these messages
             raise bad("messages", f"the chat template cannot render these messages: {e}") from None
-        prompts = [engine.encode(text, add_prefix=False)]  # the template starts with the prefix itself
+        prompts = [completer.encode(text, add_prefix=False)]  # the template starts with the prefix itself
         max_key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     else:
         kind, prompt_param, max_key, max_tokens = "completion", "prompt", "max_tokens", req.max_tokens
-        prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in req.prompt_list()]
+        prompts = [completer.encode(p) if isinstance(p, str) else list(p) for p in req.prompt_list()]
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise bad("prompt", "the prompt is empty: it must hold at least one token")
-    room = engine.max_length - longest
+    room = completer.max_length - longest
     if room < 1:
-        raise bad(prompt_param, f"This model's maximum context length is {engine.max_length} tokens; the prompt has "
+        raise bad(prompt_param, f"This model's maximum context length is {completer.max_length} tokens; the prompt has "
                   f"{longest} tokens and leaves no room for a completion. Shorten the prompt.",
                   code="context_length_exceeded")
     if max_tokens is None:
         max_tokens = room if kind == "chat" else min(DEFAULT_COMPLETION_TOKENS, room)
     elif max_tokens > room:
-        raise bad(max_key, f"This model's maximum context length is {engine.max_length} tokens. However, you requested "
+        raise bad(max_key, f"This model's maximum context length is {completer.max_length} tokens. However, you requested "
                            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the completion). "
                            "Reduce the prompt or the completion length.", code="context_length_exceeded")
     params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, n=req.n,

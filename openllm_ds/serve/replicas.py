@@ -2,7 +2,7 @@
 
 Each replica is a Ray Serve deployment replica whose ingress is a FastAPI app:
 
-- built-in engine: the same app as ``openllm-ds serve`` (app.py) on its own ``CompletionEngine``;
+- built-in engine: the same app as ``openllm-ds serve`` (app.py) on its own ``Completer``;
 - vLLM: the replica starts vLLM's OpenAI server as a child process on a free loopback port (with a
   random key of its own) and its ingress app forwards every request to it, streams included.
 
@@ -57,19 +57,19 @@ def _builtin_replica_class():
         def __init__(self, model_path: str, backend: str, max_length: int, model_name: str, max_concurrency: int,
                      num_threads: int | None, api_key: str | None, max_body_bytes: int):
             from openllm_ds.serve.app import build_app
-            from openllm_ds.serve.engine import load_engine
+            from openllm_ds.serve.completer import load_completer
 
-            self.engine = load_engine(model_path, backend, max_length, model_name, max_concurrency=max_concurrency,
-                                      num_threads=num_threads)
-            self.ingress_app = _tag_replica(build_app(self.engine, api_key, max_body_bytes), _replica_id())
+            self.completer = load_completer(model_path, backend, max_length, model_name,
+                                            max_concurrency=max_concurrency, num_threads=num_threads)
+            self.ingress_app = _tag_replica(build_app(self.completer, api_key, max_body_bytes), _replica_id())
 
         def __serve_build_asgi_app__(self):
             return self.ingress_app
 
         def __del__(self):
-            engine = getattr(self, "engine", None)
-            if engine is not None:
-                engine.close()
+            completer = getattr(self, "completer", None)
+            if completer is not None:
+                completer.close()
 
     return BuiltinReplica
 

@@ -1,4 +1,4 @@
-"""The built-in server's generation engine: prompt -> tokens -> KV-cache generation -> text.
+"""The built-in server's completer: prompt -> tokens -> KV-cache generation -> text.
 
 Concurrency: generations run on a fixed pool of ``max_concurrency`` worker threads, each request's
 generation on one of them from start to end; further requests wait in the pool's queue (no 503s).
@@ -8,14 +8,14 @@ generations proceed side by side without sharing state. Prompts of different len
 batched together: the model has no padding mask, and per-request generation keeps every answer
 identical to a sequential one.
 
-Speed (one client should see the engine's in-process tokens/s): the workers are long-lived threads
+Speed (one client should see the completer's in-process tokens/s): the workers are long-lived threads
 (OpenMP's and MKL's per-thread state is built once, not per request), every generation uses
 ``num_threads`` intra-op threads (default: the cores shared out among the ``max_concurrency``
 workers; on a 2-core machine one thread each, which is also the fastest for a small model), and a
 warm-up generation at load makes the transposed weight copies of the decode fast path
 (``model/transformer.py``'s ``Linear``) before the first request. Each generation records the
 path it took (``DecodePath``): inference mode, transposed weights, threads, worker thread. Per token
-the engine adds little to the decode step: a normal piece's text is a table lookup (``PieceTexts``),
+the completer adds little to the decode step: a normal piece's text is a table lookup (``PieceTexts``),
 not a decode of the whole completion, and EOS is checked once, by ``Choice.add``.
 
 A generation stops within one decode step when its ``cancel`` event is set (the client went away).
@@ -57,7 +57,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class DecodePath:
-    """How a generation ran: the fast path is inference mode, transposed weights (torch) and the engine's threads."""
+    """How a generation ran: the fast path is inference mode, transposed weights (torch) and the completer's threads."""
 
     backend: str
     inference_mode: bool | None  # torch: the generated tokens are inference tensors
@@ -107,7 +107,7 @@ class Choice:
     tokenizer: Tokenizer
     prompt_ids: list[int]
     stop: tuple[str, ...]
-    pieces: PieceTexts | None = None  # shared by the engine's generations; one of its own if None
+    pieces: PieceTexts | None = None  # shared by the completer's generations; one of its own if None
     ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of ``text`` already handed out
@@ -185,7 +185,7 @@ def default_threads(max_concurrency: int) -> int:
     return max(1, cores // max(1, max_concurrency))
 
 
-class CompletionEngine:
+class Completer:
     """Tokenizer + language model (``Transformer`` or ``OnnxCausalLM``) + chat template + worker threads."""
 
     def __init__(self, lm, tokenizer: Tokenizer, model_name: str, max_length: int,
@@ -219,7 +219,7 @@ class CompletionEngine:
         self._special = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}  # "<s>" -> 1, "</s>" -> 2, ...
         # longest first, so that one special token that starts another never wins over it
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")")
-        self.cleanup: list = []  # temporary dirs owned by the engine (an on-the-fly ONNX export)
+        self.cleanup: list = []  # temporary dirs owned by the completer (an on-the-fly ONNX export)
         self.pieces = PieceTexts(tokenizer)
 
     @property
@@ -250,7 +250,7 @@ class CompletionEngine:
     # --- generation --------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  cancel: threading.Event | None = None) -> "Generation":
-        """Step by step in the calling thread; see ``submit`` to run on the engine's workers."""
+        """Step by step in the calling thread; see ``submit`` to run on the completer's workers."""
         return Generation(self, prompt_ids, params, cancel)
 
     def complete(self, prompt_ids: list[int], params: SamplingParams,
@@ -267,7 +267,7 @@ class CompletionEngine:
         return texts, reasons, run.completion_tokens
 
     def submit(self, fn, *args) -> Future:
-        """Run ``fn(*args)`` on one of the engine's ``max_concurrency`` worker threads."""
+        """Run ``fn(*args)`` on one of the completer's ``max_concurrency`` worker threads."""
         return self._pool.submit(fn, *args)
 
     def warm_up(self) -> None:
@@ -275,7 +275,7 @@ class CompletionEngine:
         self.submit(self.complete, [self.tokenizer.prompt_prefix_id], SamplingParams(max_tokens=2, temperature=0)).result()
 
     def close(self) -> None:
-        """Stop the workers, give the process its thread count back, remove the engine's temporary dirs."""
+        """Stop the workers, give the process its thread count back, remove the completer's temporary dirs."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.backend == "torch":
             torch.set_num_threads(self._threads_before)
@@ -300,11 +300,11 @@ class Generation:
     A set ``cancel`` event ends the iteration before the next decode step.
     """
 
-    def __init__(self, engine: CompletionEngine, prompt_ids: list[int], params: SamplingParams,
+    def __init__(self, completer: Completer, prompt_ids: list[int], params: SamplingParams,
                  cancel: threading.Event | None = None):
-        self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.completer, self.prompt_ids, self.params = completer, prompt_ids, params
         self.cancel = cancel or threading.Event()
-        self.choices = [Choice(i, engine.tokenizer, prompt_ids, params.stop, engine.pieces) for i in range(params.n)]
+        self.choices = [Choice(i, completer.tokenizer, prompt_ids, params.stop, completer.pieces) for i in range(params.n)]
         self.steps = 0  # decode steps run
 
     @property
@@ -312,18 +312,18 @@ class Generation:
         return sum(c.num_tokens for c in self.choices)
 
     def __iter__(self) -> Iterator[list[StepUpdate]]:
-        p, choices, engine = self.params, self.choices, self.engine
+        p, choices, completer = self.params, self.choices, self.completer
         if self.cancel.is_set():
             return
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
         idx = torch.tensor([self.prompt_ids] * p.n, dtype=torch.long)
-        eos = engine.tokenizer.eos_id
-        with engine._lock:
-            engine.running += 1
+        eos = completer.tokenizer.eos_id
+        with completer._lock:
+            completer.running += 1
         # no eos_id: Choice.add ends a choice at EOS and the loop below ends once every choice has (rows sample
         # independently, so what a finished row is fed next changes no other row)
-        steps = generate(engine.lm, idx, p.max_tokens, temperature=p.temperature,
+        steps = generate(completer.lm, idx, p.max_tokens, temperature=p.temperature,
                          top_p=p.top_p if p.top_p < 1.0 else None, generator=generator)
         tokens = None
         try:
@@ -344,26 +344,27 @@ class Generation:
                     break
         finally:
             steps.close()
-            with engine._lock:
-                engine.running -= 1
+            with completer._lock:
+                completer.running -= 1
         if tokens is not None:
-            engine._record_path(tokens)
+            completer._record_path(tokens)
         if self.cancel.is_set():
-            with engine._lock:
-                engine.cancelled += 1
-                engine.last_cancelled_steps = self.steps
+            with completer._lock:
+                completer.cancelled += 1
+                completer.last_cancelled_steps = self.steps
             return
         tail = [StepUpdate(c.index, c.finish("length"), "length") for c in choices if c.finish_reason is None]
         if tail:  # the context filled up before max_tokens
             yield tail
 
 
-def load_engine(model_path: str | Path, backend: str = "torch", max_length: int = 512, model_name: str | None = None,
-                max_concurrency: int = 4, num_threads: int | None = None, warm_up: bool = True) -> CompletionEngine:
+def load_completer(model_path: str | Path, backend: str = "torch", max_length: int = 512,
+                   model_name: str | None = None, max_concurrency: int = 4, num_threads: int | None = None,
+                   warm_up: bool = True) -> Completer:
     """Load a training output, a step dir or any export (``openllm_ds.checkpoint.load_model``) for the built-in server.
 
     backend torch: anything but an ONNX export. backend onnx: an ONNX export, or any of the others exported to ONNX
-    on the fly, as ``openllm-ds export --format onnx`` does, into a temporary dir the engine removes on close.
+    on the fly, as ``openllm-ds export --format onnx`` does, into a temporary dir the completer removes on close.
     """
     from openllm_ds.checkpoint import is_onnx_export, load_model
 
@@ -388,13 +389,13 @@ def load_engine(model_path: str | Path, backend: str = "torch", max_length: int 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     loaded = load_model(path, backend=backend, num_threads=threads)
-    engine = CompletionEngine(loaded.model, loaded.tokenizer, name, max_length,
+    completer = Completer(loaded.model, loaded.tokenizer, name, max_length,
                               load_chat_template(loaded.tokenizer_dir, loaded.tokenizer),
                               max_concurrency=max_concurrency, backend=backend, num_threads=threads)
-    engine.cleanup = cleanup
+    completer.cleanup = cleanup
     if warm_up:
-        engine.warm_up()
-    return engine
+        completer.warm_up()
+    return completer
 
 
 def _export_onnx_to(model_path: Path, tmp: Path) -> Path:
@@ -407,6 +408,6 @@ def _export_onnx_to(model_path: Path, tmp: Path) -> Path:
     return out
 
 
-def model_card(engine: CompletionEngine) -> dict:
-    return {"id": engine.model_name, "object": "model", "owned_by": "openllm-ds", "max_model_len": engine.max_length,
-            "backend": engine.backend}
+def model_card(completer: Completer) -> dict:
+    return {"id": completer.model_name, "object": "model", "owned_by": "openllm-ds", "max_model_len": completer.max_length,
+            "backend": completer.backend}
