@@ -140,7 +140,7 @@ def test_one_prompt_convention_first_token_logits(client, builtin, trained_expor
         ids = tok.encode_prompt(prompt)  # `openllm-ds generate`
         assert ids[0] == tok.eos_id == 2
         assert fit_prompt(tok.prompt_prefix_id, tok.encode(prompt), 100)[0] == ids  # evaluation's QA/cloze prompts
-        assert srv.engine.encode(prompt) == ids  # the built-in server
+        assert srv.completer.encode(prompt) == ids  # the built-in server
         assert hf_tok(prompt)["input_ids"] == ids and hf_tok.bos_token_id == 2  # transformers, by itself
         with torch.no_grad():
             logits = model(torch.tensor([ids]))[0, -1]
