@@ -22,6 +22,12 @@ def select_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message, its first line (at most ``limit`` characters), or its type's name: for an error
+    line that quotes what a library raised."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def keep_freed_memory() -> bool:
     """glibc: serve large allocations from the heap and keep what is freed there, instead of mapping
     fresh pages for each one and unmapping them on free (its default for blocks above a threshold that

@@ -13,7 +13,7 @@ import torch
 
 from openllm_ds.checkpoint.layout import HF_INDEX, PYTORCH_WEIGHTS, WEIGHTS
 from openllm_ds.errors import UserError
-from openllm_ds.utils import read_json
+from openllm_ds.utils import first_line, read_json
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def load_zero_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:  # a truncated, missing or foreign file among the shards
         raise UserError(f"{tag_dir} is not a complete DeepSpeed ZeRO checkpoint (zero_to_fp32 said: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); copy it again, or "
+                        f"{type(e).__name__}: {first_line(e)}); copy it again, or "
                         "pass another checkpoint (--checkpoint STEP)") from None
     state = {k.removeprefix("module."): v for k, v in state.items()}
     empty = [k for k, v in state.items() if v.numel() == 0]

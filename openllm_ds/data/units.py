@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openllm_ds.errors import DataError, UserError
+from openllm_ds.utils import first_line
 
 UNIT_BYTES = 16 * 2**20
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
@@ -273,7 +274,7 @@ def hub_files(source: str) -> list[SourceFile]:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the Hub raises many types: ConnectionError, HfHubHTTPError, FileNotFoundError...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        reason = first_line(e)
         where = ("offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) and it is not in the local cache"
                  if offline else "the Hugging Face Hub could not provide it")
         raise DataError(f"cannot load {source}: {where} ({reason}); on a machine with internet run "

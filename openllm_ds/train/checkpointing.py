@@ -30,7 +30,7 @@ from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, STEP_DIR, TRAIN_STATE, W
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import CheckpointWriteError, ConfigError
 from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
-from openllm_ds.utils import _umask, atomic_write_json, atomic_write_text, read_yaml
+from openllm_ds.utils import _umask, atomic_write_json, atomic_write_text, first_line, read_yaml
 
 UNIVERSAL = "universal"  # a step converted to DeepSpeed's universal checkpoint format, inside the step dir
 ZERO0 = "zero0"  # a ZeRO step converted for a run without ZeRO, inside the step dir
@@ -237,40 +237,48 @@ def needs_universal(saved: Layout, world_size: int, zero_stage: int) -> bool:
 
 
 def convert_to_universal(tag_dir: Path, env: DistEnv, model_cfg) -> Path:
-    """``<step>/universal``: the step in DeepSpeed's universal checkpoint format (its ds_to_universal, by rank 0,
-    once: a complete conversion is renamed into place; a later resume reuses it). All ranks call this. A step
-    written without ZeRO (stage 0, fp32: a plain AdamW state) is laid out in the same format here."""
-    out = tag_dir / UNIVERSAL
-    error = None
-    if env.is_rank_zero and not out.is_dir():
+    """``<step>/universal``: the step in DeepSpeed's universal checkpoint format (its ds_to_universal), converted
+    once. A step written without ZeRO (stage 0, fp32: a plain AdamW state) is laid out in the same format here."""
+
+    def build(partial: Path) -> None:
         import argparse
 
         from deepspeed.checkpoint import ds_to_universal
 
-        partial = tag_dir / f".{UNIVERSAL}.partial"
-        shutil.rmtree(partial, ignore_errors=True)  # an interrupted conversion of ours
         args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
                                   inject_missing_state=True)  # checkpoints written before the model declared it
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+                ds_to_universal.main(args)
+            else:
+                universal_from_stage0(tag_dir, partial, model_cfg)
+            readable_by_every_stage(partial, tag_dir / WEIGHTS)
+        (tag_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to its output
+
+    return convert_once(tag_dir, UNIVERSAL, env, build, lambda why: (
+        f"could not convert {tag_dir} to DeepSpeed's universal checkpoint format ({why}); resume it with its own "
+        f"number of ranks and ZeRO stage, or start a new run from its weights with --init_from {tag_dir}"))
+
+
+def convert_once(tag_dir: Path, name: str, env: DistEnv, build, failure) -> Path:
+    """``<step>/<name>``, a conversion of the step that rank 0 writes once with ``build(partial dir)`` under
+    weights-only loading, then renames into place (a later resume reuses it). All ranks call this, and all raise
+    the same ConfigError when it fails: pickled code in the step's files, or ``failure(what went wrong)``."""
+    out, error = tag_dir / name, None
+    if env.is_rank_zero and not out.is_dir():
+        partial = tag_dir / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted conversion of ours
         try:
-            with weights_only_loads(f"refusing to convert {tag_dir}", ConfigError), \
-                    contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
-                    ds_to_universal.main(args)
-                else:
-                    universal_from_stage0(tag_dir, partial, model_cfg)
-                readable_by_every_stage(partial, tag_dir / WEIGHTS)
-            (tag_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to its output
+            with weights_only_loads(f"refusing to convert {tag_dir}", ConfigError):
+                build(partial)
             os.replace(partial, out)
         except ConfigError as e:  # pickled code in its files
             shutil.rmtree(partial, ignore_errors=True)
             error = str(e)
         except Exception as e:  # noqa: BLE001 - damaged or foreign files: DeepSpeed's asserts, torch and OS errors
             shutil.rmtree(partial, ignore_errors=True)
-            error = (f"could not convert {tag_dir} to DeepSpeed's universal checkpoint format "
-                     f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}); resume it with its own "
-                     "number of ranks and ZeRO stage, or start a new run from its weights with --init_from "
-                     f"{tag_dir}")
+            error = failure(first_line(e))
     error = broadcast_object(error, env)
     if error:
         raise ConfigError(error)
@@ -337,26 +345,12 @@ def stage0_from_universal(tag_dir: Path, universal: Path, out: Path, model_cfg) 
 
 
 def convert_to_stage0(tag_dir: Path, env: DistEnv, model_cfg) -> Path:
-    """``<step>/zero0``: a ZeRO step for a run without ZeRO (through its universal conversion), once. All ranks
-    call this."""
+    """``<step>/zero0``: a ZeRO step for a run without ZeRO (through its universal conversion), converted once."""
     universal = convert_to_universal(tag_dir, env, model_cfg)
-    out, error = tag_dir / ZERO0, None
-    if env.is_rank_zero and not out.is_dir():
-        partial = tag_dir / f".{ZERO0}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            with weights_only_loads(f"refusing to convert {tag_dir}", ConfigError):
-                stage0_from_universal(tag_dir, universal, partial, model_cfg)
-            os.replace(partial, out)
-        except Exception as e:  # noqa: BLE001 - damaged files: torch, safetensors and OS errors
-            shutil.rmtree(partial, ignore_errors=True)
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            error = (f"could not convert {tag_dir} for a run without ZeRO ({why}); resume it under ZeRO, or start a "
-                     f"new run from its weights with --init_from {tag_dir}")
-    error = broadcast_object(error, env)
-    if error:
-        raise ConfigError(error)
-    return out
+    return convert_once(tag_dir, ZERO0, env,
+                        lambda partial: stage0_from_universal(tag_dir, universal, partial, model_cfg),
+                        lambda why: (f"could not convert {tag_dir} for a run without ZeRO ({why}); resume it under "
+                                     f"ZeRO, or start a new run from its weights with --init_from {tag_dir}"))
 
 
 def readable_by_every_stage(universal: Path, weights: Path) -> None:
@@ -418,7 +412,7 @@ def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - a truncated, missing or foreign file: torch, pickle and DeepSpeed errors
-        error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        error = first_line(e)
     if error is None and (path is None or not client_state or "train_state" not in client_state):
         error = "no engine state or train state in it"
     error = next((e for e in all_gather_object(error, env) if e), None)  # every rank stops, none waits
