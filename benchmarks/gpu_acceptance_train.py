@@ -3,7 +3,8 @@ stages: the plan, the run context, running one command.
 
 Training goes through the deepspeed launcher (``python -m deepspeed.launcher.runner``, the ``deepspeed`` script's
 module, which works where that script is not on PATH: a ``pip install --target`` dir) on a free ``--master_port``
-with ``--log_level=warning``; its summary is read with ``printed_summary``, which skips the launcher's own lines.
+with ``--log_level=warning`` (DeepSpeed 0.18 and later); its summary is read with ``printed_summary``, which skips
+the launcher's own lines.
 ``CUDA_VISIBLE_DEVICES`` is kept: the launcher drops it when given ``--num_gpus``, so a subset of GPUs by index goes
 to ``--include localhost:I,J``, and one device named by UUID (a MIG slice) trains without the launcher.
 
@@ -155,7 +156,9 @@ class TrainRun:
 def launcher(plan: Plan, env: dict | os._Environ = os.environ) -> list[str] | None:
     """The deepspeed launcher for ``plan.gpus`` ranks on the GPUs this process may use; None where one device is
     named by UUID in CUDA_VISIBLE_DEVICES (a MIG slice), which the launcher cannot pass on."""
-    head = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()), "--log_level=warning"]
+    head = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
+    if deepspeed_version() >= (0, 18):  # the launcher's --log_level came with DeepSpeed 0.18
+        head.append("--log_level=warning")
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if plan.dry_run or visible is None:
         return head + ["--num_gpus", str(plan.gpus)]
@@ -166,6 +169,16 @@ def launcher(plan: Plan, env: dict | os._Environ = os.environ) -> list[str] | No
         return None
     raise UserError(f"CUDA_VISIBLE_DEVICES={visible} names devices by UUID and the deepspeed launcher takes indices; "
                     "give indices (CUDA_VISIBLE_DEVICES=0,1) or --num_gpus 1")
+
+
+def deepspeed_version() -> tuple[int, ...]:
+    import importlib.metadata as md
+    import re
+
+    try:
+        return tuple(int(x) for x in re.findall(r"\d+", md.version("deepspeed"))[:2])
+    except md.PackageNotFoundError:
+        return (0,)
 
 
 def grad_accum(plan: Plan, preset_name: str) -> int:

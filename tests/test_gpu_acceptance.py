@@ -179,6 +179,8 @@ def test_the_launcher_keeps_the_gpus_this_process_may_use(monkeypatch):
     assert launcher(one, {"CUDA_VISIBLE_DEVICES": "MIG-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77"}) is None  # no launcher
     with pytest.raises(UserError, match="names devices by UUID"):
         launcher(plan, {"CUDA_VISIBLE_DEVICES": "GPU-aa,GPU-bb"})
+    monkeypatch.setattr("gpu_acceptance_train.deepspeed_version", lambda: (0, 17))  # no --log_level before 0.18
+    assert not any(a.startswith("--log_level") for a in launcher(plan, {}))
 
 
 def test_peak_flops_from_the_name_else_the_architecture():
