@@ -42,7 +42,7 @@ BINARY=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8
         typing-extensions==4.16.0 zstandard==0.25.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
         opentelemetry-api==1.45.2)
 PY=${PYTHON:-.venv/bin/python}
-[[ -x $PY ]] || PY=python3
+command -v "$PY" >/dev/null || PY=python3
 
 manifest="python $pyver; $DEEPSPEED ${BINARY[*]}; data $data"
 [[ $data == none ]] || manifest+=" from $(cd "$squad_dir" && pwd) ($(ls "$squad_dir" | tr '\n' ' '))"
