@@ -13,7 +13,7 @@ from openllm_ds.cli import build_parser, build_train_parser, run_config_from_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 # commands of other tools, not ours to parse
-OTHER_TOOLS = ("scripts/setup.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm", "lm_eval",
+OTHER_TOOLS = ("scripts/setup.sh", "scripts/gpu_wheels.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm", "lm_eval",
                "pip install", "export RAY_AUTH_MODE=")
 
 
@@ -35,7 +35,7 @@ def ours(argv: list[str]) -> tuple[str, list[str]] | None:
     if argv[0] == "deepspeed":
         return "train", argv[argv.index("openllm_ds.train") + 1:]
     if argv[0] == "scripts/gpu_acceptance.sh":
-        return "acceptance", [a for a in argv[1:] if a not in ("--with_vllm", "--skip_setup")]
+        return "acceptance", [a for a in argv[1:] if a not in ("--with_vllm", "--skip_setup", "--rehearse")]
     if argv[:2] == [".venv/bin/python", "benchmarks/gpu_acceptance.py"]:
         return "acceptance", argv[2:]
     if argv[:3] == ["ray", "job", "submit"]:

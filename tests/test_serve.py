@@ -327,7 +327,8 @@ def test_vllm_command(hf_export, monkeypatch):
     # the KV cache for 64 full sequences (2 layers x 4 heads x 16 x fp32 x k,v = 1 KiB a token), at least 64 MiB
     assert int(cmd[cmd.index("--kv-cache-memory-bytes") + 1]) == 64 << 20
     gpu = vllm_command(hf_export[0], "0.0.0.0", 8000, 64, None, python="/py", cpu=False)
-    assert "--dtype" not in gpu and "--kv-cache-memory-bytes" not in gpu and gpu[gpu.index("--max-model-len") + 1] == "64"
+    assert gpu[gpu.index("--dtype") + 1] == "float32"  # the export's dtype, not vLLM's 16-bit "auto"
+    assert "--kv-cache-memory-bytes" not in gpu and gpu[gpu.index("--max-model-len") + 1] == "64"
     assert gpu[gpu.index("--served-model-name") + 1] == hf_export[0].name
     assert not any("k3y" in a for a in cmd)  # the key travels in VLLM_API_KEY (see test_serve_vllm.py)
 

@@ -6,7 +6,6 @@ order of float additions differs (gradient averaging over ranks vs over micro ba
 stays far inside rtol 1e-5 over these few steps.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 
 from openllm_ds.checkpoint import load_model
 from openllm_ds.train import launch, train
+from openllm_ds.train.launch import printed_summary
 
 from conftest import free_port
 from test_train import logged, tiny_cfg
@@ -54,12 +54,6 @@ def train_flags(prepared_data, tokenizer_dir, out, ds_config="zero2", max_steps=
             "--learning_rate", "3e-3", "train.warmup_steps=2", "train.eval_batches=4", "train.log_every=1",
             "model.vocab_size=8000", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
             "model.max_seq_len=64", "model.dropout=0.0"]
-
-
-def printed_summary(stdout: str) -> dict:
-    """The JSON summary a launcher prints last (an indented object that starts a line)."""
-    text = "\n" + stdout
-    return json.loads(text[text.rindex("\n{\n") + 1: text.rindex("}") + 1])
 
 
 @pytest.mark.parametrize("stage", [2, 3])

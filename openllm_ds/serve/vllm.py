@@ -12,7 +12,10 @@ Hugging Face export; otherwise the built-in server.
 
 The server is started as ``python -m vllm.entrypoints.openai.api_server --model DIR --dtype ...
 --max-model-len N --served-model-name NAME`` (that build's ``vllm`` console script looks up a
-distribution named ``vllm`` and fails), in its own process group; the API key travels in the
+distribution named ``vllm`` and fails), in its own process group. ``--dtype`` is always given, so that vLLM
+computes in the dtype the model is compared and served in: the export's own (config.json's ``torch_dtype``,
+float32 for the default export) on a GPU, where vLLM's ``auto`` would silently run an fp32 export in 16-bit;
+float32 on a CPU; or the user's ``--vllm_arg=--dtype=...``. ``run_vllm`` prints the command, dtype included; the API key travels in the
 ``VLLM_API_KEY`` environment variable, not on the command line where any local user could read it.
 ``VLLMServer`` waits for ``/health`` and stops it with SIGTERM (vLLM shuts its engine down), then
 SIGKILL for the whole group if it hangs.
@@ -128,22 +131,39 @@ def kv_cache_bytes(model_path: Path, max_length: int, sequences: int = 64) -> in
     return int(min(max(per_token * max_length * sequences, 64 << 20), 8 << 30))
 
 
+def export_dtype(cfg: dict) -> str:
+    """The dtype a Hugging Face config says its weights are in (``torch_dtype``, transformers 5's ``dtype``)."""
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").removeprefix("torch.")
+    return {"float": "float32", "half": "float16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+
+
+def vllm_dtype(cmd: list[str]) -> str | None:
+    """The ``--dtype`` a vLLM command line passes (the last one, as vLLM reads it)."""
+    found = None
+    for i, a in enumerate(cmd):
+        if a == "--dtype" and i + 1 < len(cmd):
+            found = cmd[i + 1]
+        elif a.startswith("--dtype="):
+            found = a.split("=", 1)[1]
+    return found
+
+
 def vllm_command(model_path: str | Path, host: str, port: int, max_length: int, model_name: str | None = None,
                  python: str | None = None, cpu: bool | None = None, extra_args: tuple[str, ...] = ()) -> list[str]:
     """The command line that starts vLLM's OpenAI-compatible server on a Hugging Face export."""
     path = Path(model_path)
-    context = hf_config(path).get("max_position_embeddings", max_length)
-    max_len = min(max_length, context)
+    cfg = hf_config(path)
+    max_len = min(max_length, cfg.get("max_position_embeddings", max_length))
     python = python or vllm_python() or sys.executable
     if cpu is None:
         cpu = not gpu_visible()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
            "--host", host, "--port", str(port), "--max-model-len", str(max_len),
            "--served-model-name", model_name or path.resolve().name]
-    if cpu:  # fp32: bf16 matmul runs hundreds of times slower on CPUs without AMX
-        cmd += ["--dtype", "float32"]
-        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes(path, max_len))]
+    if vllm_dtype(list(extra_args)) is None:  # fp32 on a CPU: bf16 matmul runs hundreds of times slower without AMX
+        cmd += ["--dtype", "float32" if cpu else export_dtype(cfg)]
+    if cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes(path, max_len))]
     return cmd + list(extra_args)
 
 
@@ -240,7 +260,7 @@ def run_vllm(model_path: str | Path, host: str, port: int, max_length: int, api_
              model_name: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
     """``openllm-ds serve --engine vllm``: start vLLM, wait until it answers, serve until Ctrl-C or SIGTERM."""
     server = VLLMServer(model_path, host, port, max_length, api_key, model_name, extra_args)
-    print("starting vLLM:", " ".join(server.command), flush=True)
+    print(f"starting vLLM in {vllm_dtype(server.command)}:", " ".join(server.command), flush=True)
 
     def terminate(signum, frame):
         raise KeyboardInterrupt

@@ -1,7 +1,9 @@
-"""``launch(cfg)``: this process (alone or under the deepspeed launcher) or Ray Train workers."""
+"""``launch(cfg)``: this process (alone or under the deepspeed launcher) or Ray Train workers; ``printed_summary``
+reads back what such a run printed."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from openllm_ds.config import RunConfig
@@ -20,3 +22,22 @@ def launch(cfg: RunConfig) -> dict:
     from openllm_ds.train.loop import train
 
     return train(cfg)
+
+
+def printed_summary(stdout: str) -> dict:
+    """The JSON object ``openllm-ds`` printed last (train's summary, export's report: ``cli.main`` prints it indented,
+    its opening brace alone on a line), from a stdout that may hold other lines before and after it: the deepspeed
+    launcher logs ``Process N exits successfully.`` after rank 0's summary. ValueError when there is none."""
+    starts, offset = [], 0
+    for line in stdout.splitlines(keepends=True):
+        if line.rstrip() == "{" or line.startswith('{"'):
+            starts.append(offset)
+        offset += len(line)
+    for start in reversed(starts):
+        try:
+            value, _ = json.JSONDecoder().raw_decode(stdout, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise ValueError(f"no JSON object in the output ({len(stdout)} characters, ends {stdout[-200:]!r})")

@@ -64,6 +64,17 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, float, float | None], ...] = (
     (r"\bT4\b", 65.0, None),
 )
 
+# SMs of the whole GPU, for the MIG-capable ones in the table above: a MIG slice ("NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+# has the datasheet's peak times its share of these SMs.
+FULL_GPU_SMS: tuple[tuple[str, int], ...] = (
+    (r"\bH100\b.*\bPCIe\b", 114),
+    (r"\bH20\b", 78),
+    (r"\b(H100|H200|GH200|H800)\b", 132),
+    (r"\bB200\b", 148),
+    (r"\b(A100|A800)\b", 108),
+    (r"\bA30\b", 56),
+)
+
 # Dense fp16 tensor-core FLOPs per clock per SM (fp32 accumulation) by compute capability, for GPUs not in the
 # table: peak = SMs x max SM clock x this. Datasheet checks: A100 108 x 1410 MHz x 2048 = 312 TFLOP/s,
 # H100 SXM 132 x 1830 MHz x 4096 = 989 TFLOP/s, L4 58 x 2040 MHz x 1024 = 121 TFLOP/s. bf16 from sm_80 on.
@@ -84,12 +95,20 @@ def spec_peak_flops(name: str, capability: tuple[int, int], sm_count: int, max_s
     kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
     if kind is None:
         return None
+    mig = re.search(r"\bMIG\b", name) is not None
     for pattern, fp16, bf16 in GPU_PEAK_TFLOPS:
         if re.search(pattern, name, flags=re.IGNORECASE):
             tflops = fp16 if kind == "fp16" else bf16
             if tflops is None:
                 return None
-            return PeakFlops(tflops * 1e12, f"datasheet, {name}: {tflops:g} TFLOP/s dense {kind}")
+            if not mig:
+                return PeakFlops(tflops * 1e12, f"datasheet, {name}: {tflops:g} TFLOP/s dense {kind}")
+            full = next((n for p, n in FULL_GPU_SMS if re.search(p, name, flags=re.IGNORECASE)), None)
+            if full is None:  # a slice of a GPU whose SM count we do not know: the caller measures instead
+                return None
+            share = min(1.0, sm_count / full)
+            return PeakFlops(tflops * 1e12 * share, f"datasheet x MIG slice, {name}: {tflops:g} TFLOP/s dense {kind} "
+                                                    f"x {sm_count}/{full} SMs = {tflops * share:.1f} TFLOP/s")
     per_clock = TENSOR_FLOPS_PER_CLOCK_PER_SM.get(tuple(capability))
     if per_clock is None or not max_sm_clock_mhz or (kind == "bf16" and tuple(capability) < (8, 0)):
         return None
