@@ -7,8 +7,10 @@ Documents are real SQuAD passages (``prepared_data``) written out in each format
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,14 @@ from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for, tokenize_corpus
 
 from test_shards import file_bytes
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "corpus"  # small files with every separator, encoding and whitespace case
+FIXTURE_CASES = {  # name -> how it is tokenized; the unit sizes are in expected_shards.json's keys
+    "lines_and_records": dict(inputs=["lines.txt", "records.jsonl"], holdout=0.25),
+    "paragraphs": dict(inputs=["paragraphs.txt"], options=ReadOptions(doc_separator="blank_line")),
+    "no_dedup": dict(inputs=["lines.txt", "records.jsonl"], dedup=False),
+}
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +248,28 @@ def test_a_two_node_cluster_writes_one_output_dir(passages, tokenizer_dir, tmp_p
     assert len(meta["shards"]) >= 10
     assert file_bytes(tmp_path / "cluster") == file_bytes(tmp_path / "local")
     shutil.rmtree(tmp_path / "cluster")
+
+
+def sha256s(shards_dir) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shards_dir.glob("*.bin"))}
+
+
+@pytest.mark.parametrize("key", sorted(json.loads((FIXTURE / "expected_shards.json").read_text(encoding="utf-8"))))
+def test_the_fixture_corpus_gives_the_recorded_shards(key, tmp_path):
+    """tests/fixtures/corpus tokenized with its own tiny tokenizer: the shard files' sha256s, counts and the
+    source digest recorded in expected_shards.json by the two-pass version (hash, then encode) this one
+    replaced. One in-process run per case, and Ray's 2 workers for the case with units, duplicates and a
+    held-out share."""
+    want = json.loads((FIXTURE / "expected_shards.json").read_text(encoding="utf-8"))[key]
+    name, unit_bytes = key.rsplit("-", 1)
+    case = FIXTURE_CASES[name]
+    kwargs = {k: v for k, v in case.items() if k != "inputs"}
+    for workers in ((0, 2) if key == "lines_and_records-200" else (0,)):
+        out = tmp_path / f"w{workers}"
+        meta = tokenize_corpus([str(FIXTURE / i) for i in case["inputs"]], FIXTURE / "tokenizer", out,
+                               num_workers=workers, unit_bytes=int(unit_bytes), **kwargs)
+        assert sha256s(out) == want["files"], workers
+        got = {"num_tokens": meta["num_tokens"], "num_documents": meta["num_documents"], "counts": meta["counts"],
+               "heldout_documents": meta.get("heldout", {}).get("num_documents", 0),
+               "source_sha256": meta["source_sha256"]}
+        assert got == {k: want[k] for k in got}, workers
