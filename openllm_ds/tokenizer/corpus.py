@@ -40,7 +40,8 @@ from openllm_ds.data.units import (UNIT_BYTES, ReadOptions, Unit, UnitCounts, is
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer.shards import FORMAT, META_FILE, TokenShards, is_shard_file, shard_name, token_dtype
 from openllm_ds.tokenizer.tokenizer import load_tokenizer
-from openllm_ds.utils import atomic_dir, atomic_write_json, describe_entries, ensure_writable_dir, foreign_entries, init_ray
+from openllm_ds.utils import (OutputKind, atomic_dir, atomic_write_json, claim_output_dir, describe_entries,
+                              ensure_writable_dir, init_ray)
 
 SHARDS_ROOT = "data/tokens"  # shards of globs, hf: datasets and several sources (tokenizer.shards_root)
 ENCODE_BATCH_BYTES = 1 << 20  # documents encoded and written together
@@ -92,7 +93,7 @@ def tokenize_corpus(
     dtype = token_dtype(tok.vocab_size)
     total_mb = sum(f.size for f in files) / 1e6
     start = time.perf_counter()
-    with atomic_dir(out, is_shards_entry) as tmp:
+    with atomic_dir(out, SHARDS) as tmp:
         runner = (InProcess(tok, units, options, dtype, tmp, holdout) if num_workers == 0 else
                   OnRay(tok, num_workers, units, options, dtype, tmp, holdout))
         try:
@@ -175,11 +176,14 @@ def is_shards_entry(name: str) -> bool:
     return name == META_FILE or is_shard_file(name)
 
 
+SHARDS = OutputKind("token shards", "openllm-ds tokenize", is_shards_entry)
+
+
 def check_shards_output_dir(out: Path) -> None:
     """The dir is replaced whole, so it may hold only what this stage writes."""
     if out.exists() and not out.is_dir():
         raise UserError(f"token shards output {out} is a file; pass a directory")
-    other = foreign_entries(out, is_shards_entry)
+    other = claim_output_dir(out, SHARDS, "token shards output")
     if other:
         raise UserError(f"token shards output {out} holds other files ({describe_entries(other)}); "
                         "pass a new or empty directory")
