@@ -273,3 +273,45 @@ def test_the_fixture_corpus_gives_the_recorded_shards(key, tmp_path):
                "heldout_documents": meta.get("heldout", {}).get("num_documents", 0),
                "source_sha256": meta["source_sha256"]}
         assert got == {k: want[k] for k in got}, workers
+
+
+@pytest.mark.parametrize("name, separator", [("lines.txt", "newline"), ("lines.txt", "blank_line"),
+                                             ("paragraphs.txt", "newline"), ("paragraphs.txt", "blank_line"),
+                                             ("records.jsonl", "newline")])
+def test_a_unit_edge_on_every_byte_reads_what_one_unit_reads(name, separator):
+    """The fixture files hold a byte-order mark, CRLF and lone CR, lines of spaces, tabs, a form feed and Unicode
+    spaces (no-break, ideographic, em), multi-byte characters, a JSONL record of blank text, no final newline. For
+    unit_bytes = 1 .. the file's size, a unit edge falls on every byte: the documents read unit by unit are those of
+    one unit, in order, none lost or doubled."""
+    from openllm_ds.data import documents
+
+    path = FIXTURE / name
+    options = {"doc_separator": separator}
+    whole = read_all(path, 10**9, **options)
+    assert len(whole) >= 3
+    for unit_bytes in range(1, path.stat().st_size + 1):
+        assert read_all(path, unit_bytes, **options) == whole, unit_bytes
+    # blank_line: whether the line before a unit's first one is blank, read backwards in blocks of any size
+    data = path.read_bytes()
+    with open(path, "rb") as fh:
+        for begin in [i + 1 for i, b in enumerate(data) if b == 0x0A]:
+            want = documents.is_blank(data[data.rfind(b"\n", 0, begin - 1) + 1:begin - 1].decode().removeprefix("\ufeff"))
+            assert [documents._line_before_is_blank(fh, begin, block) for block in (1, 2, 3, 5, 1 << 16)] == [want] * 5
+
+
+def test_blank_is_one_rule_for_every_format(tmp_path):
+    """A line or record of Unicode whitespace only is no document in text, JSON Lines and Parquet alike (counted as
+    empty in records); with blank_line documents it separates them, and a first line of only a byte-order mark
+    is blank."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spaces = "\u00a0\u3000\u2003\x0c\r"
+    (tmp_path / "t.txt").write_bytes(f"\ufeffa\n{spaces}\nb\n".encode())
+    assert read_all(tmp_path / "t.txt", 3) == read_all(tmp_path / "t.txt", 100) == ["a", "b"]
+    (tmp_path / "p.txt").write_bytes(f"\ufeff\na\nb\n{spaces}\nc\n".encode())
+    assert read_all(tmp_path / "p.txt", 2, doc_separator="blank_line") == ["a\nb", "c"]
+    (tmp_path / "r.jsonl").write_bytes(f'\ufeff\r\n{spaces}\n{json.dumps({"text": spaces})}\n{{"text": "x"}}\n'.encode())
+    assert read_all(tmp_path / "r.jsonl", 5) == ["x"]
+    pq.write_table(pa.table({"text": [spaces, "y"]}), tmp_path / "t.parquet")
+    assert read_all(tmp_path / "t.parquet", 10**9) == ["y"]
