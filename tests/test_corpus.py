@@ -315,3 +315,147 @@ def test_blank_is_one_rule_for_every_format(tmp_path):
     assert read_all(tmp_path / "r.jsonl", 5) == ["x"]
     pq.write_table(pa.table({"text": [spaces, "y"]}), tmp_path / "t.parquet")
     assert read_all(tmp_path / "t.parquet", 10**9) == ["y"]
+
+
+def write_lines(path, docs) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(d + "\n" for d in docs), encoding="utf-8")
+    return str(path)
+
+
+def test_the_output_dir_is_never_read_as_input(passages, tokenizer_dir, tmp_path, capsys):
+    """`tokenize --output_dir` inside its own input folder: the rerun finds its shards up to date (it does not read
+    them as input, nor refuse them as unknown files), and a glob over the folder leaves them out too."""
+    from openllm_ds.cli import main
+
+    corpus = tmp_path / "corpus"
+    write_lines(corpus / "a.txt", passages[:20])
+    argv = ["tokenize", "--input", str(corpus), "--tokenizer_dir", str(tokenizer_dir), "--output_dir",
+            str(corpus / "out"), "--num_workers", "0"]
+    assert main(argv) == 0
+    meta = json.loads((corpus / "out" / "meta.json").read_text())
+    assert [f["path"] for f in meta["files"]] == [str((corpus / "a.txt").resolve())]
+    capsys.readouterr()
+    assert main(argv) == 0 and "up to date" in capsys.readouterr().out
+    assert main([*argv[:2], str(corpus / "**" / "*"), *argv[3:]]) == 0  # another spelling: rebuilt, from a.txt only
+    assert [f["path"] for f in json.loads((corpus / "out" / "meta.json").read_text())["files"]] == \
+        [str((corpus / "a.txt").resolve())]
+
+
+def test_a_file_two_sources_reach_is_refused(passages, tokenizer_dir, tmp_path):
+    """The same file listed twice (any spelling), or a folder and a file in it: refused before any work, naming
+    the file and both sources; for --input, --output_dir and --data_files alike."""
+    from openllm_ds.cli import main
+    from openllm_ds.train.data import shards_dirs
+
+    a = write_lines(tmp_path / "docs" / "a.txt", passages[:10])
+    write_lines(tmp_path / "docs" / "b.txt", passages[10:20])
+    for inputs in ([a, a], [a, str(tmp_path / "docs" / ".." / "docs" / "a.txt")], [str(tmp_path / "docs"), a]):
+        with pytest.raises(UserError, match=rf"--input .* and .* both reach the file {tmp_path / 'docs' / 'a.txt'}; "
+                                            r"list each file once"):
+            tokenize_corpus(inputs, tokenizer_dir, tmp_path / "out", num_workers=0)
+        for extra in ([], ["--output_dir", str(tmp_path / "out")]):
+            assert main(["tokenize", "--input", *inputs, "--tokenizer_dir", str(tokenizer_dir), *extra]) == 2
+    assert not list(tmp_path.glob("**/*.tokens")) and not (tmp_path / "out").exists()
+    cfg = run_config(tokenizer_dir, **{"train.data_files": f"{a},{tmp_path}/docs/./a.txt"})
+    with pytest.raises(UserError, match=r"train\.data_files lists .*a\.txt twice \(as .* and .*\); list each source once"):
+        shards_dirs(cfg)
+    cfg = run_config(tokenizer_dir, **{"train.data_files": f"{tmp_path / 'docs'},{a}"})
+    with pytest.raises(UserError, match=r"train\.data_files .*docs and .*a\.txt both reach the file"):
+        shards_dirs(cfg)
+
+
+def run_config(tokenizer_dir, **values):
+    from openllm_ds.config import load_run_config
+
+    return load_run_config(None, {"train.tokenizer_dir": str(tokenizer_dir), "tokenizer.num_workers": 0, **values})
+
+
+def test_two_sources_never_share_a_derived_shards_dir(passages, tokenizer_dir, tmp_path):
+    """`X.txt` and a folder `X` both derive `X.tokens`: in one command that is refused naming both; across commands
+    the dir records what it was built from (meta.json source.built_from), so the second source is refused rather
+    than written over the first's shards, and no stage reads them as its own."""
+    from openllm_ds.tokenizer.corpus import built_shards_dir, derived_shards_dirs
+    from openllm_ds.train.data import shards_dirs
+
+    x_txt = write_lines(tmp_path / "X.txt", passages[:10])
+    x_dir = str(Path(write_lines(tmp_path / "X" / "part.txt", passages[10:20])).parent)
+    with pytest.raises(UserError, match=rf"--input {x_txt} and {x_dir} would both have their token shards in "
+                                        rf"{tmp_path / 'X.tokens'}; rename one of them, or tokenize one with"):
+        derived_shards_dirs([x_txt, x_dir])
+    with pytest.raises(UserError, match=r"train\.data_files .* would both have their token shards in"):
+        shards_dirs(run_config(tokenizer_dir, **{"train.data_files": f"{x_txt},{x_dir}"}))
+
+    meta = tokenize_corpus(x_txt, tokenizer_dir, num_workers=0)
+    assert meta["shards_dir"] == str(tmp_path / "X.tokens")
+    assert meta["source"]["built_from"] == ["X.txt"]  # beside the dir: a moved or copied project still matches
+    before = file_bytes(tmp_path / "X.tokens")
+    with pytest.raises(UserError, match=rf"{tmp_path / 'X.tokens'} holds the token shards of X\.txt, and {x_dir} "
+                                        r"would get the same default dir"):
+        tokenize_corpus(x_dir, tokenizer_dir, num_workers=0)
+    assert file_bytes(tmp_path / "X.tokens") == before
+    assert built_shards_dir(x_txt) == tmp_path / "X.tokens"
+    with pytest.raises(UserError, match=rf"holds the token shards of X\.txt, not of {x_dir}"):
+        built_shards_dir(x_dir)
+    # another spelling of the same source is the same source: up to date, not rebuilt
+    again = tokenize_corpus(str(tmp_path / "." / "X.txt"), tokenizer_dir, num_workers=0)
+    assert "seconds" not in again and file_bytes(tmp_path / "X.tokens") == before
+    # a copied project: the same source beside its dir, rebuilt (the files' paths changed), not refused
+    import shutil as sh
+
+    sh.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-copy", ignore=sh.ignore_patterns("X"))
+    copy = tokenize_corpus(str(tmp_path.parent / f"{tmp_path.name}-copy" / "X.txt"), tokenizer_dir, num_workers=0)
+    assert copy["num_documents"] == 10 and "seconds" in copy
+    # the user names the dir: its shards are replaced by the folder's
+    tokenize_corpus(x_dir, tokenizer_dir, tmp_path / "X.tokens", num_workers=0)
+    assert decoded(tmp_path / "X.tokens", tokenizer_dir) == passages[10:20]
+
+
+def test_several_inputs_are_deduplicated_across_all_of_them(passages, tokenizer_dir, tmp_path):
+    """`tokenize --input a b` without --output_dir: each input gets its own shards dir, and a document of b that a
+    already holds is removed from b (the first copy kept, in input order), as the README says; in one run."""
+    from openllm_ds.cli import main
+
+    a = write_lines(tmp_path / "a.txt", passages[:30])
+    b = tmp_path / "b.jsonl"
+    b.write_text(jsonl(passages[20:40]), encoding="utf-8")
+    argv = ["tokenize", "--input", a, str(b), "--tokenizer_dir", str(tokenizer_dir), "--num_workers", "0"]
+    assert main(argv) == 0
+    assert decoded(tmp_path / "a.tokens", tokenizer_dir) == passages[:30]
+    assert decoded(tmp_path / "b.jsonl.tokens", tokenizer_dir) == passages[30:40]
+    meta_b = json.loads((tmp_path / "b.jsonl.tokens" / "meta.json").read_text())
+    assert meta_b["counts"]["duplicates"] == 10 and meta_b["counts"]["documents_read"] == 20
+    assert meta_b["source"]["deduplicated_after"][0]["built_from"] == ["a.txt"]
+    # b alone (train --data_file b) is another corpus: rebuilt with its own documents
+    alone = tokenize_corpus(str(b), tokenizer_dir, num_workers=0)
+    assert alone["num_documents"] == 20 and "deduplicated_after" not in alone["source"]
+
+
+def test_finishing_a_unit_again_gives_the_same_files(tmp_path):
+    """A worker killed while it cuts a unit's duplicates out (its temporary file left behind), and the call run
+    again: the same shard files and entries, whether the unit lost documents or was renamed whole."""
+    import numpy as np
+
+    from openllm_ds.tokenizer.encode import encode_unit, finish_unit
+
+    src = tmp_path / "docs.txt"
+    src.write_text("one\ntwo\nthree\ntwo\nfour\n", encoding="utf-8")
+    options = ReadOptions()
+    (unit,) = plan_units(resolve_sources([str(src)], options), 10**9)
+    tok = load_tokenizer(FIXTURE / "tokenizer")
+    results = {}
+    for name, drops in (("cut", np.array([3])), ("whole", np.array([], int))):
+        out = tmp_path / name
+        out.mkdir()
+        result, hashes = encode_unit(unit, 0, out, options, tok.sp, np.dtype("<u2"), 0.0)
+        assert result["documents"] == 5 and len(hashes) == 5
+        (out / "shard_00000.bin.part-99999").write_bytes(b"\x01")  # what a killed finish leaves
+        first = finish_unit(out, 0, np.dtype("<u2"), drops)
+        files = file_bytes(out)
+        assert finish_unit(out, 0, np.dtype("<u2"), drops) == first and file_bytes(out) == files
+        results[name] = (first["train"], np.fromfile(out / "shard_00000.bin", "<u2"))
+    cut, whole = results["cut"][1], results["whole"][1]
+    eos = tok.eos_id
+    docs = np.split(whole, np.flatnonzero(whole == eos) + 1)[:-1]
+    assert np.array_equal(cut, np.concatenate([docs[0], docs[1], docs[2], docs[4]]))
+    assert results["cut"][0]["num_documents"] == 4 and results["cut"][0]["num_tokens"] == cut.size
