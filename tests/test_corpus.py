@@ -258,21 +258,22 @@ def sha256s(shards_dir) -> dict[str, str]:
 def test_the_fixture_corpus_gives_the_recorded_shards(key, tmp_path):
     """tests/fixtures/corpus tokenized with its own tiny tokenizer: the shard files' sha256s, counts and the
     source digest recorded in expected_shards.json by the two-pass version (hash, then encode) this one
-    replaced. One in-process run per case, and Ray's 2 workers for the case with units, duplicates and a
-    held-out share."""
+    replaced, whoever does the work and in whatever pieces."""
     want = json.loads((FIXTURE / "expected_shards.json").read_text(encoding="utf-8"))[key]
     name, unit_bytes = key.rsplit("-", 1)
     case = FIXTURE_CASES[name]
     kwargs = {k: v for k, v in case.items() if k != "inputs"}
-    for workers in ((0, 2) if key == "lines_and_records-200" else (0,)):
-        out = tmp_path / f"w{workers}"
+    # Ray's 2 workers for the case with units, duplicates and a held-out share; pieces of 7 or 41 bytes (a unit read
+    # in many calls) write the same files as pieces of the unit's size
+    for workers, piece_bytes in [(0, 10**9), (0, 7)] + ([(2, 41)] if key == "lines_and_records-200" else []):
+        out = tmp_path / f"w{workers}-{piece_bytes}"
         meta = tokenize_corpus([str(FIXTURE / i) for i in case["inputs"]], FIXTURE / "tokenizer", out,
-                               num_workers=workers, unit_bytes=int(unit_bytes), **kwargs)
-        assert sha256s(out) == want["files"], workers
+                               num_workers=workers, unit_bytes=int(unit_bytes), piece_bytes=piece_bytes, **kwargs)
+        assert sha256s(out) == want["files"], (workers, piece_bytes)
         got = {"num_tokens": meta["num_tokens"], "num_documents": meta["num_documents"], "counts": meta["counts"],
                "heldout_documents": meta.get("heldout", {}).get("num_documents", 0),
                "source_sha256": meta["source_sha256"]}
-        assert got == {k: want[k] for k in got}, workers
+        assert got == {k: want[k] for k in got}, (workers, piece_bytes)
 
 
 @pytest.mark.parametrize("name, separator", [("lines.txt", "newline"), ("lines.txt", "blank_line"),
@@ -432,30 +433,34 @@ def test_several_inputs_are_deduplicated_across_all_of_them(passages, tokenizer_
 
 
 def test_finishing_a_unit_again_gives_the_same_files(tmp_path):
-    """A worker killed while it cuts a unit's duplicates out (its temporary file left behind), and the call run
-    again: the same shard files and entries, whether the unit lost documents or was renamed whole."""
+    """A unit read as three pieces: joined, less a duplicate in its second piece, into the same shard file as one
+    piece gives; a worker killed while it finishes the unit (its temporary file left behind) and the call run again:
+    the same files and entries, whether the pieces are joined or one piece is renamed whole."""
     import numpy as np
 
-    from openllm_ds.tokenizer.encode import encode_unit, finish_unit
+    from openllm_ds.tokenizer.encode import encode_piece, finish_unit, pieces_of
 
     src = tmp_path / "docs.txt"
-    src.write_text("one\ntwo\nthree\ntwo\nfour\n", encoding="utf-8")
+    src.write_text("one\ntwo\nthree\ntwo\nfour five six\nseven\n", encoding="utf-8")
     options = ReadOptions()
     (unit,) = plan_units(resolve_sources([str(src)], options), 10**9)
     tok = load_tokenizer(FIXTURE / "tokenizer")
-    results = {}
-    for name, drops in (("cut", np.array([3])), ("whole", np.array([], int))):
-        out = tmp_path / name
-        out.mkdir()
-        result, hashes = encode_unit(unit, 0, out, options, tok.sp, np.dtype("<u2"), 0.0)
-        assert result["documents"] == 5 and len(hashes) == 5
-        (out / "shard_00000.bin.part-99999").write_bytes(b"\x01")  # what a killed finish leaves
-        first = finish_unit(out, 0, np.dtype("<u2"), drops)
-        files = file_bytes(out)
-        assert finish_unit(out, 0, np.dtype("<u2"), drops) == first and file_bytes(out) == files
-        results[name] = (first["train"], np.fromfile(out / "shard_00000.bin", "<u2"))
-    cut, whole = results["cut"][1], results["whole"][1]
-    eos = tok.eos_id
-    docs = np.split(whole, np.flatnonzero(whole == eos) + 1)[:-1]
-    assert np.array_equal(cut, np.concatenate([docs[0], docs[1], docs[2], docs[4]]))
-    assert results["cut"][0]["num_documents"] == 4 and results["cut"][0]["num_tokens"] == cut.size
+    out = {}
+    for name, pieces, drops in (("whole", [unit], [[]]), ("cut", pieces_of(unit, 10), [[], [0], [], []])):
+        d = tmp_path / name
+        d.mkdir()
+        counts = [6] if name == "whole" else [3, 2, 0, 1]  # 10-byte pieces: one two three | two four.. | - | seven
+        assert [len(list(read_unit(p, options))) for p in pieces] == counts
+        for part, piece in enumerate(pieces):
+            result, hashes = encode_piece(piece, 0, part, d, options, tok.sp, np.dtype("<u2"), 0.0)
+            assert result["documents"] == len(hashes) == counts[part]
+        (d / "shard_00000.bin.part-99999").write_bytes(b"\x01")  # what a killed finish leaves
+        drops = [np.array(x, int) for x in drops]
+        first = finish_unit(d, 0, np.dtype("<u2"), drops)
+        files = file_bytes(d)
+        assert finish_unit(d, 0, np.dtype("<u2"), drops) == first and file_bytes(d) == files
+        out[name] = (first, np.fromfile(d / "shard_00000.bin", "<u2"))
+    whole, cut = out["whole"][1], out["cut"][1]
+    docs = np.split(whole, np.flatnonzero(whole == tok.eos_id) + 1)[:-1]
+    assert np.array_equal(cut, np.concatenate([docs[i] for i in (0, 1, 2, 4, 5)]))  # the second "two" dropped
+    assert out["cut"][0]["shards"]["train"]["num_documents"] == 5 and out["cut"][0]["digest"] == out["whole"][0]["digest"]

@@ -305,9 +305,13 @@ def test_tokenize_survives_a_killed_ray_actor(reference, tmp_path, monkeypatch, 
     assert not psutil.pid_exists(kill["pid"])
 
     assert num_calls(fault_dir) >= reference["tokenize_calls"] + 1
-    want = file_bytes(reference["shards"])
+    want, got = file_bytes(reference["shards"]), file_bytes(out)
     assert sorted(want) == [MANIFEST, "meta.json"] + [f"shard_{u:05d}.bin" for u in range(6)]
-    assert file_bytes(out) == want  # no document lost or written twice; no temporary file left
+    # meta.json records its source relative to the dir (source.built_from), which lies elsewhere here
+    want_meta, got_meta = (json.loads(files.pop("meta.json")) for files in (want, got))
+    assert got_meta["source"].pop("built_from") == [os.path.relpath(reference["clean"] / "validation_data.txt", tmp_path)]
+    want_meta["source"].pop("built_from")
+    assert got == want and got_meta == want_meta  # no document lost or written twice; no temporary file left
     assert meta["num_documents"] == len((reference["clean"] / "validation_data.txt").read_text().splitlines())
     assert len(TokenShards(out)) == meta["num_tokens"] > 300_000
     faults["recovered"] += 1

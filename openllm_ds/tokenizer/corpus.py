@@ -38,6 +38,7 @@ from pathlib import Path
 from openllm_ds.data.units import (SHARDS_KIND, UNIT_BYTES, ReadOptions, SourceFile, is_glob, is_hub_source,
                                    plan_units, resolve_sources, source_identity)
 from openllm_ds.errors import DataError, UserError
+from openllm_ds.tokenizer.encode import PIECE_BYTES
 from openllm_ds.tokenizer.runners import InProcess, Job, OnRay, choose_workers
 from openllm_ds.tokenizer.shards import FORMAT, META_FILE, TokenShards, is_shard_file, is_shards_dir, token_dtype
 from openllm_ds.tokenizer.tokenizer import load_tokenizer
@@ -86,11 +87,12 @@ def tokenize_each(inputs: list[str], tokenizer_dir: str | Path, *, shards_root: 
 
 def tokenize_outputs(outputs: list[Output], tokenizer_dir: str | Path, *, options: ReadOptions = ReadOptions(),
                      dedup: bool = True, holdout: float = 0.0, num_workers: int | str = "auto",
-                     unit_bytes: int = UNIT_BYTES, what: str = "--input") -> list[dict]:
+                     unit_bytes: int = UNIT_BYTES, piece_bytes: int = PIECE_BYTES, what: str = "--input") -> list[dict]:
     """Every output's sources, tokenized in one run: ``dedup`` removes exact duplicates across all of them;
     ``holdout``: the share of documents (chosen by hash) written as the held-out split instead of training;
     ``num_workers``: 0 = this process, N Ray workers, ``auto``. When each output's meta.json already records the same
-    inputs (paths, sizes, mtimes), options and tokenizer, nothing is recomputed."""
+    inputs (paths, sizes, mtimes), options and tokenizer, nothing is recomputed. ``unit_bytes``: the input of one
+    shard file; ``piece_bytes``: of one call (the output does not depend on it)."""
     if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
         raise UserError(f"--num_workers must be auto or >= 0 (0: in this process, without Ray), got {num_workers}")
     if not 0.0 <= holdout < 1.0:
@@ -117,23 +119,24 @@ def tokenize_outputs(outputs: list[Output], tokenizer_dir: str | Path, *, option
         return [{**m, "shards_dir": str(o.dir)} for o, m in zip(outputs, metas)]
     for o in outputs:
         check_shards_output_dir(o.dir)
-    return _tokenize(outputs, tok, tokenizer_dir, options, dedup, holdout, num_workers, unit_bytes)
+    return _tokenize(outputs, tok, tokenizer_dir, options, dedup, holdout, num_workers, unit_bytes, piece_bytes)
 
 
-def _tokenize(outputs: list[Output], tok, tokenizer_dir, options, dedup, holdout, num_workers, unit_bytes) -> list[dict]:
+def _tokenize(outputs: list[Output], tok, tokenizer_dir, options, dedup, holdout, num_workers, unit_bytes,
+              piece_bytes) -> list[dict]:
     dtype = token_dtype(tok.vocab_size)
     per_output = [plan_units(o.files, unit_bytes) for o in outputs]
     total = sum(f.size for o in outputs for f in o.files)
-    workers = choose_workers(num_workers, total, sum(map(len, per_output)))
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_dir(o.dir, SHARDS)) for o in outputs]
         units, targets = [], []
         for tmp, planned in zip(tmps, per_output):
             for local, unit in enumerate(planned):
-                units.append(dataclasses.replace(unit, index=len(units)))
+                units.append(unit)
                 targets.append((str(tmp.resolve()), local))
-        job = Job(units, targets, options, dtype.name, holdout, dedup)
+        job = Job.plan(units, targets, options, dtype.name, holdout, dedup, piece_bytes)
+        workers = choose_workers(num_workers, total, len(job.pieces))
         runner = InProcess(job, tok.sp) if workers == 0 else OnRay(job, tok, workers)
         results = runner.run()
         metas, first = [], 0
