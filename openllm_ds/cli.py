@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--holdout", type=_float, default=0.0, help="share of documents (by hash) written as a held-out "
                     "split for validation (default 0)")
     sp.add_argument("--num_workers", type=_workers, default="auto", help="Ray workers that share the stage: N, 0 (this "
-                    "process) or auto (default: this process for less than 64 MB of input, else one per CPU)")
+                    "process) or auto (default: this process for less than 32 MB of input, else one per CPU)")
     sp.add_argument("--unit_bytes", type=_int, default=16 * 2**20, help=argparse.SUPPRESS)
 
     sp = add("train", cmd_train, "Stages 3-4: train the transformer with DeepSpeed ZeRO (locally, or Ray Train with --num_workers).")

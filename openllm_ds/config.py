@@ -53,7 +53,7 @@ class TokenizerConfig:
     max_sentence_length: int = 4192
     input_sentence_size: int = 0  # lines SentencePiece trains on, sampled evenly; 0 = all (a large corpus: 10M)
     # corpus -> token shards (tokenize, and train on its data), see data/documents.py and tokenizer/corpus.py
-    num_workers: int | str = "auto"  # Ray workers; 0 = in this process; auto = in this process below 64 MB of input
+    num_workers: int | str = "auto"  # Ray workers; 0 = in this process; auto = in this process below 32 MB of input
     text_field: str = "text"  # JSON, Parquet, Arrow: the field holding a document's text
     doc_separator: str = "newline"  # text files: newline (a document a line) | blank_line (paragraphs)
     on_bad_record: str = "error"  # error | skip (a record that is not JSON, lacks the text field, ...)

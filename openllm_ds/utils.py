@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,10 +316,10 @@ def init_ray(num_cpus: int | None = None):
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         start_local_ray(include_dashboard=False, **kwargs)
-    try:  # one progress bar per stage is ours; Ray's own bars only add noise
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-    except Exception:
-        pass
+    # one progress bar per stage is ours; Ray Data's own bars only add noise. Importing ray.data here (pandas...)
+    # would cost a stage that does not use it most of a second: its default is read from the environment on import
+    if "ray.data" in sys.modules:
+        sys.modules["ray.data"].DataContext.get_current().enable_progress_bars = False
+    else:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     return ray

@@ -464,3 +464,25 @@ def test_finishing_a_unit_again_gives_the_same_files(tmp_path):
     docs = np.split(whole, np.flatnonzero(whole == tok.eos_id) + 1)[:-1]
     assert np.array_equal(cut, np.concatenate([docs[i] for i in (0, 1, 2, 4, 5)]))  # the second "two" dropped
     assert out["cut"][0]["shards"]["train"]["num_documents"] == 5 and out["cut"][0]["digest"] == out["whole"][0]["digest"]
+
+
+def test_auto_workers_use_ray_only_where_it_can_win(passages, tokenizer_dir, tmp_path, capsys):
+    """--num_workers auto (the default): this process below AUTO_RAY_BYTES of input or for a single piece, else one
+    Ray worker per CPU (at most one per piece); the threshold and the measurement behind it: README, bench_corpus."""
+    from openllm_ds.tokenizer.runners import AUTO_RAY_BYTES, choose_workers
+
+    assert choose_workers("auto", AUTO_RAY_BYTES - 1, 100) == 0
+    assert choose_workers("auto", AUTO_RAY_BYTES, 1) == 0
+    assert choose_workers("auto", AUTO_RAY_BYTES, 8) == "auto"
+    assert choose_workers(2, 10, 1) == 2 and choose_workers(0, 10**12, 10**5) == 0
+    src = write_lines(tmp_path / "docs.txt", passages[:20])
+    meta = tokenize_corpus(src, tokenizer_dir)
+    assert "in this process" in capsys.readouterr().out and meta["nodes"] == []
+    with pytest.raises(UserError, match=r"--num_workers must be auto or >= 0"):
+        tokenize_corpus(src, tokenizer_dir, tmp_path / "x", num_workers="some")
+    from openllm_ds.config import load_run_config
+
+    assert load_run_config(None, {}).tokenizer.num_workers == "auto"
+    assert load_run_config(None, {"tokenizer.num_workers": "2"}).tokenizer.num_workers == 2
+    with pytest.raises(UserError, match=r"tokenizer\.num_workers must be auto or >= 0"):
+        load_run_config(None, {"tokenizer.num_workers": "many"})

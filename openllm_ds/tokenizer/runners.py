@@ -29,7 +29,7 @@ from openllm_ds.tokenizer.encode import (buckets, drops_of_piece, drops_per_piec
 from openllm_ds.utils import init_ray
 
 MAX_RESTARTS = 3  # a Ray worker that dies is restarted (and its piece or unit redone) this many times
-AUTO_RAY_BYTES = 64 * 10**6  # --num_workers auto: less input than this is tokenized in this process (see README)
+AUTO_RAY_BYTES = 32 * 10**6  # --num_workers auto: less input than this is tokenized in this process (see README)
 
 
 @dataclass(frozen=True)
