@@ -1,12 +1,14 @@
 """Corpus -> token shards, in one pass over the text, in this process or across Ray workers: any mix of sources,
 deduplicated, streamed.
 
-    plan     (driver)  sources -> files -> units (``data/units.py``); nothing of the corpus is read here
-    encode   (workers) each unit read once: every document hashed (BLAKE2b-128 of its UTF-8 text) and encoded with
-                       EOS after it in that same read; the unit's ids and a row per document written into the output
+    plan     (driver)  sources -> files -> units (``data/units.py``), each unit read as pieces of 4 MB (the work of
+                       one call); nothing of the corpus is read here
+    encode   (workers) each piece read once: every document hashed (BLAKE2b-128 of its UTF-8 text) and encoded with
+                       EOS after it in that same read; the piece's ids and a row per document written into the output
                        dir (shared storage on a cluster) by the worker itself (``encode.py``)
     dedupe   (workers) from the hashes alone: every copy of a text after the first (in unit order, then document
-                       order) is dropped by cutting it out of its unit's ids; no text is read or encoded again
+                       order) is marked; each unit's shard file is joined from its pieces' ids less the marked
+                       documents; no text is read or encoded again
     finish   (driver)  meta.json, written last, from the per-unit counts
 
 Who does the work: ``runners.py`` (``--num_workers``: 0 = this process; N Ray actors; ``auto`` = this process below
