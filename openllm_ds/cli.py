@@ -43,6 +43,11 @@ def _int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int | str:
+    """argparse type: ``auto`` or a number of workers."""
+    return "auto" if text.strip().lower() == "auto" else _int(text)
+
+
 def _float(text: str) -> float:
     """argparse type: a finite number (NaN and inf are refused here, not deep inside a stage)."""
     try:
@@ -177,17 +182,19 @@ def cmd_train_tokenizer(args):
 
 def cmd_tokenize(args):
     from openllm_ds.data.units import ReadOptions
-    from openllm_ds.tokenizer import load_tokenizer, tokenize_corpus
-    from openllm_ds.tokenizer.corpus import check_inputs, summary
+    from openllm_ds.tokenizer import load_tokenizer, tokenize_corpus, tokenize_each
+    from openllm_ds.tokenizer.corpus import check_inputs, derived_shards_dirs, summary
 
     options = ReadOptions(args.text_field, args.doc_separator, args.on_bad_record)
     load_tokenizer(args.tokenizer_dir)
-    check_inputs(args.input, options)  # every input found and not empty before anything is encoded
+    one_corpus = bool(args.output_dir) or len(args.input) == 1
+    outputs = [args.output_dir] if args.output_dir else derived_shards_dirs(args.input)
+    check_inputs(args.input, options, exclude=outputs)  # every input found and not empty before anything is encoded
     kwargs = dict(options=options, dedup=not args.no_dedup, holdout=args.holdout, num_workers=args.num_workers,
                   unit_bytes=args.unit_bytes)
-    if args.output_dir or len(args.input) == 1:  # one corpus
+    if one_corpus:
         return summary(tokenize_corpus(args.input, args.tokenizer_dir, args.output_dir, **kwargs))
-    return [summary(tokenize_corpus(i, args.tokenizer_dir, None, **kwargs)) for i in args.input]
+    return [summary(m) for m in tokenize_each(args.input, args.tokenizer_dir, **kwargs)]
 
 
 def cmd_train(args):
@@ -298,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no_dedup", "--no-dedup", action="store_true", help="keep exact duplicate documents (default: removed)")
     sp.add_argument("--holdout", type=_float, default=0.0, help="share of documents (by hash) written as a held-out "
                     "split for validation (default 0)")
-    sp.add_argument("--num_workers", type=_int, default=2, help="Ray workers that share the stage (default 2; 0: this process): tokenization")
+    sp.add_argument("--num_workers", type=_workers, default="auto", help="Ray workers that share the stage: N, 0 (this "
+                    "process) or auto (default: this process for less than 32 MB of input, else one per CPU)")
     sp.add_argument("--unit_bytes", type=_int, default=16 * 2**20, help=argparse.SUPPRESS)
 
     sp = add("train", cmd_train, "Stages 3-4: train the transformer with DeepSpeed ZeRO (locally, or Ray Train with --num_workers).")

@@ -53,7 +53,7 @@ class TokenizerConfig:
     max_sentence_length: int = 4192
     input_sentence_size: int = 0  # lines SentencePiece trains on, sampled evenly; 0 = all (a large corpus: 10M)
     # corpus -> token shards (tokenize, and train on its data), see data/documents.py and tokenizer/corpus.py
-    num_workers: int = 2  # Ray workers; 0 = in this process
+    num_workers: int | str = "auto"  # Ray workers; 0 = in this process; auto = in this process below 32 MB of input
     text_field: str = "text"  # JSON, Parquet, Arrow: the field holding a document's text
     doc_separator: str = "newline"  # text files: newline (a document a line) | blank_line (paragraphs)
     on_bad_record: str = "error"  # error | skip (a record that is not JSON, lacks the text field, ...)
@@ -71,8 +71,8 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.character_coverage must be in (0, 1], got {self.character_coverage}")
         if not 10 <= self.max_sentence_length <= 2**30:  # SentencePiece's own bounds
             raise ConfigError(f"tokenizer.max_sentence_length must be in [10, 2^30] bytes, got {self.max_sentence_length}")
-        if self.num_workers < 0:
-            raise ConfigError(f"tokenizer.num_workers must be >= 0 (0: in this process), got {self.num_workers}")
+        if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise ConfigError(f"tokenizer.num_workers must be auto or >= 0 (0: in this process), got {self.num_workers!r}")
         if self.doc_separator not in ("newline", "blank_line"):
             raise ConfigError(f"tokenizer.doc_separator must be newline or blank_line, got {self.doc_separator!r}")
         if self.on_bad_record not in ("error", "skip"):
@@ -309,7 +309,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
+        for a in inner[:-1]:  # the first type that takes the value (int | str: 2 -> 2, "auto" -> "auto")
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key, source)
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -106,22 +108,87 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-MANIFEST = ".openllm-ds-files"  # in every directory atomic_dir writes: the entries the project put there
+MANIFEST = ".openllm-ds-files"  # in every directory a stage writes: which kind of output it is, who wrote it, its entries
+KIND_LINE, STAGE_LINE = "# kind: ", "# written by: "
 
 
-def foreign_entries(path: str | Path, ours: Callable[[str], bool] = lambda name: False,
-                    names: Iterable[str] = ()) -> list[str]:
-    """Entries of the existing directory ``path`` that the project did not write: not listed in its manifest,
-    not among ``names`` (what the new output holds) and not of a kind the stage writes (``ours``, for a
-    directory written before manifests). Such entries are never deleted or replaced."""
+@dataclass(frozen=True)
+class OutputKind:
+    """What a stage writes into a directory: ``name`` in messages ("token shards"), ``stage`` the command that writes
+    it, and ``ours``: the entry names this kind holds, to recognise a directory written before manifests named their
+    kind (or before there were manifests)."""
+
+    name: str
+    stage: str
+    ours: Callable[[str], bool] = lambda name: False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str | None  # None: written before manifests named their kind
+    stage: str | None
+    files: frozenset[str]
+
+
+def read_manifest(path: str | Path) -> Manifest | None:
+    """The manifest of the directory ``path``, None when it has none. The format: ``# kind: NAME`` and
+    ``# written by: COMMAND``, then one entry name a line (older versions wrote the names alone)."""
+    f = Path(path) / MANIFEST
+    try:
+        text = f.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    kind = stage = None
+    files = set()
+    for line in text.splitlines():
+        if line.startswith(KIND_LINE):
+            kind = line[len(KIND_LINE):].strip() or None
+        elif line.startswith(STAGE_LINE):
+            stage = line[len(STAGE_LINE):].strip() or None
+        elif line:
+            files.add(line)
+    return Manifest(kind, stage, frozenset(files))
+
+
+def write_manifest(path: str | Path, kind: OutputKind, names: Iterable[str]) -> None:
+    lines = [KIND_LINE + kind.name, STAGE_LINE + kind.stage, *sorted(n for n in names if n != MANIFEST)]
+    (Path(path) / MANIFEST).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def claim_output_dir(path: str | Path, kind: OutputKind, what: str = "output dir", names: Iterable[str] = ()) -> list[str]:
+    """The one check before a stage writes into the directory ``path`` (every stage's writer calls it, and
+    ``atomic_dir`` again before its swap): a stage replaces or deletes only what this same stage wrote, of this
+    same kind. Refused with a UserError naming ``path``, what it holds and who wrote it:
+
+    - ``path`` is a file;
+    - its manifest names another kind of output (an export, a tokenizer, token shards, a checkpoint, cleaned data);
+    - its manifest names no kind (written by an older version): its entries count as this kind's only when
+      ``kind.ours`` accepts every one of them; otherwise another stage wrote them.
+
+    Returns the entries that no stage wrote: neither listed in the manifest, nor among ``names`` (what the new
+    output holds), nor of this kind (``kind.ours``, for a directory written before there were manifests). A stage
+    that replaces the directory whole must refuse them (the user's files); one that only adds its own files to it
+    may leave them.
+    """
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p} is a file, not a directory; pass a directory (or move the file away)")
     if not p.is_dir():
         return []
-    manifest = p / MANIFEST
-    known = set(names) | {MANIFEST}
-    if manifest.is_file():
-        known |= set(manifest.read_text(encoding="utf-8", errors="replace").splitlines())
-    return sorted(e.name + ("/" if e.is_dir() else "") for e in p.iterdir() if e.name not in known and not ours(e.name))
+    manifest = read_manifest(p)
+    listed = manifest.files if manifest else frozenset()
+    if manifest and manifest.kind and manifest.kind != kind.name:
+        raise UserError(f"{what} {p} is the output of `{manifest.stage}` ({manifest.kind}); `{kind.stage}` writes "
+                        f"{kind.name} and replaces only its own: choose another directory, or delete {p} yourself if "
+                        "you no longer need it")
+    if manifest and not manifest.kind:
+        others = sorted(n for n in listed if not kind.ours(n) and (p / n).exists())
+        if others:
+            raise UserError(f"{what} {p} holds {describe_entries(others)}, written by another openllm-ds stage (listed "
+                            f"in its {MANIFEST}); `{kind.stage}` writes {kind.name} and replaces only its own: choose "
+                            "another directory")
+    known = set(names) | listed | {MANIFEST}
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in p.iterdir() if e.name not in known and not kind.ours(e.name))
 
 
 def describe_entries(names: list[str], limit: int = 5) -> str:
@@ -129,12 +196,13 @@ def describe_entries(names: list[str], limit: int = 5) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, ours: Callable[[str], bool] = lambda name: False) -> Iterator[Path]:
+def atomic_dir(path: str | Path, kind: OutputKind) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` whole.
 
-    A crash leaves ``path`` as it was (or absent), never half-written. ``path`` is replaced only when
-    everything in it was written by the project (its manifest, or the same names as the new output): a
-    user's file there stops the swap with an error naming it, and nothing is deleted.
+    A crash leaves ``path`` as it was (or absent), never half-written. The new directory's manifest names ``kind``
+    and lists its entries. ``path`` is replaced only when ``claim_output_dir`` finds it holds this kind of output
+    and nothing else: another stage's output or a user's file stops the swap with an error naming it, and nothing
+    is deleted.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +211,9 @@ def atomic_dir(path: str | Path, ours: Callable[[str], bool] = lambda name: Fals
     try:
         yield tmp
         names = sorted(e.name for e in tmp.iterdir())
-        (tmp / MANIFEST).write_text("".join(n + "\n" for n in names), encoding="utf-8")
+        write_manifest(tmp, kind, names)
         if p.exists():
-            foreign = foreign_entries(p, ours, names)
+            foreign = claim_output_dir(p, kind, names=names)
             if foreign:
                 raise UserError(f"{p} holds {describe_entries(foreign)}, which openllm-ds did not write; nothing was "
                                 f"replaced: move them out of {p} or choose another output directory")
@@ -248,10 +316,10 @@ def init_ray(num_cpus: int | None = None):
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         start_local_ray(include_dashboard=False, **kwargs)
-    try:  # one progress bar per stage is ours; Ray's own bars only add noise
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-    except Exception:
-        pass
+    # one progress bar per stage is ours; Ray Data's own bars only add noise. Importing ray.data here (pandas...)
+    # would cost a stage that does not use it most of a second: its default is read from the environment on import
+    if "ray.data" in sys.modules:
+        sys.modules["ray.data"].DataContext.get_current().enable_progress_bars = False
+    else:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     return ray

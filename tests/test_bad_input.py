@@ -80,7 +80,8 @@ class Case:
     argv: str  # after `openllm-ds`; {root} is the repo root
     message: str  # regex the one error line must match
     absent: tuple[str, ...] = ()  # paths (relative to the run dir) that must not exist afterwards
-    files: dict = field(default_factory=dict)  # written first; "<tok>" copies the tiny tokenizer, "<shards>" its shards, "/" a dir
+    files: dict = field(default_factory=dict)  # written first; "<tok>" copies the tiny tokenizer, "<shards>" its shards
+    # of training_data.txt ("<val_shards>": of validation_data.txt), "/" a dir
     kept: tuple[str, ...] = ()  # files that must hold the same bytes afterwards
     leaves: tuple[str, ...] = ()  # what a failure after some work may leave: none of it a completion marker
 
@@ -319,7 +320,7 @@ CASES = [
          r"train\.data_file training_data\.txt has [\d,]+ tokens = \d+ windows .* fewer than one global batch of "
          r"1000 windows .*; lower --batch_size",
          ("run/run_config.yaml", "run/tokenizer", "run/checkpoints", "run/tensorboard", "run/train_log.jsonl"),
-         files={**TRAIN_FILES, "training_data.tokens": "<shards>", "validation_data.tokens": "<shards>"}),
+         files={**TRAIN_FILES, "training_data.tokens": "<shards>", "validation_data.tokens": "<val_shards>"}),
     # ---- evaluate --------------------------------------------------------------------------------
     Case("evaluate", "model_dir missing", 2, "evaluate --model_dir nomodel --eval_data text.txt --output rep.json",
          r"--model_dir nomodel does not exist; pass a training output", ("rep.json",), files={"text.txt": TEXT}),
@@ -432,7 +433,10 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     tok = root / "tok"
     train_tokenizer(TokenizerConfig(input=str(text), output_dir=str(tok), vocab_size=300))
     shards = Path(tokenize_corpus(text, tok, num_workers=0)["shards_dir"])  # the workers' code, in this process
-    return {"<tok>": tok, "<shards>": shards}
+    val = root / "validation_data.txt"  # a shards dir records its source: validation_data.tokens is built from this
+    val.write_text(TEXT, encoding="utf-8")
+    val_shards = Path(tokenize_corpus(val, tok, num_workers=0)["shards_dir"])
+    return {"<tok>": tok, "<shards>": shards, "<val_shards>": val_shards}
 
 
 def write_files(run_dir: Path, files: dict, assets: dict[str, Path]) -> None:

@@ -7,8 +7,10 @@ Documents are real SQuAD passages (``prepared_data``) written out in each format
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,14 @@ from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for, tokenize_corpus
 
 from test_shards import file_bytes
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "corpus"  # small files with every separator, encoding and whitespace case
+FIXTURE_CASES = {  # name -> how it is tokenized; the unit sizes are in expected_shards.json's keys
+    "lines_and_records": dict(inputs=["lines.txt", "records.jsonl"], holdout=0.25),
+    "paragraphs": dict(inputs=["paragraphs.txt"], options=ReadOptions(doc_separator="blank_line")),
+    "no_dedup": dict(inputs=["lines.txt", "records.jsonl"], dedup=False),
+}
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +248,241 @@ def test_a_two_node_cluster_writes_one_output_dir(passages, tokenizer_dir, tmp_p
     assert len(meta["shards"]) >= 10
     assert file_bytes(tmp_path / "cluster") == file_bytes(tmp_path / "local")
     shutil.rmtree(tmp_path / "cluster")
+
+
+def sha256s(shards_dir) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shards_dir.glob("*.bin"))}
+
+
+@pytest.mark.parametrize("key", sorted(json.loads((FIXTURE / "expected_shards.json").read_text(encoding="utf-8"))))
+def test_the_fixture_corpus_gives_the_recorded_shards(key, tmp_path):
+    """tests/fixtures/corpus tokenized with its own tiny tokenizer: the shard files' sha256s, counts and the
+    source digest recorded in expected_shards.json by the two-pass version (hash, then encode) this one
+    replaced, whoever does the work and in whatever pieces."""
+    want = json.loads((FIXTURE / "expected_shards.json").read_text(encoding="utf-8"))[key]
+    name, unit_bytes = key.rsplit("-", 1)
+    case = FIXTURE_CASES[name]
+    kwargs = {k: v for k, v in case.items() if k != "inputs"}
+    # Ray's 2 workers for the case with units, duplicates and a held-out share; pieces of 7 or 41 bytes (a unit read
+    # in many calls) write the same files as pieces of the unit's size
+    for workers, piece_bytes in [(0, 10**9), (0, 7)] + ([(2, 41)] if key == "lines_and_records-200" else []):
+        out = tmp_path / f"w{workers}-{piece_bytes}"
+        meta = tokenize_corpus([str(FIXTURE / i) for i in case["inputs"]], FIXTURE / "tokenizer", out,
+                               num_workers=workers, unit_bytes=int(unit_bytes), piece_bytes=piece_bytes, **kwargs)
+        assert sha256s(out) == want["files"], (workers, piece_bytes)
+        got = {"num_tokens": meta["num_tokens"], "num_documents": meta["num_documents"], "counts": meta["counts"],
+               "heldout_documents": meta.get("heldout", {}).get("num_documents", 0),
+               "source_sha256": meta["source_sha256"]}
+        assert got == {k: want[k] for k in got}, (workers, piece_bytes)
+
+
+@pytest.mark.parametrize("name, separator", [("lines.txt", "newline"), ("lines.txt", "blank_line"),
+                                             ("paragraphs.txt", "newline"), ("paragraphs.txt", "blank_line"),
+                                             ("records.jsonl", "newline")])
+def test_a_unit_edge_on_every_byte_reads_what_one_unit_reads(name, separator):
+    """The fixture files hold a byte-order mark, CRLF and lone CR, lines of spaces, tabs, a form feed and Unicode
+    spaces (no-break, ideographic, em), multi-byte characters, a JSONL record of blank text, no final newline. For
+    unit_bytes = 1 .. the file's size, a unit edge falls on every byte: the documents read unit by unit are those of
+    one unit, in order, none lost or doubled."""
+    from openllm_ds.data import documents
+
+    path = FIXTURE / name
+    options = {"doc_separator": separator}
+    whole = read_all(path, 10**9, **options)
+    assert len(whole) >= 3
+    for unit_bytes in range(1, path.stat().st_size + 1):
+        assert read_all(path, unit_bytes, **options) == whole, unit_bytes
+    # blank_line: whether the line before a unit's first one is blank, read backwards in blocks of any size
+    data = path.read_bytes()
+    with open(path, "rb") as fh:
+        for begin in [i + 1 for i, b in enumerate(data) if b == 0x0A]:
+            want = documents.is_blank(data[data.rfind(b"\n", 0, begin - 1) + 1:begin - 1].decode().removeprefix("\ufeff"))
+            assert [documents._line_before_is_blank(fh, begin, block) for block in (1, 2, 3, 5, 1 << 16)] == [want] * 5
+
+
+def test_blank_is_one_rule_for_every_format(tmp_path):
+    """A line or record of Unicode whitespace only is no document in text, JSON Lines and Parquet alike (counted as
+    empty in records); with blank_line documents it separates them, and a first line of only a byte-order mark
+    is blank."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spaces = "\u00a0\u3000\u2003\x0c\r"
+    (tmp_path / "t.txt").write_bytes(f"\ufeffa\n{spaces}\nb\n".encode())
+    assert read_all(tmp_path / "t.txt", 3) == read_all(tmp_path / "t.txt", 100) == ["a", "b"]
+    (tmp_path / "p.txt").write_bytes(f"\ufeff\na\nb\n{spaces}\nc\n".encode())
+    assert read_all(tmp_path / "p.txt", 2, doc_separator="blank_line") == ["a\nb", "c"]
+    (tmp_path / "r.jsonl").write_bytes(f'\ufeff\r\n{spaces}\n{json.dumps({"text": spaces})}\n{{"text": "x"}}\n'.encode())
+    assert read_all(tmp_path / "r.jsonl", 5) == ["x"]
+    pq.write_table(pa.table({"text": [spaces, "y"]}), tmp_path / "t.parquet")
+    assert read_all(tmp_path / "t.parquet", 10**9) == ["y"]
+
+
+def write_lines(path, docs) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(d + "\n" for d in docs), encoding="utf-8")
+    return str(path)
+
+
+def test_the_output_dir_is_never_read_as_input(passages, tokenizer_dir, tmp_path, capsys):
+    """`tokenize --output_dir` inside its own input folder: the rerun finds its shards up to date (it does not read
+    them as input, nor refuse them as unknown files), and a glob over the folder leaves them out too."""
+    from openllm_ds.cli import main
+
+    corpus = tmp_path / "corpus"
+    write_lines(corpus / "a.txt", passages[:20])
+    argv = ["tokenize", "--input", str(corpus), "--tokenizer_dir", str(tokenizer_dir), "--output_dir",
+            str(corpus / "out"), "--num_workers", "0"]
+    assert main(argv) == 0
+    meta = json.loads((corpus / "out" / "meta.json").read_text())
+    assert [f["path"] for f in meta["files"]] == [str((corpus / "a.txt").resolve())]
+    capsys.readouterr()
+    assert main(argv) == 0 and "up to date" in capsys.readouterr().out
+    assert main([*argv[:2], str(corpus / "**" / "*"), *argv[3:]]) == 0  # another spelling: rebuilt, from a.txt only
+    assert [f["path"] for f in json.loads((corpus / "out" / "meta.json").read_text())["files"]] == \
+        [str((corpus / "a.txt").resolve())]
+
+
+def test_a_file_two_sources_reach_is_refused(passages, tokenizer_dir, tmp_path):
+    """The same file listed twice (any spelling), or a folder and a file in it: refused before any work, naming
+    the file and both sources; for --input, --output_dir and --data_files alike."""
+    from openllm_ds.cli import main
+    from openllm_ds.train.data import shards_dirs
+
+    a = write_lines(tmp_path / "docs" / "a.txt", passages[:10])
+    write_lines(tmp_path / "docs" / "b.txt", passages[10:20])
+    for inputs in ([a, a], [a, str(tmp_path / "docs" / ".." / "docs" / "a.txt")], [str(tmp_path / "docs"), a]):
+        with pytest.raises(UserError, match=rf"--input .* and .* both reach the file {tmp_path / 'docs' / 'a.txt'}; "
+                                            r"list each file once"):
+            tokenize_corpus(inputs, tokenizer_dir, tmp_path / "out", num_workers=0)
+        for extra in ([], ["--output_dir", str(tmp_path / "out")]):
+            assert main(["tokenize", "--input", *inputs, "--tokenizer_dir", str(tokenizer_dir), *extra]) == 2
+    assert not list(tmp_path.glob("**/*.tokens")) and not (tmp_path / "out").exists()
+    cfg = run_config(tokenizer_dir, **{"train.data_files": f"{a},{tmp_path}/docs/./a.txt"})
+    with pytest.raises(UserError, match=r"train\.data_files lists .*a\.txt twice \(as .* and .*\); list each source once"):
+        shards_dirs(cfg)
+    cfg = run_config(tokenizer_dir, **{"train.data_files": f"{tmp_path / 'docs'},{a}"})
+    with pytest.raises(UserError, match=r"train\.data_files .*docs and .*a\.txt both reach the file"):
+        shards_dirs(cfg)
+
+
+def run_config(tokenizer_dir, **values):
+    from openllm_ds.config import load_run_config
+
+    return load_run_config(None, {"train.tokenizer_dir": str(tokenizer_dir), "tokenizer.num_workers": 0, **values})
+
+
+def test_two_sources_never_share_a_derived_shards_dir(passages, tokenizer_dir, tmp_path):
+    """`X.txt` and a folder `X` both derive `X.tokens`: in one command that is refused naming both; across commands
+    the dir records what it was built from (meta.json source.built_from), so the second source is refused rather
+    than written over the first's shards, and no stage reads them as its own."""
+    from openllm_ds.tokenizer.corpus import built_shards_dir, derived_shards_dirs
+    from openllm_ds.train.data import shards_dirs
+
+    x_txt = write_lines(tmp_path / "X.txt", passages[:10])
+    x_dir = str(Path(write_lines(tmp_path / "X" / "part.txt", passages[10:20])).parent)
+    with pytest.raises(UserError, match=rf"--input {x_txt} and {x_dir} would both have their token shards in "
+                                        rf"{tmp_path / 'X.tokens'}; rename one of them, or tokenize one with"):
+        derived_shards_dirs([x_txt, x_dir])
+    with pytest.raises(UserError, match=r"train\.data_files .* would both have their token shards in"):
+        shards_dirs(run_config(tokenizer_dir, **{"train.data_files": f"{x_txt},{x_dir}"}))
+
+    meta = tokenize_corpus(x_txt, tokenizer_dir, num_workers=0)
+    assert meta["shards_dir"] == str(tmp_path / "X.tokens")
+    assert meta["source"]["built_from"] == ["X.txt"]  # beside the dir: a moved or copied project still matches
+    before = file_bytes(tmp_path / "X.tokens")
+    with pytest.raises(UserError, match=rf"{tmp_path / 'X.tokens'} holds the token shards of X\.txt, and {x_dir} "
+                                        r"would get the same default dir"):
+        tokenize_corpus(x_dir, tokenizer_dir, num_workers=0)
+    assert file_bytes(tmp_path / "X.tokens") == before
+    assert built_shards_dir(x_txt) == tmp_path / "X.tokens"
+    with pytest.raises(UserError, match=rf"holds the token shards of X\.txt, not of {x_dir}"):
+        built_shards_dir(x_dir)
+    # another spelling of the same source is the same source: up to date, not rebuilt
+    again = tokenize_corpus(str(tmp_path / "." / "X.txt"), tokenizer_dir, num_workers=0)
+    assert "seconds" not in again and file_bytes(tmp_path / "X.tokens") == before
+    # a copied project: the same source beside its dir, rebuilt (the files' paths changed), not refused
+    import shutil as sh
+
+    sh.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-copy", ignore=sh.ignore_patterns("X"))
+    copy = tokenize_corpus(str(tmp_path.parent / f"{tmp_path.name}-copy" / "X.txt"), tokenizer_dir, num_workers=0)
+    assert copy["num_documents"] == 10 and "seconds" in copy
+    # the user names the dir: its shards are replaced by the folder's
+    tokenize_corpus(x_dir, tokenizer_dir, tmp_path / "X.tokens", num_workers=0)
+    assert decoded(tmp_path / "X.tokens", tokenizer_dir) == passages[10:20]
+
+
+def test_several_inputs_are_deduplicated_across_all_of_them(passages, tokenizer_dir, tmp_path):
+    """`tokenize --input a b` without --output_dir: each input gets its own shards dir, and a document of b that a
+    already holds is removed from b (the first copy kept, in input order), as the README says; in one run."""
+    from openllm_ds.cli import main
+
+    a = write_lines(tmp_path / "a.txt", passages[:30])
+    b = tmp_path / "b.jsonl"
+    b.write_text(jsonl(passages[20:40]), encoding="utf-8")
+    argv = ["tokenize", "--input", a, str(b), "--tokenizer_dir", str(tokenizer_dir), "--num_workers", "0"]
+    assert main(argv) == 0
+    assert decoded(tmp_path / "a.tokens", tokenizer_dir) == passages[:30]
+    assert decoded(tmp_path / "b.jsonl.tokens", tokenizer_dir) == passages[30:40]
+    meta_b = json.loads((tmp_path / "b.jsonl.tokens" / "meta.json").read_text())
+    assert meta_b["counts"]["duplicates"] == 10 and meta_b["counts"]["documents_read"] == 20
+    assert meta_b["source"]["deduplicated_after"][0]["built_from"] == ["a.txt"]
+    # b alone (train --data_file b) is another corpus: rebuilt with its own documents
+    alone = tokenize_corpus(str(b), tokenizer_dir, num_workers=0)
+    assert alone["num_documents"] == 20 and "deduplicated_after" not in alone["source"]
+
+
+def test_finishing_a_unit_again_gives_the_same_files(tmp_path):
+    """A unit read as three pieces: joined, less a duplicate in its second piece, into the same shard file as one
+    piece gives; a worker killed while it finishes the unit (its temporary file left behind) and the call run again:
+    the same files and entries, whether the pieces are joined or one piece is renamed whole."""
+    import numpy as np
+
+    from openllm_ds.tokenizer.encode import encode_piece, finish_unit, pieces_of
+
+    src = tmp_path / "docs.txt"
+    src.write_text("one\ntwo\nthree\ntwo\nfour five six\nseven\n", encoding="utf-8")
+    options = ReadOptions()
+    (unit,) = plan_units(resolve_sources([str(src)], options), 10**9)
+    tok = load_tokenizer(FIXTURE / "tokenizer")
+    out = {}
+    for name, pieces, drops in (("whole", [unit], [[]]), ("cut", pieces_of(unit, 10), [[], [0], [], []])):
+        d = tmp_path / name
+        d.mkdir()
+        counts = [6] if name == "whole" else [3, 2, 0, 1]  # 10-byte pieces: one two three | two four.. | - | seven
+        assert [len(list(read_unit(p, options))) for p in pieces] == counts
+        for part, piece in enumerate(pieces):
+            result, hashes = encode_piece(piece, 0, part, d, options, tok.sp, np.dtype("<u2"), 0.0)
+            assert result["documents"] == len(hashes) == counts[part]
+        (d / "shard_00000.bin.part-99999").write_bytes(b"\x01")  # what a killed finish leaves
+        drops = [np.array(x, int) for x in drops]
+        first = finish_unit(d, 0, np.dtype("<u2"), drops)
+        files = file_bytes(d)
+        assert finish_unit(d, 0, np.dtype("<u2"), drops) == first and file_bytes(d) == files
+        out[name] = (first, np.fromfile(d / "shard_00000.bin", "<u2"))
+    whole, cut = out["whole"][1], out["cut"][1]
+    docs = np.split(whole, np.flatnonzero(whole == tok.eos_id) + 1)[:-1]
+    assert np.array_equal(cut, np.concatenate([docs[i] for i in (0, 1, 2, 4, 5)]))  # the second "two" dropped
+    assert out["cut"][0]["shards"]["train"]["num_documents"] == 5 and out["cut"][0]["digest"] == out["whole"][0]["digest"]
+
+
+def test_auto_workers_use_ray_only_where_it_can_win(passages, tokenizer_dir, tmp_path, capsys):
+    """--num_workers auto (the default): this process below AUTO_RAY_BYTES of input or for a single piece, else one
+    Ray worker per CPU (at most one per piece); the threshold and the measurement behind it: README, bench_corpus."""
+    from openllm_ds.tokenizer.runners import AUTO_RAY_BYTES, choose_workers
+
+    assert choose_workers("auto", AUTO_RAY_BYTES - 1, 100) == 0
+    assert choose_workers("auto", AUTO_RAY_BYTES, 1) == 0
+    assert choose_workers("auto", AUTO_RAY_BYTES, 8) == "auto"
+    assert choose_workers(2, 10, 1) == 2 and choose_workers(0, 10**12, 10**5) == 0
+    src = write_lines(tmp_path / "docs.txt", passages[:20])
+    meta = tokenize_corpus(src, tokenizer_dir)
+    assert "in this process" in capsys.readouterr().out and meta["nodes"] == []
+    with pytest.raises(UserError, match=r"--num_workers must be auto or >= 0"):
+        tokenize_corpus(src, tokenizer_dir, tmp_path / "x", num_workers="some")
+    from openllm_ds.config import load_run_config
+
+    assert load_run_config(None, {}).tokenizer.num_workers == "auto"
+    assert load_run_config(None, {"tokenizer.num_workers": "2"}).tokenizer.num_workers == 2
+    with pytest.raises(UserError, match=r"tokenizer\.num_workers must be auto or >= 0"):
+        load_run_config(None, {"tokenizer.num_workers": "many"})

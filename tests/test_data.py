@@ -16,6 +16,7 @@ from openllm_ds.data.download import SquadFile, download_official
 from openllm_ds.data.preparation import dedupe_and_split
 from openllm_ds.data.sources import SquadInput, load_hub
 from openllm_ds.errors import ConfigError, DataError, UserError
+from openllm_ds.utils import MANIFEST
 
 DEV_V11_SHA256 = "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9"  # published hash
 OUTPUTS = ("training_data.txt", "validation_data.txt", "stats.json")
@@ -281,7 +282,7 @@ def test_outputs_do_not_depend_on_num_workers(prepared_data, squad_dir, tmp_path
     assert json.loads((out / "stats.json").read_text()) == stats
     for name in OUTPUTS:
         assert (out / name).read_bytes() == (prepared_data / name).read_bytes(), name
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUTS, MANIFEST])  # no temp files left
 
 
 def test_download_source_gives_the_same_passages(prepared_data, squad_dir, tmp_path, monkeypatch):

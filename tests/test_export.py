@@ -28,7 +28,7 @@ from openllm_ds.export import VerificationError, export
 from openllm_ds.model import generate
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import load_tokenizer
-from openllm_ds.utils import MANIFEST
+from openllm_ds.utils import MANIFEST, read_manifest
 
 TINY = dict(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, dropout=0.0)
 VAL_LOSS = 5.25
@@ -310,7 +310,9 @@ def test_overwrite_replaces_an_earlier_export_and_never_a_users_file(tied_run, t
     out = tmp_path / "pt"
     cfg = dict(model_dir=str(tied_run[0]), format="pytorch", output_dir=str(out))
     export(ExportConfig(**cfg))
-    assert (out / MANIFEST).read_text().splitlines() == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    manifest = read_manifest(out)
+    assert sorted(manifest.files) == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    assert (manifest.kind, manifest.stage) == ("a pytorch export", "openllm-ds export --format pytorch")
     with pytest.raises(UserError, match=r"holds an earlier export \(.*model\.pt.*\); pass --overwrite to replace it"):
         export(ExportConfig(**cfg))
     export(ExportConfig(**cfg, overwrite=True))
@@ -326,10 +328,11 @@ def test_overwrite_replaces_an_earlier_export_and_never_a_users_file(tied_run, t
     # the final swap checks again: a user's file that appears during the export stops it, and nothing is lost
     (out / "notes.md").unlink()
     (out / "plots").rmdir()
+    from openllm_ds.export.common import export_kind
     from openllm_ds.utils import atomic_dir
 
     with pytest.raises(UserError, match=r"holds late\.txt, which openllm-ds did not write; nothing was replaced"):
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, export_kind("pytorch")) as tmp:
             (tmp / "model.pt").write_text("new")
             (out / "late.txt").write_text("mine")
     assert (out / "late.txt").read_text() == "mine" and (out / "model.pt").stat().st_size > 3

@@ -168,12 +168,12 @@ def udf_with_hook(udf, hook):
 
 
 def unit_worker_with_hook(hook):
-    from openllm_ds.tokenizer.corpus import UnitWorker
+    from openllm_ds.tokenizer.runners import UnitWorker
 
     class UnitWorkerWithHook(UnitWorker):
-        def encode(self, u, drops):
+        def encode(self, u, num_buckets):
             hook()
-            return super().encode(u, drops)
+            return super().encode(u, num_buckets)
 
     return UnitWorkerWithHook
 
@@ -249,7 +249,7 @@ def reference(private_ray, squad_dir, tmp_path_factory):
     """The undisturbed runs: prepare (its UDF calls counted), a tokenizer, and the validation
     file's shards (their UDF calls counted)."""
     from openllm_ds.data import preparation, prepare
-    from openllm_ds.tokenizer import corpus, tokenize_corpus, train_tokenizer
+    from openllm_ds.tokenizer import runners, tokenize_corpus, train_tokenizer
 
     root = tmp_path_factory.mktemp("reference")
     clean = root / "clean"
@@ -259,7 +259,7 @@ def reference(private_ray, squad_dir, tmp_path_factory):
     tokenizer_dir = root / "tokenizer"
     train_tokenizer(TokenizerConfig(input=str(clean / "training_data.txt"), output_dir=str(tokenizer_dir), vocab_size=8000))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(corpus, "UnitWorker", unit_worker_with_hook(fault_hook(root / "tokenize", None)))
+        mp.setattr(runners, "UnitWorker", unit_worker_with_hook(fault_hook(root / "tokenize", None)))
         tokenize_corpus(clean / "validation_data.txt", tokenizer_dir, output_dir=root / "shards", num_workers=2,
                         unit_bytes=300_000)
     return {"clean": clean, "tokenizer_dir": tokenizer_dir, "shards": root / "shards",
@@ -290,10 +290,10 @@ def test_prepare_survives_a_killed_ray_data_task(reference, squad_dir, tmp_path,
 
 
 def test_tokenize_survives_a_killed_ray_actor(reference, tmp_path, monkeypatch, faults):
-    from openllm_ds.tokenizer import TokenShards, corpus, tokenize_corpus
+    from openllm_ds.tokenizer import TokenShards, runners, tokenize_corpus
 
     fault_dir = tmp_path / "faults"
-    monkeypatch.setattr(corpus, "UnitWorker", unit_worker_with_hook(fault_hook(fault_dir, PAUSE_AT_CALL)))
+    monkeypatch.setattr(runners, "UnitWorker", unit_worker_with_hook(fault_hook(fault_dir, PAUSE_AT_CALL)))
     kill = kill_9_when(victim_pid(fault_dir), "tokenize")
     out = tmp_path / "shards"
     meta = tokenize_corpus(reference["clean"] / "validation_data.txt", reference["tokenizer_dir"], output_dir=out,
@@ -305,9 +305,13 @@ def test_tokenize_survives_a_killed_ray_actor(reference, tmp_path, monkeypatch, 
     assert not psutil.pid_exists(kill["pid"])
 
     assert num_calls(fault_dir) >= reference["tokenize_calls"] + 1
-    want = file_bytes(reference["shards"])
+    want, got = file_bytes(reference["shards"]), file_bytes(out)
     assert sorted(want) == [MANIFEST, "meta.json"] + [f"shard_{u:05d}.bin" for u in range(6)]
-    assert file_bytes(out) == want  # no document lost or written twice; no temporary file left
+    # meta.json records its source relative to the dir (source.built_from), which lies elsewhere here
+    want_meta, got_meta = (json.loads(files.pop("meta.json")) for files in (want, got))
+    assert got_meta["source"].pop("built_from") == [os.path.relpath(reference["clean"] / "validation_data.txt", tmp_path)]
+    want_meta["source"].pop("built_from")
+    assert got == want and got_meta == want_meta  # no document lost or written twice; no temporary file left
     assert meta["num_documents"] == len((reference["clean"] / "validation_data.txt").read_text().splitlines())
     assert len(TokenShards(out)) == meta["num_tokens"] > 300_000
     faults["recovered"] += 1

@@ -194,3 +194,70 @@ def test_reader_pickles_by_path(token_shards):
     assert len(data) < 1000  # the path, not the tokens
     again = pickle.loads(data)
     assert len(again) == len(shards) and np.array_equal(again[1000:3000], shards[1000:3000])
+
+
+def tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_no_stage_replaces_or_deletes_another_stages_output(tokenizer_dir, prepared_data, tmp_path):
+    """Every writer (tokenize, train-tokenizer, export of each format, prepare, a checkpoint save) goes through
+    utils.claim_output_dir: pointed at a directory another stage wrote -- named by its manifest's kind, or, in a
+    manifest of an older version without one, by its files -- it stops with one line naming the directory and the
+    command that wrote it, before any work, and every file there stays as it was."""
+    import shutil
+
+    from openllm_ds.config import DataConfig, ExportConfig, TokenizerConfig
+    from openllm_ds.data import prepare
+    from openllm_ds.export import export
+    from openllm_ds.export.common import export_kind
+    from openllm_ds.tokenizer import train_tokenizer
+    from openllm_ds.train.checkpointing import not_a_checkpoint
+    from openllm_ds.utils import MANIFEST, write_manifest
+
+    text = tmp_path / "docs.txt"
+    text.write_text("One document.\nAnother one.\n", encoding="utf-8")
+    outputs = {"token shards": tmp_path / "docs.tokens", "a tokenizer": tmp_path / "tokenizer",
+               "cleaned data": tmp_path / "clean", "a huggingface export": tmp_path / "hf",
+               "an export of an older version": tmp_path / "old-export"}
+    tokenize_corpus(text, tokenizer_dir, num_workers=0)
+    shutil.copytree(tokenizer_dir, outputs["a tokenizer"])
+    shutil.copytree(prepared_data, outputs["cleaned data"], ignore=shutil.ignore_patterns("*.tokens"))
+    for name in ("hf", "old-export"):
+        (tmp_path / name).mkdir()
+        for f in ("config.json", "model.safetensors", "tokenizer.model"):
+            (tmp_path / name / f).write_text(f"{name} {f}")
+    write_manifest(outputs["a huggingface export"], export_kind("huggingface"), ["config.json", "model.safetensors",
+                                                                                  "tokenizer.model"])
+    (outputs["an export of an older version"] / MANIFEST).write_text("config.json\nmodel.safetensors\ntokenizer.model\n")
+    before = {k: tree(d) for k, d in outputs.items()}
+
+    writers = {
+        "token shards": lambda out: tokenize_corpus(text, tokenizer_dir, out, num_workers=0),
+        "a tokenizer": lambda out: train_tokenizer(TokenizerConfig(input=str(text), output_dir=str(out), vocab_size=300)),
+        "cleaned data": lambda out: prepare(DataConfig(source="dir", squad_dir=str(tmp_path / "no-squad"),
+                                                       output_dir=str(out))),
+        "a pytorch export": lambda out: export(ExportConfig(model_dir=str(tmp_path / "no-model"), format="pytorch",
+                                                            output_dir=str(out), overwrite=True)),
+        "a checkpoint": lambda out: (_ for _ in ()).throw(UserError(not_a_checkpoint(out))),
+    }
+    for writer, write in writers.items():
+        for kind, out in outputs.items():
+            if kind == writer:
+                continue
+            if kind == "an export of an older version":
+                if writer == "a pytorch export":
+                    continue  # export files: an older version's export, which a new export may replace
+                match = (rf"{out} holds config\.json, [a-z.,\s]*, written by another openllm-ds stage "
+                         rf"\(listed in its \{MANIFEST}\); `openllm-ds .*` writes {writer} and replaces only its own")
+            else:
+                match = rf"{out} is the output of `openllm-ds [a-z -]+` \({kind}\); `openllm-ds .*` writes {writer} "
+            with pytest.raises(UserError, match=match):
+                write(out)
+            assert tree(out) == before[kind], (writer, kind)
+    # the issue's example: token shards into an export dir, from the command line
+    from openllm_ds.cli import main
+
+    assert main(["tokenize", "--input", str(text), "--tokenizer_dir", str(tokenizer_dir), "--output_dir",
+                 str(outputs["a huggingface export"]), "--num_workers", "0"]) == 2
+    assert tree(outputs["a huggingface export"]) == before["a huggingface export"]

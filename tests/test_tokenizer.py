@@ -12,7 +12,7 @@ import pytest
 from openllm_ds.config import TokenizerConfig
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer import load_tokenizer, train_tokenizer
-from openllm_ds.utils import MANIFEST
+from openllm_ds.utils import MANIFEST, read_manifest
 
 # Text the tokenizer never saw, chosen for the places SentencePiece and HF tokenizers tend to differ.
 EDGE_CASES = [
@@ -62,7 +62,8 @@ def tiny_corpus(tmp_path_factory) -> Path:
 def test_trained_files_and_report(tokenizer_dir, prepared_data):
     names = {"tokenizer.model", "tokenizer.vocab", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"}
     assert {p.name for p in tokenizer_dir.iterdir()} == names | {MANIFEST}
-    assert set((tokenizer_dir / MANIFEST).read_text().splitlines()) == names  # what a rerun may replace
+    manifest = read_manifest(tokenizer_dir)  # what a rerun may replace, and which stage wrote it
+    assert (manifest.files, manifest.kind, manifest.stage) == (names, "a tokenizer", "openllm-ds train-tokenizer")
 
     tok = load_tokenizer(tokenizer_dir)
     assert tok.vocab_size == 8000

@@ -3,10 +3,13 @@ documents of reading every file from start to end.
 
 What a document is: in text, one line (``--doc_separator newline``) or a run of non-blank lines
 ended by a blank line (``blank_line``; its lines joined with "\\n"); in JSON, Parquet and Arrow, the
-string in ``--text_field`` (default ``text``) of each record. "\\r" before a line end is dropped;
-documents that are empty or only whitespace are skipped (counted as ``empty``). A ranged unit reads
+string in ``--text_field`` (default ``text``) of each record. Lines end at "\\n" only: "\\r" before it is
+dropped (CRLF), a lone "\\r" is text; a byte-order mark at a file's start is not text. One whitespace rule
+(``is_blank``: ``str.isspace``, Unicode's spaces included) for every format: a blank line or record is no
+document (records count it as ``empty``), and blank lines separate blank-line documents. A ranged unit reads
 past its end to finish its last line (or, for blank-line documents, its last document), and skips
-what an earlier unit reads to its end.
+what an earlier unit reads to its end, judging the line before it by the same rule: the documents are the
+same whatever the unit size (a unit edge may fall on any byte, inside a character too).
 
 Bad input is a ``DataError`` naming the file (and line or row) and the fix: a file that is not
 UTF-8, looks binary, is a truncated or corrupt archive, a record that is not valid JSON, lacks the
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Iterator
 
-from openllm_ds.data.units import (BLANK, TABLE_BATCH_ROWS, ReadOptions, SourceFile, Unit, UnitCounts, archive_error,
+from openllm_ds.data.units import (TABLE_BATCH_ROWS, ReadOptions, SourceFile, Unit, UnitCounts, archive_error,
                                    arrow_batches, open_stream, open_table, plan_units, resolve_sources)
 from openllm_ds.errors import DataError, UserError
 
@@ -94,20 +97,45 @@ def _first_line_start(fh, pos: int) -> int:
 
 def _starts_record(unit: Unit) -> bool:
     """Blank-line documents: does the unit's first line begin a document (the file's first line, or one after
-    a blank line)? Else it continues a document that an earlier unit reads to its end."""
+    a blank line, by the reader's own rule: ``is_blank``)? Else it continues a document that an earlier unit reads
+    to its end."""
     if unit.start == 0 or unit.file.compression:
         return True
     with open(unit.file.path, "rb") as fh:
-        pos = _first_line_start(fh, unit.start) - 2  # the last byte of the line before, less its "\n"
-        while pos >= 0:
-            fh.seek(pos)
-            c = fh.read(1)
-            if c == b"\n":
-                return True  # that line is blank
-            if c not in b" \t\r\f\v":
-                return False
-            pos -= 1
-    return True
+        begin = _first_line_start(fh, unit.start)
+        return begin == 0 or _line_before_is_blank(fh, begin)
+
+
+def _line_before_is_blank(fh, begin: int, block: int = 1 << 16) -> bool:
+    """Is the line that ends with the "\n" at ``begin - 1`` blank? Read backwards a block at a time, stopping at
+    the first character that is not whitespace."""
+    end, carry = begin - 1, b""
+    while True:
+        start = max(0, end - block)
+        fh.seek(start)
+        data = fh.read(end - start) + carry
+        newline = data.rfind(b"\n")
+        if newline >= 0:
+            return is_blank(_text(data[newline + 1:]))
+        if start == 0:
+            return is_blank(_text(data).removeprefix("\ufeff"))  # the file's first line
+        cut = 0  # a character cut by the block's start: carried on to the next block
+        while cut < min(3, len(data)) and 0x80 <= data[cut] < 0xC0:
+            cut += 1
+        if not is_blank(_text(data[cut:])):
+            return False
+        end, carry = start, data[:cut]
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")  # a byte that is not UTF-8 is not blank (the reader stops at it)
+
+
+def is_blank(text: str) -> bool:
+    """The one whitespace rule of every text format: a line (or a record's text) of only whitespace -- spaces, tabs,
+    "\r", "\f", "\v", and Unicode's spaces (no-break, ideographic, em...) as ``str.isspace`` counts them -- is no
+    document (and, with ``--doc_separator blank_line``, a separator)."""
+    return not text.strip()
 
 
 def _stream_lines(f: SourceFile, counts: UnitCounts) -> Iterator[_Line]:
@@ -161,7 +189,7 @@ def _decode(f: SourceFile, line: _Line) -> str:
 def _text_documents(lines: Iterator[_Line], f: SourceFile) -> Iterator[str]:
     for line in lines:
         text = _decode(f, line)
-        if text.strip():
+        if not is_blank(text):
             yield text
 
 
@@ -171,7 +199,7 @@ def _paragraph_documents(unit: Unit, counts: UnitCounts) -> Iterator[str]:
     record: list[str] = []
     for line in _unit_lines(unit, counts):
         text = _decode(f, line)
-        if not text.strip():
+        if is_blank(text):
             if record:
                 yield "\n".join(record)
                 record = []
@@ -181,7 +209,7 @@ def _paragraph_documents(unit: Unit, counts: UnitCounts) -> Iterator[str]:
     if record:  # the unit's last document may run on into later units
         for line in _tail_lines(unit, counts):
             text = _decode(f, line)
-            if not text.strip():
+            if is_blank(text):
                 break
             record.append(text)
         yield "\n".join(record)
@@ -218,7 +246,7 @@ class _Records:
             kind = "null" if value is None else type(value).__name__
             self.bad(where_fn(), f"field {self.options.text_field!r} is {kind}, not a string")
             return None
-        if not value.strip():
+        if is_blank(value):
             self.counts.empty += 1
             return None
         return value
@@ -237,9 +265,9 @@ def _parse_json(text: str, where_fn, records: _Records):
 def _jsonl_documents(lines: Iterator[_Line], f: SourceFile, options: ReadOptions, counts: UnitCounts) -> Iterator[str]:
     records = _Records(f, options, counts)
     for line in lines:
-        if not line.text.strip(BLANK):
-            continue
         text = _decode(f, line)
+        if is_blank(text):
+            continue
         where = lambda line=line: _where(f, line)  # noqa: E731 - computed only for an error
         obj, ok = _parse_json(text, where, records)
         if ok and (doc := records.text_of(obj, where)) is not None:

@@ -38,16 +38,19 @@ from openllm_ds.data.clean import clean_batch, count_words
 from openllm_ds.data.download import download_official
 from openllm_ds.data.sources import HUB_DATASETS, SPLITS, SquadInput, list_squad_dir, load_hub, read_squad_files
 from openllm_ds.errors import ConfigError
-from openllm_ds.utils import atomic_write_bytes, atomic_write_json, ensure_writable_dir, init_ray
+from openllm_ds.utils import (OutputKind, atomic_write_bytes, atomic_write_json, claim_output_dir, ensure_writable_dir,
+                              init_ray, write_manifest)
 
 OUTPUT_FILES = {"train": "training_data.txt", "validation": "validation_data.txt"}
 STATS_FILE = "stats.json"
 COUNTS = ("paragraphs", "kept", "too_short", "duplicates", "characters", "words")
+CLEAN_DATA = OutputKind("cleaned data", "openllm-ds prepare", lambda name: name in (*OUTPUT_FILES.values(), STATS_FILE))
 
 
 def prepare(cfg: DataConfig) -> dict:
     """Run stage 1 and return the stats it writes to ``<cfg.output_dir>/stats.json``."""
     source = resolve_source(cfg)
+    claim_output_dir(Path(cfg.output_dir).expanduser(), CLEAN_DATA, "--output_dir")  # adds its files; others stay
     out_dir = ensure_writable_dir(Path(cfg.output_dir).expanduser(), "--output_dir")
     if source == "dir":
         location = str(Path(cfg.squad_dir).expanduser().resolve())
@@ -137,6 +140,7 @@ def write_outputs(out_dir: Path, passages: dict[str, list[str]], stats: dict) ->
     """Write both text files, then stats.json; each write is atomic (temp name, then rename)."""
     # A previous run's stats.json would vouch for a half-replaced pair of text files: drop it first.
     (out_dir / STATS_FILE).unlink(missing_ok=True)
+    write_manifest(out_dir, CLEAN_DATA, [*OUTPUT_FILES.values(), STATS_FILE])
     for split, name in OUTPUT_FILES.items():
         data = "".join(p + "\n" for p in passages[split]).encode("utf-8")
         atomic_write_bytes(out_dir / name, data)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openllm_ds.errors import DataError, UserError
-from openllm_ds.utils import first_line
+from openllm_ds.utils import first_line, read_manifest
 
 UNIT_BYTES = 16 * 2**20
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
@@ -46,6 +46,7 @@ COMPRESSIONS = {".gz": "gz", ".zst": "zst", ".bz2": "bz2", ".xz": "xz"}
 DOC_SEPARATORS = ("newline", "blank_line")
 ON_BAD_RECORD = ("error", "skip")
 SHARDS_SUFFIX = ".tokens"
+SHARDS_KIND = "token shards"  # the kind a shards dir's manifest names (tokenizer/corpus.py writes them)
 TABLE_BATCH_ROWS = 8192
 BLANK = b" \t\r\n\f\v"
 
@@ -111,27 +112,55 @@ def is_glob(source: str) -> bool:
     return any(c in str(source) for c in "*?[")
 
 
-def resolve_sources(sources: list[str] | tuple[str, ...], options: ReadOptions, what: str = "--input") -> list[SourceFile]:
-    """Every file of every source, in order; a file reached twice is read once."""
+def source_identity(source: str, relative_to: str | Path | None = None) -> str:
+    """What a source names, whatever its spelling: an ``hf:`` name as written, a glob's absolute pattern, a file or
+    folder's resolved path (``./a.txt``, ``a.txt`` and a link to it are one source); with ``relative_to`` (a shards
+    dir's parent), a path relative to it, which stays the same when the two move together."""
+    source = str(source)
+    if is_hub_source(source):
+        return source
+    p = Path(source).expanduser()
+    where = os.path.abspath(p) if is_glob(source) and not p.exists() else str(p.resolve())
+    return os.path.relpath(where, Path(relative_to).resolve()) if relative_to is not None else where
+
+
+def resolve_sources(sources: list[str] | tuple[str, ...], options: ReadOptions, what: str = "--input",
+                    exclude: tuple[str | Path, ...] = ()) -> list[SourceFile]:
+    """Every file of every source, in order. A file one source reaches twice (through a link) is read once; one
+    that two sources reach (the same file listed twice under any spelling, a folder and a file in it) is refused,
+    naming both. Files under ``exclude`` (the output dir being written) and under token shards dirs are never read."""
     if not sources:
         raise UserError(f"{what}: give at least one source (a file, directory, glob or hf:NAME)")
+    skip = tuple(Path(e).expanduser().resolve() for e in exclude)
     files: list[SourceFile] = []
-    seen: set[str] = set()
-    for source in sources:
-        found = _files_of(str(source), what)
+    seen: dict[str, int] = {}  # file -> the source that reached it first
+    added: set[str] = set()
+    for i, source in enumerate(sources):
+        found = [f for f in _files_of(str(source), what, skip) if not _excluded(Path(f.path), skip)]
         if not found:
             raise DataError(f"{what} {source} matches no files; check the path or pattern")
         for f in found:
-            if f.path not in seen:
-                seen.add(f.path)
+            first = seen.setdefault(f.path, i)
+            if first == i and f.path in added:
+                continue  # a link to a file of the same source
+            if first == i:
+                added.add(f.path)
                 files.append(f)
+                continue
+            raise UserError(f"{what} {sources[first]} and {source} both reach the file {f.path}; list each file "
+                            "once (pass one of them, or a glob that leaves the file out)")
     for f in files:
         if f.format in ("parquet", "arrow"):
             check_table_schema(f, options)
     return files
 
 
-def _files_of(source: str, what: str) -> list[SourceFile]:
+def _excluded(path: Path, skip: tuple[Path, ...]) -> bool:
+    """Is ``path`` under an excluded dir, or inside a token shards dir (a glob's match there)?"""
+    return any(s == path or s in path.parents for s in skip) or _is_shards_dir(path.parent)
+
+
+def _files_of(source: str, what: str, skip: tuple[Path, ...] = ()) -> list[SourceFile]:
     if is_hub_source(source):
         return hub_files(source)
     p = Path(source).expanduser()
@@ -142,7 +171,7 @@ def _files_of(source: str, what: str) -> list[SourceFile]:
             splits = _dataset_dict_splits(p)
             raise DataError(f"{what} {source} is a Hugging Face DatasetDict with splits {', '.join(splits)}; pass one "
                             f"split's directory, e.g. {p / (splits[0] if splits else 'train')}")
-        return walk(p, source)
+        return walk(p, source, skip)
     if is_glob(source):
         matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
         return [source_file(m, source, strict=False) for m in matches if m.is_file() and not _hidden(m.name)]
@@ -150,17 +179,17 @@ def _files_of(source: str, what: str) -> list[SourceFile]:
                     "folder, glob pattern or hf:NAME")
 
 
-def walk(folder: Path, source: str) -> list[SourceFile]:
-    """Files under ``folder``, recursively, in path order; hidden entries and our shard dirs left out, and a
-    ``save_to_disk`` dataset read as one."""
+def walk(folder: Path, source: str, skip: tuple[Path, ...] = ()) -> list[SourceFile]:
+    """Files under ``folder``, recursively, in path order; hidden entries, token shards dirs and the dirs in
+    ``skip`` (resolved: the output being written) left out, and a ``save_to_disk`` dataset read as one."""
     if _is_saved_dataset(folder):
         return saved_dataset_files(folder, source)
     out = []
     for entry in sorted(folder.iterdir()):
-        if _hidden(entry.name) or (entry.is_dir() and _is_shards_dir(entry)):
+        if _hidden(entry.name) or (entry.is_dir() and (_is_shards_dir(entry) or entry.resolve() in skip)):
             continue
         if entry.is_dir():
-            out.extend(walk(entry, source))
+            out.extend(walk(entry, source, skip))
         elif entry.is_file():
             out.append(source_file(entry, source, strict=True))
     return out
@@ -175,6 +204,11 @@ def _hidden(name: str) -> bool:
 
 
 def _is_shards_dir(p: Path) -> bool:
+    """A token shards dir: its manifest says so, or (written before manifests named their kind) it is a complete
+    ``NAME.tokens`` dir."""
+    manifest = read_manifest(p)
+    if manifest is not None and manifest.kind is not None:
+        return manifest.kind == SHARDS_KIND
     return p.name.endswith(SHARDS_SUFFIX) and (p / "meta.json").is_file()
 
 

@@ -79,8 +79,8 @@ def run_validation_documents(run_config) -> tuple[str, list[str]]:
         if not Path(run_config.eval_data).exists():
             raise UserError(f"pass --eval_data; the run's validation file {run_config.eval_data} is not there")
         return run_config.eval_data, read_documents(run_config.eval_data)
-    from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for
-    from openllm_ds.tokenizer.shards import is_shards_dir
+    from openllm_ds.tokenizer import TokenShards, load_tokenizer
+    from openllm_ds.tokenizer.corpus import built_shards_dir
 
     names, docs = [], []
     for spec, _ in run_config.train.sources:
@@ -88,8 +88,8 @@ def run_validation_documents(run_config) -> tuple[str, list[str]]:
             names.append(val)
             docs += read_documents(val)
             continue
-        shards_dir = Path(spec) if is_shards_dir(spec) else shards_dir_for(spec, run_config.tokenizer.shards_root)
         try:
+            shards_dir = built_shards_dir(spec, run_config.tokenizer.shards_root)
             shards = TokenShards(shards_dir, "heldout")
         except UserError as e:
             raise UserError(f"pass --eval_data: the run validated on the held-out documents of {spec}, but {e}") from None

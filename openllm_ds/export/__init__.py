@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from openllm_ds.checkpoint import LoadedModel, is_export_file, load_model
+from openllm_ds.checkpoint import LoadedModel, load_model
 from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError, VerificationError
-from openllm_ds.export.common import check_output_dir
+from openllm_ds.export.common import check_output_dir, export_kind
 from openllm_ds.export.huggingface import export_huggingface
 from openllm_ds.utils import _umask, atomic_dir
 
@@ -35,7 +35,7 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
         raise UserError("--model_dir is required: a training output (models/NAME) or an export dir")
     out = Path(cfg.output_dir or f"exports/{cfg.format}")
     model_dir = Path(cfg.model_dir)
-    check_output_dir(out, model_dir, cfg.overwrite)
+    check_output_dir(out, model_dir, cfg.overwrite, cfg.format)
     if cfg.format != "onnx" and (cfg.optimize_for_inference or cfg.quantize_int8):
         raise UserError("--optimize_for_inference and --quantize_int8 apply to --format onnx only")
     if cfg.format == "onnx" and cfg.dtype != "fp32":
@@ -50,7 +50,7 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
         bar.update()
         bar.set_postfix_str(stages[1])
         try:
-            with atomic_dir(out, is_export_file) as tmp:
+            with atomic_dir(out, export_kind(cfg.format)) as tmp:
                 report = _write(cfg, src, tmp)
                 readable_by_all(tmp)
                 files = sorted(p.name for p in tmp.iterdir() if p.is_file())

@@ -14,7 +14,7 @@ import torch
 from openllm_ds.checkpoint import LoadedModel, is_export_file
 from openllm_ds.checkpoint.layout import TOKENIZER_FILES
 from openllm_ds.errors import UserError
-from openllm_ds.utils import MANIFEST, describe_entries, foreign_entries
+from openllm_ds.utils import MANIFEST, OutputKind, claim_output_dir, describe_entries
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -47,14 +47,19 @@ def export_info(src: LoadedModel) -> dict:
     }
 
 
-def check_output_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output dir unless ``overwrite``, and never one holding the source."""
+def export_kind(fmt: str) -> OutputKind:
+    """An export of one format: ``export --overwrite`` replaces only an export of the same format."""
+    return OutputKind(f"a {fmt} export", f"openllm-ds export --format {fmt}", is_export_file)
+
+
+def check_output_dir(out: Path, model_dir: Path, overwrite: bool, fmt: str) -> None:
+    """Refuse a non-empty output dir unless ``overwrite``, and never one holding the source or another stage's output."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a directory")
     src, dst = model_dir.resolve(), out.resolve()
     if dst == src or dst in src.parents:
         raise UserError(f"--output_dir {out} would replace the model being exported ({model_dir}); choose another directory")
-    foreign = foreign_entries(out, is_export_file)
+    foreign = claim_output_dir(out, export_kind(fmt), "--output_dir")
     if foreign:  # never replaced, with or without --overwrite
         raise UserError(f"--output_dir {out} holds {describe_entries(foreign)}, which no export wrote; move them out "
                         "or choose another --output_dir")

@@ -3,7 +3,8 @@
 Layout of a shards dir (``tokenize_corpus`` writes it; default ``<source>.tokens/`` beside the source):
   shard_00000.bin, shard_00003.bin, ...     raw little-endian ids (uint16 while vocab <= 65,536, else
                                             uint32), one file per input unit that kept a document (the
-                                            number is the unit's); documents never span files
+                                            number is the unit's); documents never span files; the same
+                                            bytes whoever wrote them (tokenizer/corpus.py)
   heldout_00000.bin, ...                    the held-out documents of each unit, when a share is held out
   meta.json                                 counts per file and in total, dtype, eos_id, the largest id
                                             of each file, the tokenizer's sha256, what was read and how;

@@ -31,9 +31,10 @@ from openllm_ds.data.units import UNIT_BYTES, plan_units, resolve_sources
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer.hf_files import SPECIAL_TOKENS, write_hf_files
 from openllm_ds.tokenizer.tokenizer import MODEL_FILE, Tokenizer
-from openllm_ds.utils import atomic_dir, describe_entries, ensure_writable_dir, foreign_entries
+from openllm_ds.utils import OutputKind, atomic_dir, claim_output_dir, describe_entries, ensure_writable_dir
 
 TOKENIZER_FILES = (MODEL_FILE, "tokenizer.vocab", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER = OutputKind("a tokenizer", "openllm-ds train-tokenizer", TOKENIZER_FILES.__contains__)
 PARITY_SAMPLE_LINES = 200
 REPORT_DOCUMENTS = 5000  # documents of the input the report reads when no validation file is given
 WORD = re.compile(r"[^\W\d_]+")  # runs of letters, any script
@@ -79,7 +80,7 @@ def train_tokenizer(cfg: TokenizerConfig, validation_file: str | None = None, *,
         corpus["num_lines"], corpus["num_long_lines"] = lines.num_lines, lines.num_long
     train_seconds = time.perf_counter() - start
 
-    with atomic_dir(out, TOKENIZER_FILES.__contains__) as tmp:
+    with atomic_dir(out, TOKENIZER) as tmp:
         (tmp / MODEL_FILE).write_bytes(model_bytes)
         tok = Tokenizer(tmp / MODEL_FILE)
         if tok.vocab_size != cfg.vocab_size or [tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id] != [0, 1, 2, 3]:
@@ -174,7 +175,7 @@ def check_output_dir(out: Path) -> Path:
     """The dir is replaced whole, so it may hold only tokenizer files; its parent must be writable."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a directory for the tokenizer files")
-    other = foreign_entries(out, TOKENIZER_FILES.__contains__)
+    other = claim_output_dir(out, TOKENIZER, "--output_dir")
     if other:
         raise UserError(f"--output_dir {out} holds other files ({describe_entries(other)}); "
                         "pass a new or empty directory for the tokenizer (e.g. data/tokenizer)")

@@ -18,6 +18,7 @@ import io
 import os
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,10 @@ import torch
 from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, STEP_DIR, TRAIN_STATE, WEIGHTS, list_checkpoints,
                                    load_state_dict, step_tag, weights_only_loads)
 from openllm_ds.config import RunConfig
-from openllm_ds.errors import CheckpointWriteError, ConfigError
+from openllm_ds.errors import CheckpointWriteError, ConfigError, UserError
 from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
-from openllm_ds.utils import _umask, atomic_write_json, atomic_write_text, first_line, read_yaml
+from openllm_ds.utils import (OutputKind, _umask, atomic_write_json, atomic_write_text, claim_output_dir,
+                              describe_entries, first_line, read_yaml, write_manifest)
 
 UNIVERSAL = "universal"  # a step converted to DeepSpeed's universal checkpoint format, inside the step dir
 ZERO0 = "zero0"  # a ZeRO step converted for a run without ZeRO, inside the step dir
@@ -85,8 +87,14 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, env: DistEnv, zer
     tag = step_tag(state.step)
     tag_dir = ckpt_dir / tag
     client_state = {"train_state": dataclasses.asdict(state), "rng": all_gather_object(rng_state(), env)}
+    refusal = None
     if env.is_rank_zero and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # an interrupted save of this step (``latest`` never named it)
+        refusal = not_a_checkpoint(tag_dir)
+        if refusal is None:
+            shutil.rmtree(tag_dir)  # an interrupted save of this step (``latest`` never named it)
+    refusal = broadcast_object(refusal, env)
+    if refusal is not None:
+        raise UserError(refusal)
     barrier()
     error = None
     try:
@@ -100,6 +108,7 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, env: DistEnv, zer
             write_safetensors(weights, tag_dir / WEIGHTS)
             atomic_write_json(tag_dir / TRAIN_STATE, dataclasses.asdict(state))
             cfg.save(tag_dir / "run_config.yaml")
+            write_manifest(tag_dir, CHECKPOINT, (e.name for e in tag_dir.iterdir()))
             atomic_write_text(ckpt_dir / LATEST, tag + "\n")
         except (OSError, RuntimeError) as e:
             error = f"{type(e).__name__}: {e}"
@@ -166,9 +175,33 @@ def prune_checkpoints(output_dir: Path, keep_last: int, current_step: int) -> li
     for d in (output_dir / CHECKPOINTS).iterdir():
         m = STEP_DIR.match(d.name)
         if m and d.is_dir() and int(m.group(1)) <= current_step and d.name not in keep:
+            if (refusal := not_a_checkpoint(d)) is not None:
+                print(f"warning: not deleting {d}: {refusal}", file=sys.stderr)
+                continue
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
+
+
+def is_checkpoint_entry(name: str) -> bool:
+    """What a step dir holds: DeepSpeed's ``*.pt`` states, our weights, train state and config, the conversions."""
+    return name.endswith(".pt") or name.startswith(".") or name in (WEIGHTS, TRAIN_STATE, "run_config.yaml", UNIVERSAL,
+                                                                   ZERO0, "latest_universal")
+
+
+CHECKPOINT = OutputKind("a checkpoint", "openllm-ds train", is_checkpoint_entry)
+
+
+def not_a_checkpoint(tag_dir: Path) -> str | None:
+    """Why the step dir ``tag_dir`` may not be deleted (another stage's output, or a user's files there), else None."""
+    try:
+        foreign = claim_output_dir(tag_dir, CHECKPOINT, "checkpoint dir")
+    except UserError as e:
+        return str(e)
+    if foreign:
+        return (f"checkpoint dir {tag_dir} holds {describe_entries(foreign)}, which openllm-ds did not write; move them "
+                "out of it or choose another --output_dir")
+    return None
 
 
 def find_resume_checkpoint(cfg: RunConfig) -> Path | None:

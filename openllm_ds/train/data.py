@@ -51,6 +51,7 @@ def load_sources(cfg: RunConfig, tokenizer_sha256: str, env: DistEnv) -> list[Da
 
     sources, names = [], set()
     key = "train.data_files" if cfg.train.data_files else "train.data_file (--data_file)"
+    shards_dirs(cfg)  # no source listed twice, no two sources with one shards dir: before any work
     for spec, weight in cfg.train.sources:
         val_spec = cfg.eval_data if not cfg.train.data_files else validation_source(spec)
         holdout = 0.0 if val_spec else cfg.train.holdout_fraction
@@ -67,12 +68,21 @@ def load_sources(cfg: RunConfig, tokenizer_sha256: str, env: DistEnv) -> list[Da
 
 
 def shards_dirs(cfg: RunConfig) -> list[Path]:
-    """The shards dirs ``load_sources`` reads (and builds when missing)."""
-    from openllm_ds.tokenizer import shards_dir_for
+    """The shards dirs ``load_sources`` reads (and builds when missing): the training sources', then the validation
+    sources'. A training source listed twice, or two sources whose shards would share one dir, is refused
+    (``derived_shards_dirs``); so is a training source that reaches a file another one reaches."""
+    from openllm_ds.data.units import is_hub_source, resolve_sources
+    from openllm_ds.tokenizer.corpus import derived_shards_dirs, shards_dir_for
 
+    what = "train.data_files" if cfg.train.data_files else "train.data_file (--data_file)"
     specs = [spec for spec, _ in cfg.train.sources]
-    specs += [cfg.eval_data] if cfg.eval_data else [v for s in specs if cfg.train.data_files and (v := validation_source(s))]
-    return [Path(s) if is_shards_dir(s) else shards_dir_for(s, cfg.tokenizer.shards_root) for s in specs]
+    train_dirs = derived_shards_dirs(specs, cfg.tokenizer.shards_root, what)
+    local = [s for s in specs if not is_shards_dir(s) and not is_hub_source(s)]
+    if len(local) > 1:
+        resolve_sources(local, cfg.tokenizer.read_options(), what)  # refuses a file that two sources reach
+    vals = [cfg.eval_data] if cfg.eval_data else [v for s in specs if cfg.train.data_files and (v := validation_source(s))]
+    root = cfg.tokenizer.shards_root
+    return train_dirs + [Path(v) if is_shards_dir(v) else shards_dir_for(v, root) for v in vals]
 
 
 def source_name(spec: str, taken: set[str]) -> str:
@@ -89,7 +99,7 @@ def ensure_token_shards(spec: str, cfg: RunConfig, tokenizer_sha256: str, env: D
                         what: str) -> Path:
     """The shards dir of ``spec``: itself when it is one, else built (by rank 0) when missing or stale;
     checked against the tokenizer. Every rank gets rank 0's path."""
-    from openllm_ds.tokenizer import shards_dir_for, tokenize_corpus
+    from openllm_ds.tokenizer import tokenize_corpus
     from openllm_ds.tokenizer.shards import read_meta
 
     tk = cfg.tokenizer
@@ -103,10 +113,10 @@ def ensure_token_shards(spec: str, cfg: RunConfig, tokenizer_sha256: str, env: D
                     raise DataError(f"token shards {out} hold no held-out documents to validate on; pass --eval_data, "
                                     f"or tokenize again with --holdout {holdout:g}")
             else:
-                out = shards_dir_for(spec, tk.shards_root)
-                meta = tokenize_corpus(spec, cfg.train.tokenizer_dir, out, options=tk.read_options(), dedup=tk.dedup,
-                                       holdout=holdout, num_workers=tk.num_workers, unit_bytes=tk.unit_bytes,
-                                       what=what)
+                meta = tokenize_corpus(spec, cfg.train.tokenizer_dir, shards_root=tk.shards_root,
+                                       options=tk.read_options(), dedup=tk.dedup, holdout=holdout,
+                                       num_workers=tk.num_workers, unit_bytes=tk.unit_bytes, what=what)
+                out = Path(meta["shards_dir"])
             if meta["tokenizer_sha256"] != tokenizer_sha256:
                 raise DataError(f"token shards {out} were built with another tokenizer (tokenizer.model sha256 "
                                 f"{meta['tokenizer_sha256'][:12]}..., expected {tokenizer_sha256[:12]}...); tokenize "

@@ -29,7 +29,7 @@ from openllm_ds.train.metrics import RunLog, exp_loss, flops_per_token, memory_m
 from openllm_ds.train.optim import build_lr_scheduler, param_groups
 from openllm_ds.train.preflight import RunInputs, RunLock, check_lengths, check_run_inputs
 from openllm_ds.train.spikes import SpikeGuard
-from openllm_ds.utils import atomic_dir, keep_freed_memory
+from openllm_ds.utils import OutputKind, atomic_dir, keep_freed_memory
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -235,12 +235,14 @@ def roll_back(engine, state: TrainState, last_ckpt: Path | None, guard: SpikeGua
     return restored
 
 
+RUN_TOKENIZER = OutputKind("the run's copy of its tokenizer", "openllm-ds train", lambda name: not name.startswith("."))
+
 def prepare_output_dir(cfg: RunConfig, out: Path) -> None:
     """The resolved config and a copy of the tokenizer, beside the checkpoints (rank 0)."""
     cfg.save(out / "run_config.yaml")
     dst = out / "tokenizer"
     if not dst.is_dir():
-        with atomic_dir(dst) as tmp:
+        with atomic_dir(dst, RUN_TOKENIZER) as tmp:
             for f in Path(cfg.train.tokenizer_dir).iterdir():
                 if f.is_file() and not f.name.startswith("."):
                     shutil.copy2(f, tmp / f.name)
