@@ -38,6 +38,8 @@ from openllm_ds.data.clean import clean_batch, count_words
 from openllm_ds.data.download import download_official
 from openllm_ds.data.sources import HUB_DATASETS, SPLITS, SquadInput, list_squad_dir, load_hub, read_squad_files
 from openllm_ds.errors import ConfigError
+from openllm_ds.output_lock import OutputLock
+from openllm_ds.paths import check_path
 from openllm_ds.utils import atomic_write_bytes, atomic_write_json, ensure_writable_dir, init_ray
 
 OUTPUT_FILES = {"train": "training_data.txt", "validation": "validation_data.txt"}
@@ -46,9 +48,15 @@ COUNTS = ("paragraphs", "kept", "too_short", "duplicates", "characters", "words"
 
 
 def prepare(cfg: DataConfig) -> dict:
-    """Run stage 1 and return the stats it writes to ``<cfg.output_dir>/stats.json``."""
+    """Run stage 1 and return the stats it writes to ``<cfg.output_dir>/stats.json`` (one writer at a time there)."""
     source = resolve_source(cfg)
-    out_dir = ensure_writable_dir(Path(cfg.output_dir).expanduser(), "--output_dir")
+    if source == "dir":
+        check_path(cfg.squad_dir, "--squad_dir", "dir", "pass a folder holding SQuAD JSON files")
+    with OutputLock(cfg.output_dir, "prepare"):
+        return _prepare(cfg, source, ensure_writable_dir(Path(cfg.output_dir).expanduser(), "--output_dir"))
+
+
+def _prepare(cfg: DataConfig, source: str, out_dir: Path) -> dict:
     if source == "dir":
         location = str(Path(cfg.squad_dir).expanduser().resolve())
         inputs = read_squad_files(list_squad_dir(cfg.squad_dir))
