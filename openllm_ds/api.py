@@ -81,5 +81,7 @@ def load(path: str | Path, backend: str = "torch", max_length: int = 2048) -> La
     made in a temporary dir when ``path`` is not one)."""
     from openllm_ds.serve.completer import load_completer
 
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        raise UserError(f"max_length must be an integer >= 2 (the context served), got {max_length!r}")
     completer = load_completer(path, backend=backend, max_length=max_length, max_concurrency=1, warm_up=False)
     return LanguageModel(completer, Path(path))

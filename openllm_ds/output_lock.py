@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from openllm_ds.errors import UserError
-from openllm_ds.paths import missing_reason, normal_path
+from openllm_ds.paths import kind_of, missing_reason, normal_path
 
 
 def lock_file(path: str | Path) -> Path:
@@ -45,8 +45,9 @@ class OutputLock:
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            why = missing_reason(self.file.parent) if isinstance(e, (FileExistsError, NotADirectoryError)) else \
-                f"cannot be created ({e.strerror})"
+            why = (("is a file, not a directory" if kind_of(self.file.parent) == "file" else
+                    missing_reason(self.file.parent)) if isinstance(e, (FileExistsError, NotADirectoryError)) else
+                   f"cannot be created ({e.strerror})")
             raise UserError(f"{flag} {path}: {self.file.parent} {why}; choose another {flag}") from None
         while self.fd is None:
             try:

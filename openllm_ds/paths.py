@@ -79,6 +79,11 @@ def check_path(path: str | Path, name: str, kind: str | None = None, fix: str = 
                error: type[UserError] = UserError) -> Path:
     """``path`` (``~`` expanded) when something of ``kind`` ("dir", "file", None: either) is there; else an ``error``
     "``name`` ``path`` <what is wrong>; ``fix``". ``name`` is the flag or key that holds it (``--model_dir``)."""
+    if not isinstance(path, (str, os.PathLike)) or "\x00" in os.fspath(path):
+        from openllm_ds.text import type_name
+
+        got = "a NUL character" if isinstance(path, (str, os.PathLike)) else type_name(path)
+        raise error(f"{name} must be a path, got {got}{'; ' + fix if fix else ''}")
     p = expand_path(path)
     found = kind_of(p)
     tail = f"; {fix}" if fix else ""

@@ -81,3 +81,9 @@ def test_environment_values_are_text(monkeypatch):
     monkeypatch.setenv("OPENLLM_PROBE", os.fsdecode(b"x\xff"))
     with pytest.raises(UserError, match=r"^environment variable OPENLLM_PROBE is not UTF-8 \(byte 0xff at character 1\)"):
         env_setting("OPENLLM_PROBE")
+
+
+@pytest.mark.parametrize("path,got", [(None, "None"), (5, "an int"), ("model\x00dir", "a NUL character")])
+def test_a_path_that_is_not_one_is_named(path, got):
+    with pytest.raises(UserError, match=rf"^--model_path must be a path, got {got}"):
+        openllm_ds.load(path)

@@ -51,7 +51,7 @@ def export_info(src: LoadedModel) -> dict:
 def check_output_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty output dir unless ``overwrite``, and never one holding the source."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; pass a directory")
+        raise UserError(f"--output_dir {out} is a file, not a directory; pass a directory")
     if is_within(model_dir, out):  # compared as normal paths: ~, relative paths and symlinks resolved
         raise UserError(f"--output_dir {out} would replace the model being exported ({model_dir}); choose another directory")
     foreign = foreign_entries(out, is_export_file)
