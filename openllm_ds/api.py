@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from openllm_ds.errors import UserError
+from openllm_ds.text import check_text, check_texts
 
 
 class LanguageModel:
@@ -34,21 +35,18 @@ class LanguageModel:
         return self.completer.lm
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: tuple[str, ...] = ()) -> str:
-        """The continuation of ``prompt`` (without the prompt); temperature 0 is greedy."""
-        from openllm_ds.serve.completer import SamplingParams
+                 top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | list[str] | tuple[str, ...] = ()) -> str:
+        """The continuation of ``prompt`` (without the prompt): at most ``max_new_tokens`` tokens, fewer where the
+        context ends first. Temperature 0 is greedy; the parameters take the ranges of ``openllm_ds.sampling``."""
+        from openllm_ds.sampling import SamplingParams
 
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not 0 <= temperature < float("inf"):
-            raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {top_p}")
-        ids = self.completer.encode(prompt)
+        params = SamplingParams.build({"max_tokens": "max_new_tokens"}, max_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, top_k=top_k,
+                                      repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+        ids = self.completer.encode(check_text(prompt, "prompt"))
         if len(ids) >= self.completer.max_length:
             raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {self.completer.max_length}")
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                stop=tuple(stop), seed=seed)
         texts, _, _ = self.completer.complete(ids, params)
         return texts[0]
 
@@ -57,9 +55,11 @@ class LanguageModel:
         the model's context (``openllm-ds evaluate``'s measure)."""
         from openllm_ds.evaluation.sliding_window import evaluate_text
 
-        docs = [texts] if isinstance(texts, str) else list(texts)
+        docs = [check_text(texts, "texts")] if isinstance(texts, str) else check_texts(texts, "texts")
         if not any(d.strip() for d in docs):
             raise UserError("perplexity needs at least one non-empty text")
+        if stride is not None and (not isinstance(stride, int) or isinstance(stride, bool) or stride < 1):
+            raise UserError(f"stride must be an integer >= 1 (or None: half the context), got {stride!r}")
         return evaluate_text(self.model, self.tokenizer, docs, stride=stride, progress=False)["perplexity"]
 
     def close(self) -> None:
@@ -81,5 +81,7 @@ def load(path: str | Path, backend: str = "torch", max_length: int = 2048) -> La
     made in a temporary dir when ``path`` is not one)."""
     from openllm_ds.serve.completer import load_completer
 
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        raise UserError(f"max_length must be an integer >= 2 (the context served), got {max_length!r}")
     completer = load_completer(path, backend=backend, max_length=max_length, max_concurrency=1, warm_up=False)
     return LanguageModel(completer, Path(path))

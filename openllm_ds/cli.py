@@ -66,11 +66,12 @@ def _port(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a seed is >= 0, got {value}")
-    return value
+def _integer(text: str) -> int:
+    """argparse type: any integer; its range is checked where the value is used (a seed: openllm_ds.sampling)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 # Flags shared by the stages that build a RunConfig: (flag, config key, type, help)
@@ -157,7 +158,9 @@ def build_train_parser(prog: str = "openllm-ds train") -> argparse.ArgumentParse
     _add_config_flags(p, "train")
     p.add_argument("--model_config", help="model JSON (configs/medium_model.json): vocab_size, d_model, n_layers, n_heads, d_ff, max_seq_len, dropout")
     p.add_argument("--local_rank", type=_int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("--dry_run", action="store_true", help="resolve and validate the config, print it, and exit")
+    p.add_argument("--dry_run", action="store_true", help="print the resolved config and make every check the run makes "
+                   "before its work (tokenizer, data, checkpoint, output dir and its lock), writing nothing; exit 2 "
+                   "at the first failure, as the run would")
     return p
 
 
@@ -175,13 +178,21 @@ def cmd_train_tokenizer(args):
 
     from openllm_ds.tokenizer import train_tokenizer
 
+    from openllm_ds.paths import check_path
+
     cfg = run_config_from_args(args, "train-tokenizer")
+    if args.validation_file:  # named: it must be a file; by default, validation_data.txt beside --input when there
+        check_path(args.validation_file, "--validation_file", "file", "pass a text file, one document a line")
     val = args.validation_file or str(Path(cfg.tokenizer.input).with_name("validation_data.txt"))
     return train_tokenizer(cfg.tokenizer, validation_file=val if Path(val).is_file() else None)
 
 
 def cmd_tokenize(args):
+    import contextlib
+
     from openllm_ds.data.units import ReadOptions
+    from openllm_ds.output_lock import OutputLock
+    from openllm_ds.paths import normal_path
     from openllm_ds.tokenizer import load_tokenizer, tokenize_corpus, tokenize_each
     from openllm_ds.tokenizer.corpus import check_inputs, derived_shards_dirs, summary
 
@@ -192,18 +203,23 @@ def cmd_tokenize(args):
     check_inputs(args.input, options, exclude=outputs)  # every input found and not empty before anything is encoded
     kwargs = dict(options=options, dedup=not args.no_dedup, holdout=args.holdout, num_workers=args.num_workers,
                   unit_bytes=args.unit_bytes)
-    if one_corpus:
-        return summary(tokenize_corpus(args.input, args.tokenizer_dir, args.output_dir, **kwargs))
-    return [summary(m) for m in tokenize_each(args.input, args.tokenizer_dir, **kwargs)]
+    with contextlib.ExitStack() as held:  # every output dir's lock, before any of them is written
+        for out in dict.fromkeys(map(normal_path, outputs)):
+            held.enter_context(OutputLock(out, "tokenize"))
+        if one_corpus:
+            return summary(tokenize_corpus(args.input, args.tokenizer_dir, args.output_dir, **kwargs))
+        return [summary(m) for m in tokenize_each(args.input, args.tokenizer_dir, **kwargs)]
 
 
 def cmd_train(args):
     cfg = run_config_from_args(args, "train")
-    if args.dry_run:
+    if args.dry_run:  # the resolved config, then every check the run makes before its work
         import yaml
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return None
+        from openllm_ds.train.preflight import dry_run
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+        return dry_run(cfg)
     from openllm_ds.train import launch
 
     return launch(cfg)
@@ -251,8 +267,9 @@ def cmd_export(args):
 def cmd_serve(args):
     from openllm_ds.serve import serve
 
-    # an empty OPENLLM_API_KEY is refused as an empty --api_key is: never silently no authentication
-    api_key = args.api_key if args.api_key is not None else os.environ.get("OPENLLM_API_KEY")
+    from openllm_ds.settings import api_key_setting
+
+    api_key = api_key_setting(args.api_key)  # --api_key, else OPENLLM_API_KEY, normalised once
     serve(model_path=args.model_path, host=args.host, port=args.port, max_length=args.max_length,
           engine=args.engine, backend=args.backend, api_key=api_key, model_name=args.model_name,
           max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes, num_threads=args.num_threads,
@@ -329,13 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("generate", cmd_generate, "Stage 5: generate text from a prompt (streams to the terminal).")
     sp.add_argument("--model_dir", required=True, help="training output or Hugging Face export dir")
     sp.add_argument("--prompt", required=True, help="text to continue")
-    sp.add_argument("--max_length", type=_int, default=256, help="new tokens at most")
-    sp.add_argument("--temperature", type=_float, default=0.7, help="0 = greedy")
-    sp.add_argument("--top_k", type=_int, default=None)
-    sp.add_argument("--top_p", type=_float, default=None)
-    sp.add_argument("--repetition_penalty", type=_float, default=1.0)
-    sp.add_argument("--seed", type=_seed, default=None, help="makes sampling reproducible")
-    sp.add_argument("--num_samples", type=_int, default=1)
+    sp.add_argument("--max_length", type=_int, default=256, help="new tokens at most (fewer where the context ends)")
+    sp.add_argument("--temperature", type=_float, default=0.7, help="0-2; 0 = greedy (default 0.7)")
+    sp.add_argument("--top_k", type=_int, default=None, help="sample from the k likeliest tokens (0 or unset: all)")
+    sp.add_argument("--top_p", type=_float, default=None, help="nucleus sampling, (0, 1] (unset: 1, all)")
+    sp.add_argument("--repetition_penalty", type=_float, default=1.0, help="> 0; 1 = none (default)")
+    sp.add_argument("--seed", type=_integer, default=None, help="makes sampling reproducible (-2^63 to 2^64-1)")
+    sp.add_argument("--num_samples", type=_int, default=1, help="continuations, 1-16 (default 1)")
     sp.add_argument("--checkpoint", type=_int, default=None, help="training step (default: latest)")
 
     sp = add("score-squad", cmd_score_squad, "Stage 5: official SQuAD v1.1/v2.0 exact match and F1 of a predictions file.")
@@ -388,12 +405,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_argv(argv: list[str]) -> None:
+    """Every command-line argument is text (``check_text``): bytes that are not UTF-8 reach Python as lone
+    surrogates (surrogateescape) and would fail deep inside a stage, or be written into a config or a report."""
+    from openllm_ds.text import check_text
+
+    flag = None
+    for a in argv:
+        if "=" in a:  # --flag=value, section.key=value
+            name, _, value = a.partition("=")
+            check_text(name, "an argument")
+            check_text(value, name)
+        else:
+            check_text(a, a if a.startswith("-") else flag or "an argument")
+            flag = a if a.startswith("--") else flag
+
+
+# flags outside the run config that name paths: `~` expanded once, as the run config's paths are (config.PATH_KEYS)
+PATH_FLAGS = ("input", "tokenizer_dir", "output_dir", "model_config", "model_dir", "eval_data", "output",
+              "dataset", "predictions", "na_prob_file", "model_path", "squad_dir", "work_dir", "validation_file",
+              "config")
+
+
+def expand_path_flags(args: argparse.Namespace) -> None:
+    from openllm_ds.paths import expand_path
+
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, str(expand_path(value)))
+        elif isinstance(value, list):
+            setattr(args, name, [str(expand_path(v)) for v in value])
+
+
 def main(argv: list[str] | None = None) -> int:
     """`openllm-ds`, `python -m openllm_ds` and `deepspeed --module openllm_ds train` (every rank runs this; only
     rank 0 prints the result and errors)."""
-    args = build_parser().parse_args(argv)
-    rank_zero = os.environ.get("RANK", "0") == "0"
+    from openllm_ds.settings import env_setting
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank_zero = env_setting("RANK") in (None, "0")
     try:
+        check_argv(argv)
+        args = build_parser().parse_args(argv)
+        expand_path_flags(args)
         result = args.func(args)
     except UserError as e:
         if rank_zero:

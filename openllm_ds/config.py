@@ -9,8 +9,8 @@ runtime state lives in the trainer's state object.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 import re
 import types
 import typing
@@ -21,8 +21,15 @@ from typing import Any
 import yaml
 
 from openllm_ds.errors import ConfigError
+from openllm_ds.text import text_problem
+from openllm_ds.utils import read_json as read_json_file, read_yaml as read_yaml_file
 
 INT64 = (-(1 << 63), (1 << 63) - 1)  # every integer setting fits what torch and numpy take
+# settings that name paths (or sources, which may be paths): `~` expanded once, where they are read
+PATH_KEYS = {"data.squad_dir", "data.output_dir", "data.cache_dir", "tokenizer.input", "tokenizer.output_dir",
+             "tokenizer.shards_root", "train.output_dir", "train.data_file", "train.data_files", "train.eval_data",
+             "train.tokenizer_dir", "train.ds_config", "train.resume", "train.init_from", "train.eval_tasks",
+             "export.model_dir", "export.output_dir"}
 
 
 @dataclass(frozen=True)
@@ -366,9 +373,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            problem = text_problem(str(value))
+            if problem:
+                raise ConfigError(f"{key} in {source} {problem}")
             return str(value)
         raise ConfigError(f"{key} in {source}: expected a string, got {value!r}")
     return value
+
+
+def _expand(value):
+    return os.path.expanduser(value) if isinstance(value, str) else value
 
 
 def _section_types(cls) -> dict[str, Any]:
@@ -385,39 +399,24 @@ def _merge_section(values: dict, origins: dict, section: str, updates: dict, sou
             raise ConfigError(
                 f"unknown key '{section}.{k}' in {source}; valid keys of '{section}': {', '.join(sorted(types_))}"
             )
-        values[section][k] = _coerce(v, types_[k], f"'{section}.{k}'", source)
+        value = _coerce(v, types_[k], f"'{section}.{k}'", source)
+        if f"{section}.{k}" in PATH_KEYS:
+            value = tuple(map(_expand, value)) if isinstance(value, tuple) else _expand(value)
+        values[section][k] = value
         origins[f"{section}.{k}"] = source
 
 
 def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see configs/)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {p} is not valid YAML ({problem}{where}); fix that line") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections (data, tokenizer, model, train, eval, export)")
-    return raw
+    """A run config YAML (``--config``), by the one reader policy (``utils.read_yaml``): a mapping of sections."""
+    raw = read_yaml_file(path, "write sections (data, tokenizer, model, train, eval, export) of key: value, or pass "
+                         "another --config (see configs/)", "config file", (dict, type(None)), ConfigError)
+    return raw or {}
 
 
 def read_model_json(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"model config {p} does not exist; pass a JSON file such as configs/medium_model.json")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"model config {p} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"model config {p} must be a JSON object of model fields")
-    return raw
+    """A model JSON (``--model_config``), by the one reader policy (``utils.read_json``): an object of model fields."""
+    return read_json_file(path, "pass a JSON object of model fields such as configs/medium_model.json",
+                          "model config", dict, ConfigError)
 
 
 def load_run_config(

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from openllm_ds.config import RunConfig
+from openllm_ds.output_lock import OutputLock
+from openllm_ds.paths import normal_path, same_path
 from openllm_ds.utils import (atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, read_json,
                              sha256_file)
 
@@ -37,8 +39,8 @@ class _State:
 
     def __init__(self, path: Path):
         self.path = path
-        data = read_json(path, "delete it (or pass --force) and the pipeline checks every stage again") if path.is_file() else {}
-        self.data = data if isinstance(data, dict) else {}
+        self.data = read_json(path, "delete it (or pass --force) and the pipeline checks every stage again",
+                              expect=dict) if path.is_file() else {}
         self.skipped: set[str] = set()  # stages this invocation skipped
 
     def run(self, name: str, fingerprint: str, complete: Callable[[], bool], fn: Callable[[], Any], force: bool):
@@ -57,27 +59,26 @@ class _State:
 
 def run_pipeline(cfg: RunConfig, squad_dir: str | None = None, force: bool = False, work_dir: str | None = None) -> dict:
     """Run the pipeline with its relative paths (data/, models/, exports/, runs/) under ``work_dir``
-    (default: the current directory). Input paths given relative to the current directory (the
-    DeepSpeed JSON, --squad_dir) are resolved before moving there."""
+    (default: the current directory), one pipeline at a time there. Input paths given relative to the current
+    directory (the DeepSpeed JSON, --squad_dir) are taken in their normal form (``paths.normal_path``) before
+    moving there: the stages' fingerprints then compare what the paths name, however they were spelled."""
     from openllm_ds.train.ds_config import read_base_ds_config
 
     if squad_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, squad_dir=squad_dir, source="dir"))
     read_base_ds_config(cfg.train.ds_config)  # a missing or broken DeepSpeed JSON stops us now, not after data and tokenizer
-    if work_dir is None:
-        return _run_stages(cfg, force)
     if cfg.data.squad_dir:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, squad_dir=str(Path(cfg.data.squad_dir).resolve())))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, squad_dir=str(normal_path(cfg.data.squad_dir))))
     if Path(cfg.train.ds_config).is_file():
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ds_config=str(Path(cfg.train.ds_config).resolve())))
-    root = ensure_writable_dir(work_dir, "--work_dir")
-    with contextlib.chdir(root):
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ds_config=str(normal_path(cfg.train.ds_config))))
+    work = work_dir or "."
+    with OutputLock(work, "pipeline", "--work_dir"), contextlib.chdir(ensure_writable_dir(work, "--work_dir")):
         return _run_stages(cfg, force)
 
 
 def uses_prepare(cfg: RunConfig) -> bool:
     """Does the run train on what `prepare` writes (SQuAD), rather than on the user's own corpus?"""
-    return not cfg.train.data_files and Path(cfg.train.data_file) == Path(cfg.data.output_dir) / "training_data.txt"
+    return not cfg.train.data_files and same_path(cfg.train.data_file, Path(cfg.data.output_dir) / "training_data.txt")
 
 
 # settings a finished run can change and still go on (more steps, other cadences, another launcher; another number
@@ -109,11 +110,8 @@ def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: boo
                             "directory (nothing was deleted)")
         import shutil
 
-        from openllm_ds.train.distributed import DistEnv
-        from openllm_ds.train.preflight import RunLock
-
         print(f"[pipeline] train: --force, replacing the run in {out} (step {found[-1][0]})")
-        with RunLock(out, DistEnv(rank=0, local_rank=0, world_size=1, device="cpu"), wait_s=0):  # not while it trains
+        with OutputLock(out, "pipeline --force", "train.output_dir"):  # not while it trains
             for name in RUN_OUTPUTS:
                 target = out / name
                 if target.is_dir():
@@ -121,7 +119,7 @@ def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: boo
                 elif target.exists():
                     target.unlink()
         return launch(cfg)
-    old = run_config_from_dict(read_yaml(saved, "delete the run dir or pass --force") or {}, str(saved))
+    old = run_config_from_dict(read_yaml(saved, "delete the run dir or pass --force", expect=dict), str(saved))
     diff = [f"model.{k}: {v} -> {getattr(cfg.model, k)}" for k, v in dataclasses.asdict(old.model).items()
             if v != getattr(cfg.model, k)]
     # compared as the run saw them: paths absolute (a Ray Train run saves them so)
@@ -158,6 +156,7 @@ def _source_fingerprint(spec: str):
 
 
 def _run_stages(cfg: RunConfig, force: bool) -> dict:
+    from openllm_ds.checkpoint import read_latest
     from openllm_ds.data import prepare
     from openllm_ds.evaluation import evaluate, generate_text
     from openllm_ds.evaluation.harness import run_harness
@@ -211,8 +210,7 @@ def _run_stages(cfg: RunConfig, force: bool) -> dict:
     )
     sources = load_sources(cfg, load_tokenizer(tok_dir).sha256, rank0)  # up to date: reads meta.json only
     val_data = Path(cfg.eval_data) if cfg.eval_data else write_heldout_documents(cfg, run_dir / "validation.jsonl")
-    latest = out_dir / "checkpoints" / "latest"
-    ckpt_fp = _fingerprint(latest.read_text() if latest.is_file() else None)
+    ckpt_fp = _fingerprint(read_latest(out_dir / "checkpoints"))
     evaluation = state.run(
         "evaluate", _fingerprint(ckpt_fp, val_data, cfg.eval.stride),
         lambda: True,

@@ -7,6 +7,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -228,35 +229,129 @@ def atomic_dir(path: str | Path, kind: OutputKind) -> Iterator[Path]:
         raise
 
 
-def read_json(path: str | Path, fix: str) -> Any:
-    """A JSON file the project reads; one that is missing, unreadable or does not parse stops with a
-    UserError naming it and ``fix`` (what to do about it), never a traceback."""
+# ---- the one reader policy: every file the project reads (configs, checkpoints' small files, exports' JSON,
+# score-squad's inputs, task YAMLs) goes through read_text, read_json or read_yaml. A file that is missing, a
+# directory, unreadable, not UTF-8, holding NUL bytes, truncated, nested too deep or of the wrong top-level type
+# stops with one line naming it and the fix, never a traceback.
+
+MAX_SMALL_FILE = 64 << 20  # read whole: configs, states, cards; anything larger is not one of them
+JSON_KINDS = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+              bool: "true or false", type(None): "null"}
+YAML_KINDS = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
+              bool: "true or false", type(None): "nothing (an empty file)"}
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _named(path: Path, what: str | None) -> str:
+    return f"{what} {path}" if what else str(path)
+
+
+def read_text(path: str | Path, fix: str, what: str | None = None, error: type[UserError] = UserError) -> str:
+    """A small text file, whole: UTF-8 (a byte-order mark allowed) with no NUL byte. ``what`` names it in messages
+    (``"train.ds_config"``: "train.ds_config x.json is ..."), ``fix`` says what to do, ``error`` is the UserError
+    class raised."""
     p = Path(path)
+    name = _named(p, what)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        with open(p, "rb") as f:
+            raw = f.read(MAX_SMALL_FILE + 1)
     except FileNotFoundError:
-        raise UserError(f"{p} is missing; {fix}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        why = "nested too deep" if isinstance(e, RecursionError) else str(e)
-        raise UserError(f"{p} is not valid JSON ({why}); {fix}") from None
+        from openllm_ds.paths import missing_reason
+
+        raise error(f"{name} {missing_reason(p)}; {fix}") from None
+    except IsADirectoryError:
+        raise error(f"{name} is a directory, not a file; {fix}") from None
     except OSError as e:
-        raise UserError(f"cannot read {p} ({e.strerror}); {fix}") from None
+        raise error(f"cannot read {name} ({e.strerror}); {fix}") from None
+    if len(raw) > MAX_SMALL_FILE:
+        raise error(f"{name} is larger than {MAX_SMALL_FILE >> 20} MiB, too large for this kind of file; {fix}")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise error(f"{name} holds a NUL byte at offset {nul}: it is binary or damaged, not text; {fix}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{name} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); {fix}") from None
 
 
-def read_yaml(path: str | Path, fix: str) -> Any:
-    """As read_json, for a YAML file."""
+def parse_json(text: str, constants: bool = True) -> Any:
+    """JSON text to Python, or a ValueError saying why not in a few words (the one JSON parser: files and HTTP
+    request bodies alike). A string holding an unpaired UTF-16 surrogate escape ("\\ud800") is refused: it is no
+    text any encoder, tokenizer or JSON writer can take. ``constants``: NaN and Infinity are read (Python's
+    json writes them) or refused (they are not JSON)."""
+    try:
+        obj = json.loads(text) if constants else json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as e:
+        truncated = "; truncated?" if e.pos >= len(text.rstrip()) else ""
+        raise ValueError(f"{e.msg} at line {e.lineno} column {e.colno}{truncated}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+    except ValueError as e:  # a refused constant, an integer of more than 4300 digits
+        raise ValueError(str(e)[:200]) from None
+    if "\\u" in text and _holds_lone_surrogate(obj):
+        raise ValueError("it holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)")
+    return obj
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _holds_lone_surrogate(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if _LONE_SURROGATE.search(x):
+                return True
+        elif isinstance(x, dict):
+            stack += x.keys()
+            stack += x.values()
+        elif isinstance(x, list):
+            stack += x
+    return False
+
+
+def _check_kind(obj: Any, expect, kinds: dict, name: str, fix: str, error: type[UserError]) -> Any:
+    """``obj`` when it is one of the types ``expect`` names (None: any); an allowed None goes unmentioned."""
+    expected = expect if isinstance(expect, tuple) else (expect,)
+    if expect is not None and not isinstance(obj, expected):
+        want = " or ".join(dict.fromkeys(kinds.get(t, t.__name__) for t in expected if t is not type(None)))
+        raise error(f"{name} must hold {want}, not {kinds.get(type(obj), type(obj).__name__)}; {fix}")
+    return obj
+
+
+def read_json(path: str | Path, fix: str, what: str | None = None, expect=None,
+              error: type[UserError] = UserError) -> Any:
+    """A JSON file (read_text's rules, then parse_json's); ``expect``: the top-level type(s) it must hold
+    (``dict``: an object)."""
+    p = Path(path)
+    text = read_text(p, fix, what, error)
+    try:
+        obj = parse_json(text)
+    except ValueError as e:
+        raise error(f"{_named(p, what)} is not valid JSON ({e}); {fix}") from None
+    return _check_kind(obj, expect, JSON_KINDS, _named(p, what), fix, error)
+
+
+def read_yaml(path: str | Path, fix: str, what: str | None = None, expect=None,
+              error: type[UserError] = UserError) -> Any:
+    """As read_json, for a YAML file (PyYAML's safe loader: plain data only); an empty file is None."""
     import yaml
 
     p = Path(path)
+    name = _named(p, what)
+    text = read_text(p, fix, what, error)
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{p} is missing; {fix}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
-        why = "nested too deep" if isinstance(e, RecursionError) else " ".join(str(e).split())
-        raise UserError(f"{p} is not valid YAML ({why}); {fix}") from None
-    except OSError as e:
-        raise UserError(f"cannot read {p} ({e.strerror}); {fix}") from None
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise error(f"{name} is not valid YAML ({problem}{where}); {fix}") from None
+    except RecursionError:
+        raise error(f"{name} is not valid YAML (nested too deeply to read); {fix}") from None
+    return _check_kind(obj, expect, YAML_KINDS, name, fix, error)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -271,10 +366,12 @@ def check_job_outputs(outputs: dict[str, str | None]) -> None:
     """In a `ray job submit` driver, which runs in a temporary copy of --working-dir that Ray deletes later
     (``.../runtime_resources/working_dir_files/...``), every output path must be absolute: a relative one
     would land in that copy and be lost. ``outputs``: flag -> path (None: the flag's relative default)."""
+    from openllm_ds.paths import expand_path
+
     if "working_dir_files" not in Path.cwd().parts:
         return
     for flag, path in outputs.items():
-        if not path or not Path(path).is_absolute():
+        if not path or not expand_path(path).is_absolute():  # ~/models is absolute once expanded
             raise UserError(f"{flag} {path or '(not given)'}: a Ray job runs in a temporary copy of --working-dir "
                             "that Ray deletes later; pass an absolute path on storage every node mounts, e.g. "
                             f"{flag.split()[0]} /shared/...")
@@ -303,15 +400,18 @@ def start_local_ray(**kwargs) -> None:
 
 
 def init_ray(num_cpus: int | None = None):
-    """Connect to the cluster in ``RAY_ADDRESS`` or start a local instance listening on loopback only
+    """Connect to the cluster in ``RAY_ADDRESS`` (``settings.ray_address``) or start a local instance listening on loopback only
     (the embedded default, see start_local_ray)."""
     import ray
 
     if ray.is_initialized():
         return ray
+    from openllm_ds.settings import ray_address
+
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    address = ray_address()
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus

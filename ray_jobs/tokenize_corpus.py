@@ -17,11 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds openllm_ds/
 
 from openllm_ds.cli import build_parser, main  # noqa: E402
+from openllm_ds.paths import expand_path  # noqa: E402
 
 
 def check_output_dir(argv: list[str]) -> str | None:
     args = build_parser().parse_args(["tokenize", *argv])
-    if not args.output_dir or not Path(args.output_dir).is_absolute():
+    if not args.output_dir or not expand_path(args.output_dir).is_absolute():  # ~/x is absolute once expanded
         return (f"--output_dir {args.output_dir or '(not given)'}: a Ray job runs in a temporary copy of --working-dir "
                 "that Ray deletes later; pass an absolute path on storage every node mounts, e.g. /shared/corpus.tokens")
     return None

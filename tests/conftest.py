@@ -189,3 +189,48 @@ def trained_export(prepared_data, tokenizer_dir, tmp_path_factory):
     shutil.copytree(tokenizer_dir, root / "run" / "tokenizer")
     export(ExportConfig(model_dir=str(root / "run"), format="huggingface", output_dir=str(root / "hf"), verify=True))
     return root / "hf", model
+
+
+# A small model that needs no shared data: a 300-token tokenizer trained on generated sentences, and a random
+# model of context 32 saved as a training output (seconds to build). For tests of the read side's boundaries:
+# sampling parameters, text, output locks.
+
+WORDS = ("river", "castle", "Norman", "empire", "music", "science", "harbour", "winter", "market", "church",
+         "railway", "island", "treaty", "garden", "engine", "library", "village", "theatre", "bridge", "forest")
+
+
+def generated_text(lines: int, seed: int) -> str:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return "".join(" ".join(rng.choice(WORDS, size=14)) + ".\n" for _ in range(lines))
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """A training output (models/NAME layout) of a random 1-layer model, context 32, with its own tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from openllm_ds.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
+    from openllm_ds.model import Transformer
+    from openllm_ds.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("small_run")
+    (root / "training_data.txt").write_text(generated_text(200, 0), encoding="utf-8")
+    train_tokenizer(TokenizerConfig(input=str(root / "training_data.txt"), output_dir=str(root / "tok"), vocab_size=300))
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32, dropout=0.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    run = root / "run"
+    step = run / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    run_cfg = RunConfig(name="small", model=cfg, train=TrainConfig(tokenizer_dir=str(root / "tok"), max_steps=2))
+    run_cfg.save(run / "run_config.yaml")
+    run_cfg.save(step / "run_config.yaml")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(step / "model.safetensors"))
+    (step / "train_state.json").write_text(json.dumps({"step": 2}))
+    (run / "checkpoints" / "latest").write_text(step.name + "\n")
+    shutil.copytree(root / "tok", run / "tokenizer")
+    return run

@@ -107,11 +107,14 @@ def test_load_bad_path_is_one_clear_error(tmp_path):
 
 
 def test_python_m_openllm_ds_is_the_cli(tmp_path):
-    """`python -m openllm_ds STAGE` parses as `openllm-ds STAGE`; `--config tiny` is found from any directory."""
+    """`python -m openllm_ds STAGE` parses as `openllm-ds STAGE`; `--config tiny` is found from any directory; a dry
+    run prints the resolved config, then makes the run's own checks (here: no tokenizer yet) and writes nothing."""
     r = subprocess.run([sys.executable, "-m", "openllm_ds", "train", "--config", "tiny", "--max_steps", "7",
                         "--dry_run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
     assert "name: tiny" in r.stdout and "max_steps: 7" in r.stdout
+    assert r.returncode == 2 and r.stderr.startswith("error: train.tokenizer_dir (--tokenizer_dir): tokenizer dir "
+                                                     "data/tokenizer does not exist; train one first"), r.stderr
+    assert list(tmp_path.iterdir()) == []
     r = subprocess.run([sys.executable, "-m", "openllm_ds", "train", "--config", "nope"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--config nope does not exist; pass a YAML file or a preset name (large, medium, " \

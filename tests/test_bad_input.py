@@ -15,8 +15,10 @@ built here, in this process, by the project's own shard writer.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import os
 import json
 import re
 import shlex
@@ -44,6 +46,7 @@ def _corpus(lines: int, seed: int) -> str:
 
 
 TEXT = _corpus(200, 0)
+VALIDATION_TEXT = _corpus(60, 1)  # other documents: validation data that is training data stops a run
 CJK_TEXT = "".join("".join(chr(0x4E00 + (i * 7 + j) % 300) for j in range(40)) + "\n" for i in range(120))
 SQUAD = json.dumps({"version": "1.1", "data": [{"title": "Normans", "paragraphs": [{
     "context": "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy.",
@@ -56,7 +59,7 @@ MODEL_YAML = ("name: t\nmodel: {vocab_size: 300, d_model: 32, n_layers: 1, n_hea
               "tokenizer: {num_workers: 0}\n"
               "train: {data_file: training_data.txt, tokenizer_dir: tok, ds_config: {root}/ds_configs/zero0.json,"
               " micro_batch_size: 2, max_steps: 2, warmup_steps: 0, output_dir: run}\n")
-TRAIN_FILES = {"t.yaml": MODEL_YAML, "tok": "<tok>", "training_data.txt": TEXT, "validation_data.txt": TEXT}
+TRAIN_FILES = {"t.yaml": MODEL_YAML, "tok": "<tok>", "training_data.txt": TEXT, "validation_data.txt": VALIDATION_TEXT}
 HF_CONFIG = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300,
                         "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
                         "max_position_embeddings": 16})
@@ -70,6 +73,12 @@ RESUMABLE = {**TRAIN_FILES, "run/run_config.yaml": MODEL_YAML, "run/checkpoints/
              "run/checkpoints/step_00000002/train_state.json": '{"step": 2}'}
 OLD_CLEAN = {"out/training_data.txt": "an earlier passage\n", "out/validation_data.txt": "an earlier one\n",
              "out/stats.json": '{"splits": {}}'}
+
+
+@dataclass(frozen=True)
+class Symlink:
+    """A file of a case that is a symbolic link to ``target`` (relative to the link)."""
+    target: str
 
 
 @dataclass(frozen=True)
@@ -344,18 +353,18 @@ CASES = [
                 "model/checkpoints/step_00000002/zero_pp_rank_0_mp_rank_00_optim_states.pt": ""}),
     # ---- generate --------------------------------------------------------------------------------
     Case("generate", "an ONNX export whose config.json is a JSON list", 2, "generate --model_dir onnx --prompt Hi",
-         r"onnx/config\.json holds a JSON list, not an object; re-export the model \(--format onnx\)", (),
+         r"onnx/config\.json must hold an object, not a list; re-export the model \(--format onnx\)", (),
          files={"onnx/config.json": "[]", "onnx/decoder_with_past.onnx": GARBAGE}),
     Case("generate", "negative temperature", 2, "generate --model_dir model --prompt Hi --temperature -1",
-         r"--temperature must be a finite number >= 0 \(0 = greedy\), got -1\.0", ()),
+         r"--temperature must be a number in \[0, 2\] \(0: greedy\), got -1\.0", ()),
     Case("generate", "temperature NaN", 2, "generate --model_dir model --prompt Hi --temperature nan",
          r"argument --temperature: expected a finite number, got 'nan'", ()),
     Case("generate", "a 20-digit seed", 2, "generate --model_dir model --prompt Hi --seed 99999999999999999999",
-         r"argument --seed: 99999999999999999999 is out of range", ()),
-    Case("generate", "negative seed", 2, "generate --model_dir model --prompt Hi --seed -3",
-         r"argument --seed: a seed is >= 0, got -3", ()),
+         r"--seed must be an integer in \[-2\^63, 2\^64 - 1\] \(unset: a random seed\), got 99999999999999999999", ()),
+    Case("generate", "a seed below -2^63", 2, "generate --model_dir model --prompt Hi --seed -9223372036854775809",
+         r"--seed must be an integer in \[-2\^63, 2\^64 - 1\]", ()),
     Case("generate", "max_length 0", 2, "generate --model_dir model --prompt Hi --max_length 0",
-         r"--max_length must be >= 1, got 0", ()),
+         r"--max_length must be an integer >= 1, got 0", ()),
     Case("generate", "export dir whose config.json is not Llama", 2, "generate --model_dir hf --prompt Hi",
          r"hf/config\.json is not a LlamaForCausalLM config \(no .*num_attention_heads", (),
          files={"hf/config.json": '{"model_type": "bert"}', "hf/model.safetensors": GARBAGE}),
@@ -395,7 +404,7 @@ CASES = [
          kept=("out/config.json", "out/model.safetensors")),
     Case("export", "an export whose openllm_ds.json is not an object", 2,
          "export --model_dir hf --format pytorch --output_dir out",
-         r"hf/openllm_ds\.json holds a JSON str, not an object; re-export the model", ("out",),
+         r"hf/openllm_ds\.json must hold an object, not a string; re-export the model", ("out",),
          files={"hf/config.json": HF_TIED, "hf/model.safetensors": GARBAGE, "hf/openllm_ds.json": '"step 3"'}),
     # ---- serve -----------------------------------------------------------------------------------
     Case("serve", "port past 65535", 2, "serve --model_path exp --port 70000",
@@ -418,6 +427,157 @@ CASES = [
          r"--work_dir wd is a file, not a directory", ("runs", "data"),
          files={"squad/dev-v1.1.json": SQUAD, "wd": "a file"}, kept=("wd",)),
 ]
+
+
+# ---- text that is not text, paths of the wrong kind, damaged files, validation that is training data ----------
+E9 = os.fsdecode(b"\xe9")  # a byte that is not UTF-8, as Python hands it over from argv (surrogateescape)
+DEEP = "[" * 100_000 + "]" * 100_000
+STEP2 = "run/checkpoints/step_00000002"
+
+CASES += [
+    # text (openllm_ds.text.check_text): argv bytes that are not UTF-8, and the same for every flag
+    Case("generate", "a prompt that is not UTF-8", 2, f"generate --model_dir model --prompt caf{E9}",
+         r"--prompt is not UTF-8 \(byte 0xe9 at character 3\); pass UTF-8 text", ()),
+    Case("train", "an output_dir that is not UTF-8", 2, f"train --config t.yaml --output_dir run{E9}",
+         r"--output_dir is not UTF-8 \(byte 0xe9 at character 3\); pass UTF-8 text", ("run",), files=TRAIN_FILES),
+    Case("pipeline", "an override value that is not UTF-8", 2, f"pipeline --config tiny train.output_dir=m{E9}",
+         r"train\.output_dir is not UTF-8 \(byte 0xe9 at character 1\)", ("runs", "data")),
+    Case("serve", "an api_key no HTTP header can carry", 2, "serve --model_path exp --engine builtin --api_key clé",
+         r"--api_key holds characters an HTTP Authorization header cannot carry", (), files={"exp/": "/"}),
+    Case("evaluate", "eval data holding a NUL byte", 2, "evaluate --model_dir model --eval_data nul.txt",
+         r"--eval_data: eval file nul\.txt line 2 holds a NUL byte", (), files={"nul.txt": b"one line\ntwo \x00\n"}),
+    # sampling parameters (openllm_ds.sampling): one set of ranges
+    Case("generate", "temperature above 2", 2, "generate --model_dir model --prompt Hi --temperature 2.5",
+         r"--temperature must be a number in \[0, 2\] \(0: greedy\), got 2\.5", ()),
+    Case("generate", "17 samples", 2, "generate --model_dir model --prompt Hi --num_samples 17",
+         r"--num_samples must be an integer in \[1, 16\], got 17", ()),
+    Case("generate", "top_p 0", 2, "generate --model_dir model --prompt Hi --top_p 0",
+         r"--top_p must be a number in \(0, 1\], got 0\.0", ()),
+    Case("generate", "top_k negative", 2, "generate --model_dir model --prompt Hi --top_k -1",
+         r"--top_k must be an integer >= 0 \(0: every token\), got -1", ()),
+    Case("generate", "repetition_penalty 0", 2, "generate --model_dir model --prompt Hi --repetition_penalty 0",
+         r"--repetition_penalty must be a finite number > 0 \(1: no penalty\), got 0\.0", ()),
+    Case("evaluate", "a task whose stop string is empty", 2, "evaluate --model_dir model --tasks t.yaml",
+         r"task 't' \(t\.yaml\): stop\[0\] must be a non-empty string", (),
+         files={"t.yaml": "kind: cloze\ndata: text.txt\nstop: ['']\n", "text.txt": TEXT}),
+    # paths of the wrong kind (openllm_ds.paths.check_path): named as such, never "does not exist"
+    Case("train", "--config a directory", 2, "train --config conf", r"--config conf is a directory, not a file",
+         ("models",), files={"conf/": "/"}),
+    Case("train", "--ds_config a directory", 2, "train --config t.yaml --ds_config dsdir",
+         r"train\.ds_config dsdir is a directory, not a file", ("run",), files={**TRAIN_FILES, "dsdir/": "/"}),
+    Case("train", "--tokenizer_dir a file", 2, "train --config t.yaml --tokenizer_dir t.yaml",
+         r"tokenizer dir t\.yaml is a file, not a directory", ("run",), files=TRAIN_FILES),
+    Case("train", "--init_from a file", 2, "train --config t.yaml --init_from t.yaml",
+         r"train\.init_from \(--init_from\) t\.yaml is a file, not a directory", ("run",), files=TRAIN_FILES),
+    Case("train", "--resume a file", 2, "train --config t.yaml --resume t.yaml",
+         r"train\.resume \(--resume\) t\.yaml is a file, not a directory", ("run",), files=TRAIN_FILES),
+    Case("train", "--data_file under a file", 2, "train --config t.yaml --data_file t.yaml/x.txt",
+         r"train\.data_file \(--data_file\) t\.yaml/x\.txt does not exist \(t\.yaml is a file, not a directory\)",
+         ("run",), files=TRAIN_FILES),
+    Case("generate", "--model_dir a file", 2, "generate --model_dir m.txt --prompt Hi",
+         r"--model_dir m\.txt is a file, not a directory", (), files={"m.txt": "weights?"}),
+    Case("evaluate", "--model_dir a file", 2, "evaluate --model_dir m.txt --eval_data m.txt",
+         r"--model_dir m\.txt is a file, not a directory", (), files={"m.txt": TEXT}),
+    Case("export", "--model_dir a file", 2, "export --model_dir m.txt --format pytorch --output_dir out",
+         r"--model_dir m\.txt is a file, not a directory", ("out",), files={"m.txt": "weights?"}),
+    Case("serve", "--model_path a file", 2, "serve --model_path m.txt --engine builtin",
+         r"--model_path m\.txt is a file, not a directory", (), files={"m.txt": "weights?"}),
+    Case("prepare", "--squad_dir a file", 2, "prepare --squad_dir dev.json --output_dir out",
+         r"--squad_dir dev\.json is a file, not a directory; pass a folder holding SQuAD JSON files", ("out",),
+         files={"dev.json": SQUAD}),
+    Case("train-tokenizer", "--validation_file a directory", 2,
+         "train-tokenizer --input text.txt --vocab_size 300 --output_dir tk --validation_file val",
+         r"--validation_file val is a directory, not a file", ("tk",), files={"text.txt": TEXT, "val/": "/"}),
+    Case("tokenize", "--tokenizer_dir a file", 2, "tokenize --input text.txt --tokenizer_dir text.txt",
+         r"tokenizer dir text\.txt is a file, not a directory", ("text.tokens",), files={"text.txt": TEXT}),
+    Case("score-squad", "--dataset a directory", 2, "score-squad --dataset dev --predictions preds.json",
+         r"dataset dev is a directory, not a file", (), files={"dev/": "/", "preds.json": '{"q1": "x"}'}),
+    # damaged files (utils.read_text / read_json / read_yaml): one line naming the file, never a traceback
+    Case("train", "a config that is not UTF-8", 2, "train --config latin.yaml",
+         r"config file latin\.yaml is not UTF-8 text \(byte 0xe9 at offset 31\)", ("models",),
+         files={"latin.yaml": b"train:\n  max_steps: 3\nname: caf\xe9\n"}),
+    Case("train", "a config holding a NUL byte", 2, "train --config nul.yaml",
+         r"config file nul\.yaml holds a NUL byte at offset 13: it is binary or damaged", ("models",),
+         files={"nul.yaml": b"train:\n  max_\x00steps: 3\n"}),
+    Case("train", "a config nested 100,000 deep", 2, "train --config deep.yaml",
+         r"config file deep\.yaml is not valid YAML \(nested too deeply to read\)", ("models",),
+         files={"deep.yaml": DEEP}),
+    Case("train", "a config that is a list", 2, "train --config list.yaml",
+         r"config file list\.yaml must hold a mapping, not a list", ("models",), files={"list.yaml": "- train\n"}),
+    Case("train", "a model_config nested 100,000 deep", 2, "train --config t.yaml --model_config deep.json",
+         r"model config deep\.json is not valid JSON \(nested too deeply to read\)", ("run",),
+         files={**TRAIN_FILES, "deep.json": DEEP}),
+    Case("train", "a model_config that is not UTF-8", 2, "train --config t.yaml --model_config m.json",
+         r"model config m\.json is not UTF-8 text \(byte 0xe9 at offset 10\)", ("run",),
+         files={**TRAIN_FILES, "m.json": b'{"name": "\xe9"}'}),
+    Case("train", "a model_config that is a list", 2, "train --config t.yaml --model_config m.json",
+         r"model config m\.json must hold an object, not a list", ("run",), files={**TRAIN_FILES, "m.json": "[64]"}),
+    Case("train", "a ds_config truncated", 2, "train --config t.yaml --ds_config ds.json",
+         r"train\.ds_config ds\.json is not valid JSON \(.*; truncated\?\)", ("run",),
+         files={**TRAIN_FILES, "ds.json": '{"zero_optimization": {"stage": 0'}),
+    Case("train", "checkpoints/latest not UTF-8", 2, "train --config t.yaml --max_steps 5",
+         r"run/checkpoints/latest is not UTF-8 text \(byte 0xe9 at offset 5\); delete .*latest", ("run/tensorboard",),
+         files={**RESUMABLE, "run/checkpoints/latest": b"step_\xe9"}, kept=("run/run_config.yaml",)),
+    Case("train", "checkpoints/latest naming a path", 2, "train --config t.yaml --max_steps 5",
+         r"run/checkpoints/latest names '\.\./\.\./etc', which is not a checkpoint tag", ("run/tensorboard",),
+         files={**RESUMABLE, "run/checkpoints/latest": "../../etc\n"}, kept=("run/run_config.yaml",)),
+    Case("train", "a checkpoint's run_config.yaml that is a list", 2, "train --config t.yaml --max_steps 5",
+         r"step_00000002/run_config\.yaml must hold a mapping, not a list; that checkpoint is damaged",
+         ("run/tensorboard",), files={**RESUMABLE, f"{STEP2}/run_config.yaml": "- 1\n"}),
+    Case("train", "a checkpoint's train_state.json that is a list", 2, "train --config t.yaml --max_steps 5",
+         r"step_00000002/train_state\.json must hold an object, not a list; that checkpoint is damaged",
+         ("run/tensorboard",), files={**RESUMABLE, f"{STEP2}/train_state.json": "[2]"}),
+    Case("evaluate", "a task YAML that is not UTF-8", 2, "evaluate --model_dir model --tasks t.yaml",
+         r"task file t\.yaml is not UTF-8 text \(byte 0xe9 at offset 13\)", (),
+         files={"t.yaml": b"kind: cloze\n#\xe9\n"}),
+    Case("evaluate", "a task YAML that is a list", 2, "evaluate --model_dir model --tasks t.yaml",
+         r"task file t\.yaml must hold a mapping, not a list", (), files={"t.yaml": "- cloze\n"}),
+    Case("score-squad", "a dataset that is not UTF-8", 2, "score-squad --dataset dev.json --predictions preds.json",
+         r"dataset dev\.json is not UTF-8 text \(byte 0xe9 at offset 1\)", (),
+         files={"dev.json": b"{\xe9}", "preds.json": '{"q1": "x"}'}),
+    Case("score-squad", "predictions nested 100,000 deep", 2, "score-squad --dataset dev.json --predictions p.json",
+         r"predictions p\.json is not valid JSON \(nested too deeply to read\)", (),
+         files={"dev.json": SQUAD, "p.json": DEEP}),
+    Case("score-squad", "predictions holding an unpaired surrogate", 2,
+         "score-squad --dataset dev.json --predictions p.json",
+         r"predictions p\.json is not valid JSON \(it holds an unpaired UTF-16 surrogate escape", (),
+         files={"dev.json": SQUAD, "p.json": '{"q1": "\\ud800"}'}),
+    Case("score-squad", "predictions holding a NUL byte", 2, "score-squad --dataset dev.json --predictions p.json",
+         r"predictions p\.json holds a NUL byte at offset 8", (), files={"dev.json": SQUAD, "p.json": b'{"q1": "\x00"}'}),
+    Case("score-squad", "a no-answer file truncated", 2,
+         "score-squad --dataset dev.json --predictions p.json --na_prob_file na.json",
+         r"no-answer probability file na\.json is not valid JSON \(.*; truncated\?\)", (),
+         files={"dev.json": SQUAD, "p.json": '{"q1": "x"}', "na.json": '{"q1": 0.5'}),
+    # validation data that is the run's own training data (train/validation.py): the run stops before any work
+    Case("train", "eval_data: the training file by another path", 2,
+         "train --config t.yaml --eval_data ./sub/../training_data.txt",
+         r"train\.eval_data \(--eval_data\) \./sub/\.\./training_data\.txt is training data: .*training_data\.txt is "
+         r"what train\.data_file \(--data_file\) training_data\.txt trains on; validation on training data measures "
+         r"memorisation", ("run",), files={**TRAIN_FILES, "sub/": "/"}),
+    Case("train", "eval_data: a symlink to the training file", 2, "train --config t.yaml --eval_data link.txt",
+         r"train\.eval_data \(--eval_data\) link\.txt is training data: .*training_data\.txt is what", ("run",),
+         files={**TRAIN_FILES, "link.txt": Symlink("training_data.txt")}),
+    Case("train", "eval_data: a byte-identical copy of the training file", 2, "train --config t.yaml --eval_data c.txt",
+         r"train\.eval_data \(--eval_data\) c\.txt is training data: .*c\.txt \(a byte-identical copy of "
+         r".*training_data\.txt\)", ("run",), files={**TRAIN_FILES, "c.txt": TEXT}),
+    Case("train", "eval_data: the token shards of the training file", 2,
+         "train --config t.yaml --eval_data training_data.tokens",
+         r"train\.eval_data \(--eval_data\) training_data\.tokens is training data", ("run",),
+         files={**TRAIN_FILES, "training_data.tokens": "<shards>"}),
+    Case("train", "validation_data.txt beside training_data.txt is a copy of it", 2, "train --config t.yaml",
+         r"the validation file validation_data\.txt is training data: .*a byte-identical copy", ("run",),
+         files={**TRAIN_FILES, "validation_data.txt": TEXT}),
+    Case("train", "a mixture whose validation file is another source's training data", 2,
+         "train --config t.yaml --data_files training_data.txt b/training_data.txt",
+         r"the validation file of --data_files .*b/validation_data\.txt is training data: .*what train\.data_files",
+         ("run",), files={**TRAIN_FILES, "b/training_data.txt": _corpus(80, 2), "b/validation_data.txt": TEXT}),
+]
+
+# train --dry_run makes every check the run makes before its work: each train case the run refuses before work
+# (past its config: a case with a tokenizer), as a dry run, stops with the same line and writes nothing at all
+CASES += [dataclasses.replace(c, what=f"{c.what} (--dry_run)", argv=f"{c.argv} --dry_run", leaves=())
+          for c in list(CASES) if c.stage == "train" and "tok" in c.files and "after the shards" not in c.what
+          and not c.message.startswith("argument") and "override" not in c.what]
 
 
 # ---- fixtures: a tiny real tokenizer and its token shards, built without Ray ---------------------
@@ -446,7 +606,9 @@ def write_files(run_dir: Path, files: dict, assets: dict[str, Path]) -> None:
             dst.mkdir(parents=True, exist_ok=True)
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, str) and content in assets:
+        if isinstance(content, Symlink):
+            dst.symlink_to(content.target)
+        elif isinstance(content, str) and content in assets:
             shutil.copytree(assets[content], dst)
         elif isinstance(content, bytes):
             dst.write_bytes(content)

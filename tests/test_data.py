@@ -153,7 +153,7 @@ def test_bad_folder_and_output_dir(tmp_path):
         prepare(DataConfig(squad_dir=str(tmp_path / "nojson"), output_dir=str(tmp_path / "o2")))
     _write(tmp_path / "squad", "dev.json", GOOD)
     blocker = _write(tmp_path, "a-file", b"x")
-    with pytest.raises(UserError, match=r"--output_dir .*a-file/out is not writable"):
+    with pytest.raises(UserError, match=r"--output_dir .*a-file/out: .*a-file is a file, not a directory"):
         prepare(DataConfig(squad_dir=str(tmp_path / "squad"), output_dir=str(blocker / "out")))
     with pytest.raises(ConfigError, match="needs --squad_dir"):
         prepare(DataConfig(source="dir", output_dir=str(tmp_path / "o3")))

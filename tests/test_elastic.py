@@ -140,6 +140,35 @@ def test_resume_on_fewer_and_more_ranks(prepared_data, tokenizer_dir, token_shar
     assert_continues(up, ref1, range(3, STEPS + 1))
 
 
+def test_a_damaged_conversion_says_what_resumes_the_step(prepared_data, tokenizer_dir, token_shards, tmp_path):
+    """A step's universal/ conversion that does not load is not the step: the message says the step is intact and
+    names what works (its own layout, or the conversion made again), never --resume none; and both ways resume."""
+    from openllm_ds.errors import ConfigError
+
+    ref = tmp_path / "ref"
+    one_rank(prepared_data, tokenizer_dir, ref, 2, train__max_steps=2)  # ZeRO-2 on 1 rank: step 2
+    converted = tmp_path / "converted"
+    cut_back(ref, converted, 2)
+    one_rank(prepared_data, tokenizer_dir, converted, 3, train__max_steps=3)  # under ZeRO-3: converts step 2
+    damaged = tmp_path / "damaged"
+    tag = cut_back(converted, damaged, 2)
+    assert (tag / "universal" / "zero").is_dir()
+    for f in (tag / "universal").rglob("*.pt"):
+        f.write_bytes(f.read_bytes()[:20])  # every file of the conversion truncated; the step's own files intact
+    with pytest.raises(ConfigError) as e:
+        one_rank(prepared_data, tokenizer_dir, damaged, 3, train__max_steps=3)
+    said = str(e.value)
+    assert f"could not load {tag / 'universal'}, the conversion of {tag} to this run's layout" in said
+    assert f"the step itself is intact and openllm-ds made that conversion: delete {tag / 'universal'}" in said
+    assert "resume it as it was written, with --ds_config ds_configs/zero2.json on 1 rank(s)" in said
+    assert "--resume none" not in said
+    own = tmp_path / "own"  # as it was written: the damaged conversion is not used
+    shutil.copytree(damaged, own)
+    assert one_rank(prepared_data, tokenizer_dir, own, 2, train__max_steps=3)["resumed_from_step"] == 2
+    shutil.rmtree(tag / "universal")  # converted again on the next resume
+    assert one_rank(prepared_data, tokenizer_dir, damaged, 3, train__max_steps=3)["resumed_from_step"] == 2
+
+
 def test_ray_train_resumes_on_fewer_workers(prepared_data, tokenizer_dir, token_shards, tmp_path):
     """`--num_workers 2`, then the same job with `--num_workers 1`; the reference goes on with 2 ranks."""
     from openllm_ds.train import launch

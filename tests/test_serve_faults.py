@@ -243,6 +243,26 @@ CATALOGUE = [
     ("unknown-parameter", "POST", C, completion(foo=1), None, 400, "foo", "unknown_parameter"),
     ("chat-parameter-on-completions", "POST", C, completion(messages=[]), None, 400, "messages", "unknown_parameter"),
     ("user-a-number", "POST", C, completion(user=5), None, 400, "user", None),
+    # text that is not text (openllm_ds.text.check_text): named by its field, a 400 like any bad parameter
+    ("prompt-holding-NUL", "POST", C, completion(prompt="The \u0000 Normans"), None, 400, "prompt", None),
+    ("prompt-list-holding-NUL", "POST", C, completion(prompt=["ok", "bad \u0000"]), None, 400, "prompt", None),
+    ("prompt-list-holding-null", "POST", C, completion(prompt=["ok", None]), None, 400, "prompt", None),
+    ("stop-holding-NUL", "POST", C, completion(stop=["\u0000"]), None, 400, "stop", None),
+    ("message-content-holding-NUL", "POST", CH, chat(messages=[{"role": "user", "content": "hi\u0000"}]), None, 400,
+     "messages[0].content", None),
+    ("lone-surrogate-escape", "POST", C, b'{"model": "tiny-llm", "prompt": "\\udc80 x"}', None, 400, None,
+     "invalid_json"),
+    ("utf8-encoded-surrogate", "POST", C, b'{"model": "tiny-llm", "prompt": "\xed\xa0\x80"}', None, 400, None,
+     "invalid_json"),
+    ("latin-1-body", "POST", C, b'{"model": "tiny-llm", "prompt": "caf\xe9"}', None, 400, None, "invalid_json"),
+    # sampling parameters out of their one set of ranges (openllm_ds.sampling)
+    ("top_k-negative", "POST", C, completion(top_k=-1), None, 400, "top_k", None),
+    ("top_k-a-float", "POST", C, completion(top_k=2.5), None, 400, "top_k", None),
+    ("repetition_penalty-0", "POST", C, completion(repetition_penalty=0), None, 400, "repetition_penalty", None),
+    ("seed-2**64", "POST", C, completion(seed=2**64), None, 400, "seed", None),
+    ("temperature-just-above-2", "POST", C, completion(temperature=2.000001), None, 400, "temperature", None),
+    ("chat-max_completion_tokens-0", "POST", CH, chat(max_completion_tokens=0), None, 400, "max_completion_tokens",
+     None),
     # chat
     ("messages-missing", "POST", CH, {"model": MODEL}, None, 400, "messages", None),
     ("messages-a-string", "POST", CH, chat(messages="hi"), None, 400, "messages", None),
@@ -412,7 +432,7 @@ def test_an_empty_api_key_is_refused(hf_export, completer):
     port = free_port()
     r = subprocess.run([sys.executable, "-m", "openllm_ds.cli", "serve", "--model_path", str(hf_export), "--engine",
                         "builtin", "--port", str(port)], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "OPENLLM_API_KEY) is empty" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "error: OPENLLM_API_KEY is empty" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 

@@ -373,7 +373,8 @@ def no_engine(monkeypatch):
     ({"train__ds_config": "/nonexistent/ds.json"}, ConfigError, r"train.ds_config /nonexistent/ds.json does not exist"),
     ({"model__max_seq_len": 4096, "train__micro_batch_size": 128}, DataError,
      r"train.data_file .* windows of model.max_seq_len\+1 = 4097 tokens, fewer than one global batch of 128"),
-    ({"train__resume": "/nonexistent/step_00000005"}, ConfigError, r"train.resume .* is not a complete checkpoint"),
+    ({"train__resume": "/nonexistent/step_00000005"}, ConfigError,
+     r"train.resume \(--resume\) /nonexistent/step_00000005 does not exist; pass a checkpoints/step_\* dir"),
     ({"train__eval_batches": 0}, ConfigError, r"train.eval_batches must be >= 1"),
     ({"train__eval_tasks": ["no_such_task"]}, ConfigError, r"train.eval_tasks: .*no_such_task"),
 ])
@@ -427,49 +428,20 @@ def test_resume_path_of_a_run_with_another_tokenizer_is_refused(token_shards, pr
     assert not (tmp_path / "new/checkpoints").exists()
 
 
-def test_one_training_process_per_output_dir(tmp_path):
-    """A second run on the same output dir stops with the holder's pid and host; the lock (and its file) go
-    with the run, and a dead holder's lock is free (the kernel drops it with the process)."""
-    import os
-    import socket
-
-    from openllm_ds.train.distributed import DistEnv
-    from openllm_ds.train.preflight import RunLock
-
-    env = DistEnv(rank=0, local_rank=0, world_size=1, device="cpu")
-    with RunLock(tmp_path, env):
-        assert f"pid {os.getpid()} on {socket.gethostname()}" in (tmp_path / RunLock.NAME).read_text()
-        with pytest.raises(ConfigError, match=rf"output dir {tmp_path} is in use by another training run \(pid "
-                                              rf"{os.getpid()} on {socket.gethostname()}, since .*\); wait for it"):
-            RunLock(tmp_path, env, wait_s=0.5)
-    assert not (tmp_path / RunLock.NAME).exists()
-    # a holder killed with its lock held (here: a child that locks and is killed)
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid x'); print('locked', flush=True); time.sleep(60)"),
-        str(tmp_path / RunLock.NAME)], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "locked"
-    with pytest.raises(ConfigError, match="in use by another training run"):
-        RunLock(tmp_path, env, wait_s=0)
-    child.kill()
-    child.wait()
-    with RunLock(tmp_path, env, wait_s=5):  # the stale file stays, its lock went with the process
-        pass
-
-
-def test_ray_job_entry_point_defaults_to_one_worker(capsys):
+def test_ray_job_entry_point_defaults_to_one_worker(capsys, prepared_data, tokenizer_dir, tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("ray_job_train", ROOT / "ray_jobs/train.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(["--dry_run"]) == 0
-    assert "num_workers: 1" in capsys.readouterr().out.split("train:", 1)[1]
-    assert job.main(["--dry_run", "--num_workers", "0"]) == 0
+    run = ["--config", "tiny", "--tokenizer_dir", str(tokenizer_dir), "--data_file",
+           str(prepared_data / "training_data.txt"), "--output_dir", str(tmp_path / "run"), "--dry_run"]
+    assert job.main(run) == 0
+    out = capsys.readouterr().out
+    assert "num_workers: 1" in out.split("train:", 1)[1] and '"world_size": 1' in out
+    assert job.main([*run, "--num_workers", "0"]) == 0
     assert "num_workers: 0" in capsys.readouterr().out.split("train:", 1)[1]
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
 @pytest.mark.parametrize("script,argv", [
@@ -479,7 +451,7 @@ def test_ray_job_entry_point_defaults_to_one_worker(capsys):
     ("eval.py", ["--model_dir", "models/tiny", "--tasks", "squad_cloze"]),
     ("tokenize_corpus.py", ["--input", "corpus.txt", "--output_dir", "corpus.tokens"]),
 ])
-def test_ray_jobs_refuse_relative_outputs_in_the_working_dir_copy(script, argv, tmp_path):
+def test_ray_jobs_refuse_relative_outputs_in_the_working_dir_copy(script, argv, tmp_path, prepared_data, tokenizer_dir):
     """A `ray job submit` driver runs in Ray's temporary copy of --working-dir (deleted later): a relative
     output path would be written there and lost, so the job stops at once with exit 2, naming the flag."""
     import subprocess
@@ -496,8 +468,9 @@ def test_ray_jobs_refuse_relative_outputs_in_the_working_dir_copy(script, argv, 
     assert list(copy.iterdir()) == []
     if script == "train.py":  # an absolute one goes on (here: --dry_run)
         r = subprocess.run([sys.executable, str(ROOT / "ray_jobs/train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-                            "--output_dir", str(tmp_path / "job"), "--dry_run"], cwd=copy, capture_output=True,
-                           text=True, timeout=120)
+                            "--output_dir", str(tmp_path / "job"), "--tokenizer_dir", str(tokenizer_dir),
+                            "--data_file", str(prepared_data / "training_data.txt"), "--dry_run"], cwd=copy,
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and f"output_dir: {tmp_path / 'job'}" in r.stdout, r.stderr
 
 

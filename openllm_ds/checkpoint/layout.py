@@ -31,7 +31,8 @@ import re
 from pathlib import Path
 
 from openllm_ds.errors import UserError
-from openllm_ds.utils import read_json
+from openllm_ds.paths import check_path
+from openllm_ds.utils import read_json, read_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -108,12 +109,26 @@ def list_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag ``<ckpt_dir>/latest`` names (a dir name of ``ckpt_dir``), or None when there is no ``latest``; a
+    damaged one (not UTF-8, NUL bytes, empty, a path) stops naming it and what to do."""
+    latest = Path(ckpt_dir) / LATEST
+    if not latest.exists() and not latest.is_symlink():
+        return None
+    fix = f"delete {latest} (a resume then takes the newest complete checkpoint) or pass --checkpoint STEP"
+    tag = read_text(latest, fix).strip()
+    if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or "\n" in tag:
+        raise UserError(f"{latest} names {tag!r}, which is not a checkpoint tag (the name of a step_* dir beside it); "
+                        f"{fix}")
+    return tag
+
+
 def read_train_state(path: Path) -> dict:
     """A checkpoint dir's train_state.json, with a valid "step" (a clear error when it is missing or corrupt)."""
     others = ", ".join(str(s) for s, d in list_checkpoints(path.parent.parent) if d != path) or "none"
     fix = f"that checkpoint is damaged: use another one (--checkpoint STEP or --resume PATH; complete steps: {others})"
-    state = read_json(path / TRAIN_STATE, fix)
-    step = state.get("step") if isinstance(state, dict) else None
+    state = read_json(path / TRAIN_STATE, fix, expect=dict)
+    step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UserError(f"{path / TRAIN_STATE} has no valid \"step\" (got {step!r}); {fix}")
     return state
@@ -127,9 +142,7 @@ def checkpoint_step(path: Path) -> int:
 def resolve_checkpoint(model_dir: str | Path, step: int | None = None) -> Path:
     """The checkpoint dir for ``step`` (default: the one named by ``latest``): a complete step, or a tag holding
     only DeepSpeed's ZeRO shards."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise UserError(f"--model_dir {root} does not exist; pass a training output (models/NAME) or an export dir")
+    root = check_path(model_dir, "--model_dir", "dir", "pass a training output (models/NAME) or an export dir")
     ckpt = root / CHECKPOINTS
     if step is not None:
         d = ckpt / step_tag(step)
@@ -137,9 +150,9 @@ def resolve_checkpoint(model_dir: str | Path, step: int | None = None) -> Path:
             have = ", ".join(str(s) for s, _ in list_checkpoints(root)) or "none"
             raise UserError(f"--model_dir {root} has no complete checkpoint for step {step} (have: {have})")
         return d
-    latest = ckpt / LATEST
-    if latest.is_file():
-        d = ckpt / latest.read_text().strip()
+    tag = read_latest(ckpt)
+    if tag is not None:
+        d = ckpt / tag
         if (d / WEIGHTS).is_file() or is_zero_tag(d):
             return d
     found = list_checkpoints(root)

@@ -17,6 +17,7 @@ from openllm_ds.checkpoint.layout import (ANY_STEP_DIR, CHECKPOINTS, EXPORT_INFO
 from openllm_ds.checkpoint.weights import load_hf_weights, load_pytorch_weights, load_state_dict, load_zero_shards
 from openllm_ds.config import ModelConfig, RunConfig, run_config_from_dict
 from openllm_ds.errors import UserError
+from openllm_ds.paths import check_path
 from openllm_ds.utils import read_json, read_yaml
 
 KINDS = ("train", "deepspeed", "huggingface", "pytorch", "onnx")
@@ -68,9 +69,7 @@ class LoadedModel(WeightsSource):
 def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSource:
     """What ``model_dir`` holds: a training output (its ``latest`` or ``step``), one of its ``checkpoints/step_*``
     dirs, a DeepSpeed tag dir of ZeRO shards, or a Hugging Face, PyTorch or ONNX export."""
-    root = Path(model_dir)
-    if not root.exists():
-        raise UserError(f"--model_dir {root} does not exist; pass a training output (models/NAME) or an export dir")
+    root = check_path(model_dir, "--model_dir", "dir", "pass a training output (models/NAME) or an export dir")
     if is_hf_export(root) or is_pytorch_export(root) or is_onnx_export(root):
         return _export_source(root)
     m = ANY_STEP_DIR.match(root.name)
@@ -87,12 +86,12 @@ def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSou
         raise UserError(f"{path} has no run_config.yaml (nor {run_dir / 'run_config.yaml'}): the model shape is "
                         "unknown; pass the run's own output dir as --model_dir")
     run_cfg = run_config_from_dict(read_yaml(cfg_file, f"restore it from {path / 'run_config.yaml'} or the "
-                                                       "run's other checkpoints") or {}, str(cfg_file))
+                                                       "run's other checkpoints", expect=dict), str(cfg_file))
     tok_dir = run_dir / "tokenizer"
     if not tok_dir.is_dir():
         tok_dir = Path(run_cfg.train.tokenizer_dir)
     if is_zero_tag(path):
-        state = _json_object(path / TRAIN_STATE, "pass another --checkpoint") if (path / TRAIN_STATE).is_file() else {}
+        state = read_json(path / TRAIN_STATE, "pass another --checkpoint", expect=dict) if (path / TRAIN_STATE).is_file() else {}
         m = ANY_STEP_DIR.match(path.name)
         return WeightsSource(run_cfg.model, tok_dir, state.get("step", int(m.group(1)) if m else None), "deepspeed",
                              path, run_cfg, state, run_cfg.name)
@@ -101,29 +100,23 @@ def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSou
 
 
 def _export_source(root: Path) -> WeightsSource:
-    card = _json_object(root / EXPORT_INFO, "re-export the model") if (root / EXPORT_INFO).is_file() else {}
+    card = read_json(root / EXPORT_INFO, "re-export the model", expect=dict) if (root / EXPORT_INFO).is_file() else {}
     figures = {k: card[k] for k in ("val_loss", "tokens_seen") if card.get(k) is not None}
     if is_hf_export(root):
         from openllm_ds.model.hf_map import from_hf_config
 
-        cfg = from_hf_config(read_json(root / "config.json", "re-export the model"), str(root / "config.json"))
+        cfg = from_hf_config(read_json(root / "config.json", "re-export the model", expect=dict),
+                             str(root / "config.json"))
         kind = "huggingface"
     else:  # PyTorch and ONNX exports store our ModelConfig's fields
         kind = "pytorch" if is_pytorch_export(root) else "onnx"
-        fields = _json_object(root / "config.json", f"re-export the model (--format {kind})")
+        fields = read_json(root / "config.json", f"re-export the model (--format {kind})", expect=dict)
         try:
             cfg = ModelConfig(**fields)
         except TypeError as e:
             raise UserError(f"{root / 'config.json'} is not a model config of this version ({e}); re-export the "
                             f"model (--format {kind})") from None
     return WeightsSource(cfg, root, card.get("step"), kind, root, None, figures, card.get("run_name"))
-
-
-def _json_object(path: Path, fix: str) -> dict:
-    data = read_json(path, fix)
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
-    return data
 
 
 def load_model(model_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu",

@@ -64,7 +64,8 @@ class OnnxCausalLM:
         if missing:
             raise UserError(f"{self.dir} has no {missing[0]}; export with --optimize_for_inference / --quantize_int8")
         self.variant = variant
-        self.cfg = ModelConfig(**read_json(self.dir / "config.json", "re-export the model (--format onnx)"))
+        self.cfg = ModelConfig(**read_json(self.dir / "config.json", "re-export the model (--format onnx)",
+                                           expect=dict))
         self.num_threads = num_threads  # intra-op threads of every session (None: onnxruntime's default)
         self._options = session_options(num_threads, spinning)
         self._ort = ort

@@ -35,8 +35,10 @@ def load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an HF dir: model.safetensors, or every shard its index names."""
     if (path / WEIGHTS).is_file():
         return load_state_dict(path / WEIGHTS)
-    index = read_json(path / HF_INDEX, "download the checkpoint again")
-    shards = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+    index = read_json(path / HF_INDEX, "download the checkpoint again", expect=dict)
+    weight_map = index.get("weight_map")
+    shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) and all(
+        isinstance(v, str) for v in weight_map.values()) else []
     if not shards:
         raise UserError(f"{path / HF_INDEX} names no weight files (no \"weight_map\"); download the checkpoint again")
     sd = {}

@@ -37,7 +37,9 @@ from openllm_ds.config import DataConfig
 from openllm_ds.data.clean import clean_batch, count_words
 from openllm_ds.data.download import download_official
 from openllm_ds.data.sources import HUB_DATASETS, SPLITS, SquadInput, list_squad_dir, load_hub, read_squad_files
-from openllm_ds.errors import ConfigError
+from openllm_ds.errors import ConfigError, DataError
+from openllm_ds.output_lock import OutputLock
+from openllm_ds.paths import check_path
 from openllm_ds.utils import (OutputKind, atomic_write_bytes, atomic_write_json, claim_output_dir, ensure_writable_dir,
                               init_ray, write_manifest)
 
@@ -48,10 +50,16 @@ CLEAN_DATA = OutputKind("cleaned data", "openllm-ds prepare", lambda name: name 
 
 
 def prepare(cfg: DataConfig) -> dict:
-    """Run stage 1 and return the stats it writes to ``<cfg.output_dir>/stats.json``."""
+    """Run stage 1 and return the stats it writes to ``<cfg.output_dir>/stats.json`` (one writer at a time there)."""
     source = resolve_source(cfg)
-    claim_output_dir(Path(cfg.output_dir).expanduser(), CLEAN_DATA, "--output_dir")  # adds its files; others stay
-    out_dir = ensure_writable_dir(Path(cfg.output_dir).expanduser(), "--output_dir")
+    if source == "dir":
+        check_path(cfg.squad_dir, "--squad_dir", "dir", "pass a folder holding SQuAD JSON files", DataError)
+    with OutputLock(cfg.output_dir, "prepare"):
+        claim_output_dir(Path(cfg.output_dir).expanduser(), CLEAN_DATA, "--output_dir")  # adds its files; others stay
+        return _prepare(cfg, source, ensure_writable_dir(Path(cfg.output_dir).expanduser(), "--output_dir"))
+
+
+def _prepare(cfg: DataConfig, source: str, out_dir: Path) -> dict:
     if source == "dir":
         location = str(Path(cfg.squad_dir).expanduser().resolve())
         inputs = read_squad_files(list_squad_dir(cfg.squad_dir))

@@ -9,7 +9,13 @@ import torch
 from openllm_ds.checkpoint import load_model
 from openllm_ds.errors import UserError
 from openllm_ds.model import generate
+from openllm_ds.sampling import SamplingParams
+from openllm_ds.text import check_text
 from openllm_ds.utils import select_device
+
+# the names `openllm-ds generate` gives the sampling parameters
+FLAGS = {"max_tokens": "--max_length", "temperature": "--temperature", "top_p": "--top_p", "top_k": "--top_k",
+         "repetition_penalty": "--repetition_penalty", "n": "--num_samples", "seed": "--seed"}
 
 
 def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: float = 0.7, top_k: int | None = None,
@@ -23,20 +29,10 @@ def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: fl
     to stdout as the tokens come. ``seed`` makes sampling reproducible (one torch.Generator drives
     all samples, drawn one after another); temperature 0 is greedy.
     """
-    if max_length < 1:
-        raise UserError(f"--max_length must be >= 1, got {max_length}")
-    if num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {num_samples}")
-    if not 0 <= temperature < float("inf"):  # NaN too
-        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise UserError(f"--seed must be in [0, 2^63), got {seed}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top_k must be >= 1, got {top_k}")
-    if not 0 < repetition_penalty < float("inf"):
-        raise UserError(f"--repetition_penalty must be > 0, got {repetition_penalty}")
+    params = SamplingParams.build(FLAGS, max_tokens=max_length, temperature=temperature, top_k=top_k or 0,
+                                  top_p=1.0 if top_p is None else top_p, repetition_penalty=repetition_penalty,
+                                  n=num_samples, seed=seed)
+    check_text(prompt, "--prompt")
 
     device = select_device()
     loaded = load_model(model_dir, step=checkpoint, device=device)
@@ -57,8 +53,7 @@ def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: fl
             header = f"--- sample {i + 1}/{num_samples} ---\n" if num_samples > 1 else ""
             sys.stdout.write(header + prompt)
             sys.stdout.flush()
-        ids = sample_ids(model, prompt_ids, max_length, temperature, top_k, top_p, repetition_penalty,
-                         tokenizer.eos_id, generator, tokenizer if stream else None)
+        ids = sample_ids(model, prompt_ids, params, tokenizer.eos_id, generator, tokenizer if stream else None)
         if stream:
             sys.stdout.write("\n")
             sys.stdout.flush()
@@ -75,15 +70,16 @@ def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> s
 
 
 @torch.no_grad()
-def sample_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k, top_p,
-               repetition_penalty: float, eos_id: int | None, generator=None, stream_tokenizer=None) -> list[int]:
+def sample_ids(model, prompt_ids: list[int], params: SamplingParams, eos_id: int | None, generator=None,
+               stream_tokenizer=None) -> list[int]:
     """New token ids after ``prompt_ids`` (EOS not included); prints decoded text when given a tokenizer."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     ids: list[int] = []
     shown = ""
-    for nxt in generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              eos_id=eos_id, repetition_penalty=repetition_penalty, generator=generator):
+    for nxt in generate(model, idx, params.max_tokens, temperature=params.temperature, top_k=params.top_k or None,
+                        top_p=params.top_p if params.top_p < 1.0 else None, eos_id=eos_id,
+                        repetition_penalty=params.repetition_penalty, generator=generator):
         token = int(nxt[0])
         if token == eos_id:
             break

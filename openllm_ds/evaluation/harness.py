@@ -20,6 +20,8 @@ from tqdm import tqdm
 from openllm_ds.checkpoint import is_hf_export, list_checkpoints, resolve_checkpoint
 from openllm_ds.errors import UserError
 from openllm_ds.evaluation.tasks import TaskSpec, load_task, run_task
+from openllm_ds.output_lock import OutputLock
+from openllm_ds.paths import normal_path
 from openllm_ds.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TAG_PREFIX = "harness"
@@ -99,8 +101,14 @@ def run_harness(model_dir, tasks, checkpoints: str | None = None, num_workers: i
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UserError(f"task names repeat in --tasks: {', '.join(names)}")
-    root = Path(model_dir).resolve()
+    root = normal_path(model_dir)
     steps = resolve_steps(root, checkpoints)
+    with OutputLock(root / "eval", "evaluate", "--model_dir (its eval/)"):  # one writer of the run's eval/
+        return _run_harness(root, specs, names, steps, num_workers, output)
+
+
+def _run_harness(root: Path, specs: list[TaskSpec], names: list[str], steps: list[int | None], num_workers: int,
+                 output: str | None) -> dict:
     start = time.perf_counter()
     jobs = [(spec, step) for step in steps for spec in specs]
     results = run_jobs(jobs, str(root), num_workers)

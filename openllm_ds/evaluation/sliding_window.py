@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from openllm_ds.errors import DataError, UserError
+from openllm_ds.paths import missing_reason
 
 METRICS = ("perplexity", "loss", "word_perplexity", "bits_per_byte")
 
@@ -47,12 +48,15 @@ def read_documents(path: str | Path, limit: int | None = None) -> list[str]:
             or p.is_file() and units.format_of(p.name) not in (("text", None), (None, None)):
         return documents.read_documents(str(path), limit=limit, what="eval data")
     if not p.is_file():
-        raise DataError(f"eval file {p} does not exist; pass a text file with one document a line "
+        raise DataError(f"eval file {p} {missing_reason(p)}; pass a text file with one document a line "
                         "(e.g. data/clean/validation_data.txt from `openllm-ds prepare`)")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"eval file {p} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    if "\x00" in text:  # what check_text refuses, named by its line here
+        raise DataError(f"eval file {p} line {text.count(chr(10), 0, text.index(chr(0))) + 1} holds a NUL byte: it "
+                        "looks binary, not text; pass a text file with one document a line")
     docs = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if not docs:
         raise DataError(f"eval file {p} is empty; it needs at least one non-blank line of text")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from openllm_ds.errors import DataError
+from openllm_ds.utils import read_json as read_json_file
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)
@@ -66,13 +67,8 @@ def f1_score(prediction: str, ground_truth: str, *, empty_matches_empty: bool = 
 # ---- reading and checking the inputs ------------------------------------------------------------
 
 def read_json(path: str | Path, what: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{what} {p} does not exist; pass an existing JSON file")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {p} is not valid JSON ({e}); pass the file as written by the model/scorer") from None
+    """A JSON input of the scorer, by the one reader policy (``utils.read_json``)."""
+    return read_json_file(path, "pass the JSON file as written by the model or the scorer", what, error=DataError)
 
 
 def check_squad_dataset(dataset: Any, source: str) -> list[dict]:

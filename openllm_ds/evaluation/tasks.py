@@ -25,9 +25,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from openllm_ds.errors import ConfigError, UserError
+from openllm_ds.paths import check_path
+from openllm_ds.sampling import SamplingParams
+from openllm_ds.utils import read_yaml
 
 KINDS: dict[str, tuple[str, ...]] = {  # kind -> its metrics, the first is the default
     "perplexity": ("perplexity", "loss", "word_perplexity", "bits_per_byte"),
@@ -64,9 +65,15 @@ class TaskSpec:
             object.__setattr__(self, "metric", KINDS[self.kind][0])
         if self.metric not in KINDS[self.kind]:
             raise ConfigError(f"{where}: metric {self.metric!r} is not one of {self.kind}'s metrics: {', '.join(KINDS[self.kind])}")
-        for key, low in (("num_shots", 0), ("max_new_tokens", 1), ("num_choices", 2), ("batch_size", 1)):
+        for key, low in (("num_shots", 0), ("num_choices", 2), ("batch_size", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{where}: {key} must be >= {low}, got {getattr(self, key)}")
+        try:  # greedy generation's parameters, in the ranges every generation takes (openllm_ds.sampling)
+            params = SamplingParams.build({"max_tokens": "max_new_tokens"}, max_tokens=self.max_new_tokens,
+                                          temperature=0.0, stop=self.stop)
+        except UserError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        object.__setattr__(self, "stop", params.stop)
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"{where}: limit must be >= 1 or null (all), got {self.limit}")
         if self.stride is not None and self.stride < 1:
@@ -126,6 +133,8 @@ def load_task(task: str | Path | TaskSpec, check_data: bool = True) -> TaskSpec:
         return task
     text = str(task)
     path = Path(text)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        check_path(path, "task file", "file", "pass a task YAML or a task name (eval/*.yaml)")
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         known = available_tasks()
         name = path.stem if path.suffix in (".yaml", ".yml") else text
@@ -133,12 +142,8 @@ def load_task(task: str | Path | TaskSpec, check_data: bool = True) -> TaskSpec:
             names = ", ".join(sorted(known)) or "none (no eval/ folder found)"
             raise UserError(f"unknown task {text!r}; available tasks: {names} (or pass a path to a task YAML)")
         path = known[name]
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"task file {path} is not valid YAML: {e}".splitlines()[0]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"task file {path} must hold a mapping (name, kind, data, metric, ...)")
+    raw = read_yaml(path, "write a mapping of name, kind, data, metric, ... (see eval/*.yaml)", "task file",
+                    (dict, type(None)), ConfigError) or {}
     fields = {f.name for f in dataclasses.fields(TaskSpec)} - {"source"}
     unknown = sorted(set(raw) - fields)
     if unknown:
@@ -146,11 +151,7 @@ def load_task(task: str | Path | TaskSpec, check_data: bool = True) -> TaskSpec:
     for key in ("kind", "data"):
         if not raw.get(key):
             raise ConfigError(f"task file {path} lacks '{key}:' (kind: {' | '.join(KINDS)}; data: a file path)")
-    raw.setdefault("name", path.stem)
-    if isinstance(raw.get("stop"), str):
-        raw["stop"] = [raw["stop"]]
-    if "stop" in raw:
-        raw["stop"] = tuple(raw["stop"])
+    raw.setdefault("name", path.stem)  # stop: a string or a list, as TaskSpec takes it
     data = resolve_data_path(str(raw["data"]), path) if check_data else Path(str(raw["data"]))
     try:
         return TaskSpec(**{**raw, "data": str(data), "source": str(path)})
@@ -166,6 +167,10 @@ def run_task_on_model(task, model, tokenizer, progress: bool = True) -> dict:
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}; "
                         "use the tokenizer the model was trained with")
+    if spec.kind in ("squad_qa", "cloze") and spec.max_new_tokens > model.cfg.max_seq_len - 2:
+        raise UserError(f"task {spec.name!r} ({spec.source or 'inline'}): max_new_tokens {spec.max_new_tokens} leaves "
+                        f"no room for a prompt in the model's context of {model.cfg.max_seq_len} tokens; lower "
+                        f"max_new_tokens to {max(1, model.cfg.max_seq_len // 4)} or so")
     runners = {
         "perplexity": run_perplexity,
         "squad_qa": qa_tasks.run_squad_qa,

@@ -20,6 +20,7 @@ from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError, VerificationError
 from openllm_ds.export.common import check_output_dir, export_kind
 from openllm_ds.export.huggingface import export_huggingface
+from openllm_ds.output_lock import OutputLock
 from openllm_ds.utils import _umask, atomic_dir
 
 FORMATS = ("huggingface", "pytorch", "onnx")
@@ -33,15 +34,18 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if not cfg.model_dir:
         raise UserError("--model_dir is required: a training output (models/NAME) or an export dir")
-    out = Path(cfg.output_dir or f"exports/{cfg.format}")
-    model_dir = Path(cfg.model_dir)
-    check_output_dir(out, model_dir, cfg.overwrite, cfg.format)
     if cfg.format != "onnx" and (cfg.optimize_for_inference or cfg.quantize_int8):
         raise UserError("--optimize_for_inference and --quantize_int8 apply to --format onnx only")
     if cfg.format == "onnx" and cfg.dtype != "fp32":
         raise UserError(f"--dtype {cfg.dtype} applies to huggingface and pytorch exports; ONNX export is fp32 "
                         "(add --quantize_int8 for a smaller model)")
+    out = Path(cfg.output_dir or f"exports/{cfg.format}")
+    with OutputLock(out, "export"):  # one writer at a time in the output dir
+        check_output_dir(out, Path(cfg.model_dir), cfg.overwrite, cfg.format)
+        return _export(cfg, checkpoint, out, Path(cfg.model_dir))
 
+
+def _export(cfg: ExportConfig, checkpoint: int | None, out: Path, model_dir: Path) -> dict:
     start = time.perf_counter()
     stages = ["load", "write + verify" if cfg.verify else "write", "move into place"]
     with tqdm(total=len(stages), desc=f"export {cfg.format}", unit="stage") as bar:

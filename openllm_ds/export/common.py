@@ -14,6 +14,7 @@ import torch
 from openllm_ds.checkpoint import LoadedModel, is_export_file
 from openllm_ds.checkpoint.layout import TOKENIZER_FILES
 from openllm_ds.errors import UserError
+from openllm_ds.paths import is_within
 from openllm_ds.utils import MANIFEST, OutputKind, claim_output_dir, describe_entries
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,9 +56,8 @@ def export_kind(fmt: str) -> OutputKind:
 def check_output_dir(out: Path, model_dir: Path, overwrite: bool, fmt: str) -> None:
     """Refuse a non-empty output dir unless ``overwrite``, and never one holding the source or another stage's output."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; pass a directory")
-    src, dst = model_dir.resolve(), out.resolve()
-    if dst == src or dst in src.parents:
+        raise UserError(f"--output_dir {out} is a file, not a directory; pass a directory")
+    if is_within(model_dir, out):  # compared as normal paths: ~, relative paths and symlinks resolved
         raise UserError(f"--output_dir {out} would replace the model being exported ({model_dir}); choose another directory")
     foreign = claim_output_dir(out, export_kind(fmt), "--output_dir")
     if foreign:  # never replaced, with or without --overwrite

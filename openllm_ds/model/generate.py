@@ -20,7 +20,8 @@ def generate(
 ):
     """Yield (B,) tensors of new tokens one step at a time, using a KV cache.
 
-    temperature 0 is greedy. Stops when every row has produced ``eos_id`` or the context is full.
+    temperature 0 is greedy. Stops when every row has produced ``eos_id`` or the context is full: the prompt and the
+    new tokens together are at most ``max_seq_len`` tokens (OpenAI's, vLLM's and transformers' rule).
     Runs in inference mode, so the tokens are inference tensors.
     """
     was_training = getattr(model, "training", False)
@@ -32,9 +33,7 @@ def generate(
         pos, step_in = 0, idx
         done = [False] * B  # rows that produced eos_id, as Python bools: cheaper per step than ops on a (B,) tensor
         seen = idx
-        for _ in range(max_new_tokens):
-            if pos + step_in.size(1) > model.cfg.max_seq_len:
-                break
+        for _ in range(min(max_new_tokens, model.cfg.max_seq_len - idx.size(1))):
             logits = model.decode_step(step_in, cache)[:, -1]
             pos += step_in.size(1)
             if logits.dtype != torch.float32:
@@ -59,10 +58,16 @@ def generate(
 
 
 def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None):
-    """logits: (B, V) -> (B,) token ids."""
+    """logits: (B, V) -> (B,) token ids.
+
+    Any temperature > 0 and any repetition penalty > 0 sample: the logits are clamped to finite values and shifted
+    so that the largest is 0 before the division, so the best token keeps probability mass however small the
+    temperature (an overflow to inf, and the NaN of inf - inf, cannot reach the sampler)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    finfo = torch.finfo(logits.dtype)
+    logits = logits.clamp(finfo.min, finfo.max)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, finfo.tiny)
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

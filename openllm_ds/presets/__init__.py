@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from openllm_ds.errors import ConfigError
+from openllm_ds.paths import missing_reason
 
 PACKAGE = Path(__file__).resolve().parents[1]  # openllm_ds/
 
@@ -32,7 +33,8 @@ def config_file(arg: str | Path) -> Path:
     shipped = shipped_dir("configs") / f"{p.stem if p.suffix in ('.yaml', '.yml') else p.name}.yaml"
     if not p.exists() and p.parent in (Path("."), Path("configs")) and shipped.is_file():
         return shipped
-    raise ConfigError(f"--config {arg} does not exist; pass a YAML file or a preset name "
+    why = "is a directory, not a file" if p.is_dir() else missing_reason(p)
+    raise ConfigError(f"--config {arg} {why}; pass a YAML file or a preset name "
                       f"({', '.join(preset_names()) or 'none shipped'})")
 
 

@@ -14,18 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openllm_ds.errors import UserError
+from openllm_ds.paths import check_path
+from openllm_ds.sampling import SamplingParams
 from openllm_ds.serve.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, build_app
-from openllm_ds.serve.completer import Completer, DecodePath, SamplingParams, load_completer
+from openllm_ds.serve.completer import Completer, DecodePath, load_completer
 from openllm_ds.serve.vllm import VLLMServer, choose_engine, vllm_command
+from openllm_ds.settings import host_setting, is_loopback, normal_api_key
 
 __all__ = ["serve", "start_server", "RunningServer", "load_completer", "Completer", "SamplingParams",
            "DecodePath", "build_app", "choose_engine", "vllm_command", "VLLMServer", "check_api_key"]
 
 
-def check_api_key(api_key: str | None) -> None:
-    if api_key is not None and not api_key.strip():
-        raise UserError("--api_key (or OPENLLM_API_KEY) is empty: pass a key, or leave both unset to serve "
-                        "without authentication")
+def check_api_key(api_key: str | None) -> str | None:
+    """The key in the form the server compares bearer tokens with (``settings.normal_api_key``), or None."""
+    return None if api_key is None else normal_api_key(api_key, "--api_key (or OPENLLM_API_KEY)")
 
 
 def check_limits(max_body_bytes: int | None, max_concurrency: int) -> None:
@@ -121,7 +123,7 @@ def start_server(model_path: str | Path | None = None, host: str = "127.0.0.1", 
                  max_body_bytes: int | None = None, num_threads: int | None = None,
                  body_timeout: float = BODY_TIMEOUT_S) -> RunningServer:
     """Start the built-in server in a daemon thread (port 0: a free port). Pass ``completer`` to reuse a loaded model."""
-    check_api_key(api_key)
+    api_key, host = check_api_key(api_key), host_setting(host)
     check_limits(max_body_bytes, max_concurrency)
     owns_completer = completer is None
     if completer is None:
@@ -146,11 +148,9 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_length: int
           replicas: int | None = None, address: str | None = None, vllm_args: tuple[str, ...] = ()) -> None:
     """Serve ``model_path`` until interrupted: vLLM or the built-in server; with ``replicas`` (or ``address``)
     that many of them behind one endpoint on Ray Serve (a local Ray instance, or the cluster at ``address``)."""
-    path = Path(model_path)
-    if not path.exists():
-        raise UserError(f"--model_path {path} does not exist; export a model first "
-                        "(openllm-ds export --model_dir models/NAME --format huggingface)")
-    check_api_key(api_key)
+    path = check_path(model_path, "--model_path", "dir", "export a model first "
+                      "(openllm-ds export --model_dir models/NAME --format huggingface)")
+    api_key, host = check_api_key(api_key), host_setting(host)
     check_limits(max_body_bytes, max_concurrency)
     if replicas is not None and replicas < 1:
         raise UserError(f"--replicas must be >= 1, got {replicas}")
@@ -176,7 +176,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, max_length: int
         print(f"serving '{loaded.model_name}' ({backend} backend, context {loaded.max_length} tokens, {auth}, "
               f"{loaded.max_concurrency} generations at once, {loaded.num_threads} thread(s) each) at "
               f"http://{host_shown}:{sock.getsockname()[1]}/v1  (Ctrl-C stops)", flush=True)
-        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        if not is_loopback(host) and not api_key:
             print(f"warning: listening on {host} without --api_key: anyone who can reach this port can use the model",
                   flush=True)
         server.run(sockets=[sock])  # uvicorn: Ctrl-C or SIGTERM ends it gracefully

@@ -22,7 +22,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import threading
 from contextlib import suppress
 
@@ -35,11 +34,11 @@ from openllm_ds.serve.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, chunk_body, new_id, now, parse_request,
     response_body, usage_chunk,
 )
+from openllm_ds.utils import parse_json as parse_json_text
 
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 120.0  # a client may take this long to send its request body, else 408
 LINGER_S = 2.0  # at most this long, and at most 2 x max_body_bytes, drained from a client before a 413
-_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff, paired or not
 log = logging.getLogger("openllm_ds.serve")
 
 
@@ -57,25 +56,16 @@ def error_response(e: APIError, headers: dict | None = None) -> Response:
     return json_response(e.status, e.body(), headers)
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_json(raw: bytes):
-    """A request body as JSON: strict (no NaN/Infinity), valid Unicode, bounded nesting."""
+    """A request body as JSON, by the project's one JSON parser (``utils.parse_json``): UTF-8, strict (no NaN or
+    Infinity), bounded nesting, no unpaired surrogate."""
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise APIError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
-        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
-    if _LONE_SURROGATE_ESCAPE.search(raw):
-        try:
-            json.dumps(body, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            raise APIError(400, "the request body is not valid JSON: it holds an unpaired UTF-16 surrogate "
-                           "(\\ud800-\\udfff)", code="invalid_json") from None
-    return body
+        return parse_json_text(raw.decode("utf-8"), constants=False)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON: it is not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                       f"offset {e.start})", code="invalid_json") from None
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
 
 class RequestGuard:

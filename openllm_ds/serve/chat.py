@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from openllm_ds.errors import UserError
-from openllm_ds.utils import read_json
+from openllm_ds.utils import read_json, read_text
 from openllm_ds.tokenizer import Tokenizer
 
 
@@ -68,14 +68,17 @@ def load_chat_template(tokenizer_dir: str | Path, tokenizer: Tokenizer) -> ChatT
     """The chat template of tokenizer_config.json (or chat_template.jinja); None when there is none."""
     d = Path(tokenizer_dir)
     cfg_file = d / "tokenizer_config.json"
-    cfg = read_json(cfg_file, "re-export the model, or fix its chat_template") if cfg_file.is_file() else {}
-    source = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    cfg = read_json(cfg_file, "re-export the model, or fix its chat_template", expect=dict) if cfg_file.is_file() else {}
+    source = cfg.get("chat_template")
     if isinstance(source, list):  # the named-templates form: [{"name": "default", "template": ...}]
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
     if not source and (d / "chat_template.jinja").is_file():
-        source = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        source = read_text(d / "chat_template.jinja", "re-export the model, or fix its chat template")
     if not source:
         return None
+    if not isinstance(source, str):
+        raise UserError(f"{cfg_file}: chat_template must be a string (a Jinja template), not {type(source).__name__}; "
+                        "re-export the model, or fix its chat_template")
     sp = tokenizer.sp
     return ChatTemplate(
         source,

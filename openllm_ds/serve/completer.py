@@ -38,21 +38,13 @@ import torch
 
 from openllm_ds.errors import UserError
 from openllm_ds.model import generate
+from openllm_ds.paths import check_path
+from openllm_ds.sampling import SamplingParams
 from openllm_ds.serve.chat import ChatTemplate, load_chat_template
 from openllm_ds.tokenizer import Tokenizer
 
 PROMPT_CONTEXT_TOKENS = 8  # prompt tokens decoded ahead of the completion, so its first space survives
 WORKER_PREFIX = "openllm-ds-generate"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -323,8 +315,9 @@ class Generation:
             completer.running += 1
         # no eos_id: Choice.add ends a choice at EOS and the loop below ends once every choice has (rows sample
         # independently, so what a finished row is fed next changes no other row)
-        steps = generate(completer.lm, idx, p.max_tokens, temperature=p.temperature,
-                         top_p=p.top_p if p.top_p < 1.0 else None, generator=generator)
+        steps = generate(completer.lm, idx, p.max_tokens, temperature=p.temperature, top_k=p.top_k or None,
+                         top_p=p.top_p if p.top_p < 1.0 else None, repetition_penalty=p.repetition_penalty,
+                         generator=generator)
         tokens = None
         try:
             for tokens in steps:
@@ -368,9 +361,7 @@ def load_completer(model_path: str | Path, backend: str = "torch", max_length: i
     """
     from openllm_ds.checkpoint import is_onnx_export, load_model
 
-    path = Path(model_path)
-    if not path.exists():
-        raise UserError(f"--model_path {path} does not exist; export a model first (openllm-ds export --format huggingface)")
+    path = check_path(model_path, "--model_path", "dir", "export a model first (openllm-ds export --format huggingface)")
     if max_concurrency < 1:
         raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
     if num_threads is not None and num_threads < 1:

@@ -2,9 +2,11 @@
 
 A request body is validated by ``CompletionRequest`` / ``ChatCompletionRequest`` (strict types: ``"2"``
 is not 2, ``true`` is not 1; unknown parameters refused as OpenAI refuses them), then checked against
-the model (name, vocabulary, context length) by ``generation_request``. Every problem becomes an
-``APIError``: an HTTP 4xx with OpenAI's ``{"error": {message, type, param, code}}`` body naming the
-parameter, before any generation starts.
+the model (name, vocabulary, context length) by ``generation_request``: the sampling parameters through
+``openllm_ds.sampling.SamplingParams`` (the ranges ``openllm-ds generate`` and the Python API take too;
+``top_k`` and ``repetition_penalty`` as vLLM's server takes them), every text through
+``openllm_ds.text.check_text``. Every problem becomes an ``APIError``: an HTTP 4xx with OpenAI's
+``{"error": {message, type, param, code}}`` body naming the parameter, before any generation starts.
 """
 
 from __future__ import annotations
@@ -17,13 +19,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from openllm_ds.errors import UserError
-from openllm_ds.serve.completer import Completer, SamplingParams
+from openllm_ds.sampling import SamplingError, SamplingParams
+from openllm_ds.serve.completer import Completer
+from openllm_ds.text import check_text
 
-MAX_N = 16
-MAX_STOP = 4
-MAX_STOP_CHARS = 256  # a stop string is matched against the text at every token: keep that cheap
 MAX_PROMPTS = 16
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Parameters this server does not implement: accepted only at their neutral value (of that exact type).
@@ -65,14 +65,17 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(1, ge=1, le=MAX_N)
+    # the sampling parameters' types here; their ranges in openllm_ds.sampling (one check for every caller)
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # vLLM's extension: 0 keeps every token
+    repetition_penalty: float = 1.0  # vLLM's extension: 1 is none
+    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Any = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: Any = None
+    seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -86,7 +89,7 @@ class _Request(BaseModel):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
 
-    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @field_validator("temperature", "top_p", "top_k", "repetition_penalty", "n", "stream", mode="before")
     @classmethod
     def _null_is_default(cls, v, info: ValidationInfo):
         return cls.model_fields[info.field_name].default if v is None else v
@@ -102,22 +105,6 @@ class _Request(BaseModel):
         if v is not None and (not isinstance(v, dict) or not isinstance(v.get("include_usage", False), bool)):
             raise ValueError("'stream_options' must be an object like {\"include_usage\": true}")
         return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v) -> tuple[str, ...]:
-        if v is None:
-            return ()
-        stops = [v] if isinstance(v, str) else v
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ValueError("'stop' must be a string or a list of strings")
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}")
-        if any(s == "" for s in stops):
-            raise ValueError("'stop' strings must not be empty")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"'stop' strings may be at most {MAX_STOP_CHARS} characters long")
-        return tuple(stops)
 
     @property
     def include_usage(self) -> bool:
@@ -191,7 +178,7 @@ class ChatCompletionRequest(_Request):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] | None = None
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     top_logprobs: int | None = None
     response_format: dict | None = None
     tools: list | None = None
@@ -289,10 +276,17 @@ def generation_request(req: CompletionRequest | ChatCompletionRequest, completer
     if req.model != completer.model_name:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{completer.model_name}'",
                        param="model", code="model_not_found")
-    if isinstance(req, ChatCompletionRequest):
+    chat = isinstance(req, ChatCompletionRequest)
+    max_key = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if max_key == "max_completion_tokens" else req.max_tokens
+    # checked before any prompt is encoded (an unset max_tokens is set once the prompt's length is known)
+    params = sampling_params(req, max_key, 1 if max_tokens is None else max_tokens)
+    if chat:
         kind, prompt_param = "chat", "messages"
         if req.messages is None:
             raise bad("messages", "you must provide a messages parameter")
+        for i, m in enumerate(req.messages):
+            checked(m.content, f"messages[{i}].content")
         try:
             text = completer.render_chat([m.model_dump() for m in req.messages])
         except UserError as e:
@@ -300,11 +294,11 @@ def generation_request(req: CompletionRequest | ChatCompletionRequest, completer
         except Exception as e:  # a template's raise_exception(), or a jinja error on these messages
             raise bad("messages", f"the chat template cannot render these messages: {e}") from None
         prompts = [completer.encode(text, add_prefix=False)]  # the template starts with the prefix itself
-        max_key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     else:
-        kind, prompt_param, max_key, max_tokens = "completion", "prompt", "max_tokens", req.max_tokens
-        prompts = [completer.encode(p) if isinstance(p, str) else list(p) for p in req.prompt_list()]
+        kind, prompt_param = "completion", "prompt"
+        named = (lambda i: f"prompt[{i}]") if isinstance(req.prompt, list) else (lambda i: "prompt")
+        prompts = [completer.encode(checked(p, named(i), "prompt")) if isinstance(p, str) else list(p)
+                   for i, p in enumerate(req.prompt_list())]
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise bad("prompt", "the prompt is empty: it must hold at least one token")
@@ -314,14 +308,30 @@ def generation_request(req: CompletionRequest | ChatCompletionRequest, completer
                   f"{longest} tokens and leaves no room for a completion. Shorten the prompt.",
                   code="context_length_exceeded")
     if max_tokens is None:
-        max_tokens = room if kind == "chat" else min(DEFAULT_COMPLETION_TOKENS, room)
+        params = params.replace(max_tokens=room if kind == "chat" else min(DEFAULT_COMPLETION_TOKENS, room))
     elif max_tokens > room:
         raise bad(max_key, f"This model's maximum context length is {completer.max_length} tokens. However, you requested "
                            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the completion). "
                            "Reduce the prompt or the completion length.", code="context_length_exceeded")
-    params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, n=req.n,
-                            stop=req.stop, seed=req.seed)
     return GenerationRequest(kind, prompts, params, req.stream, req.include_usage)
+
+
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_key: str, max_tokens: int) -> SamplingParams:
+    """The request's sampling parameters through ``SamplingParams``' checks; a value out of range is a 400 naming it."""
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              repetition_penalty=req.repetition_penalty, n=req.n, stop=req.stop, seed=req.seed)
+    except SamplingError as e:
+        param = max_key if e.param == "max_tokens" else e.param
+        raise bad(param, str(e.named({"max_tokens": max_key}))) from None
+
+
+def checked(text: str, name: str, param: str | None = None) -> str:
+    """A text of the request (``check_text``), or a 400 naming its field."""
+    try:
+        return check_text(text, name)
+    except UserError as e:
+        raise bad(param or name, str(e)) from None
 
 
 # --- responses ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from openllm_ds.errors import UserError
+from openllm_ds.settings import host_setting, ray_address
 from openllm_ds.utils import start_local_ray
 
 APP_NAME = "openllm-ds"
@@ -184,7 +185,8 @@ def start_replicas(model_path: str | Path, engine: str, num_replicas: int, host:
 
     path = str(Path(model_path).resolve())
     name = model_name or Path(path).name
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    host = host_setting(host)
+    address = ray_address(address)
     started_ray = not ray.is_initialized()
     if started_ray:
         try:
@@ -231,7 +233,7 @@ def serve_replicas(model_path, engine: str, num_replicas: int, host: str = "127.
     try:
         running = start_replicas(model_path, engine, num_replicas, host, port, address, **kw)
         auth = "Bearer token required" if kw.get("api_key") else "no authentication"
-        where = f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}" if not running.local else "a local Ray instance"
+        where = f"the Ray cluster at {ray_address(address)}" if not running.local else "a local Ray instance"
         print(f"serving '{kw.get('model_name') or Path(model_path).resolve().name}' with {num_replicas} "
               f"{'vLLM' if engine == 'vllm' else 'built-in'} replica(s) on Ray Serve ({where}, {auth}) at "
               f"{running.base_url}  (Ctrl-C stops)", flush=True)

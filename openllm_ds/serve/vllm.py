@@ -46,9 +46,11 @@ READY_TIMEOUT_S = 600.0
 
 def vllm_python() -> str | None:
     """The Python interpreter that runs vLLM, or None when vLLM is not installed."""
-    env = os.environ.get("OPENLLM_VLLM_PYTHON")
+    from openllm_ds.settings import env_setting
+
+    env = env_setting("OPENLLM_VLLM_PYTHON")  # stripped; blank is unset
     if env:
-        return env
+        return os.path.expanduser(env)
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
     candidate = VLLM_VENV / "bin" / "python"

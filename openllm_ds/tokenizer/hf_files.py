@@ -156,7 +156,7 @@ def apply_prompt_convention(out_dir: str | Path, prefix_id: int, max_length: int
     tok.post_processor = prompt_post_processor(prefix_id)
     tok.save(str(out / "tokenizer.json"))
     cfg_file = out / "tokenizer_config.json"
-    cfg = read_json(cfg_file, "delete it to have it written afresh") if cfg_file.is_file() else {}
+    cfg = read_json(cfg_file, "delete it to have it written afresh", expect=dict) if cfg_file.is_file() else {}
     fresh = tokenizer_config(max_length)
     for key in ("tokenizer_class", *HF_SPECIAL_TOKENS, "add_bos_token", "add_eos_token", "model_input_names",
                 "model_max_length"):

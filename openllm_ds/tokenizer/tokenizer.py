@@ -8,6 +8,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from openllm_ds.errors import UserError
+from openllm_ds.paths import check_path
+from openllm_ds.text import check_text, check_texts
 from openllm_ds.utils import sha256_file
 
 MODEL_FILE = "tokenizer.model"
@@ -26,21 +28,22 @@ class Tokenizer:
         self.model_file = Path(model_file)
         self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
 
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+    def encode(self, text: str, name: str = "text") -> list[int]:
+        """The text's ids; text that is not a string, not Unicode or holds NUL is a UserError naming ``name``."""
+        return self.sp.encode(check_text(text, name))
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str, name: str = "prompt") -> list[int]:
         """The ids a model continues: the prompt prefix (EOS), then the text's tokens."""
-        return [self.prompt_prefix_id] + self.sp.encode(text)
+        return [self.prompt_prefix_id] + self.encode(text, name)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+    def encode_batch(self, texts: list[str], name: str = "texts") -> list[list[int]]:
+        return self.sp.encode(check_texts(texts, name))
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
     def pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+        return self.sp.encode(check_text(text, "text"), out_type=str)
 
     @property
     def vocab_size(self) -> int:
@@ -76,11 +79,8 @@ class Tokenizer:
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
-    d = Path(tokenizer_dir)
-    if not d.is_dir():
-        raise UserError(
-            f"tokenizer dir {d} does not exist; train one first: openllm-ds train-tokenizer --output_dir {d}"
-        )
+    d = check_path(tokenizer_dir, "tokenizer dir", "dir",
+                   f"train one first: openllm-ds train-tokenizer --output_dir {tokenizer_dir}")
     model_file = d / MODEL_FILE
     if not model_file.is_file():
         raise UserError(

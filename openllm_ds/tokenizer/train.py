@@ -29,6 +29,7 @@ from openllm_ds.config import TokenizerConfig
 from openllm_ds.data.documents import read_unit
 from openllm_ds.data.units import UNIT_BYTES, plan_units, resolve_sources
 from openllm_ds.errors import DataError, UserError
+from openllm_ds.output_lock import OutputLock
 from openllm_ds.tokenizer.hf_files import SPECIAL_TOKENS, write_hf_files
 from openllm_ds.tokenizer.tokenizer import MODEL_FILE, Tokenizer
 from openllm_ds.utils import OutputKind, atomic_dir, claim_output_dir, describe_entries, ensure_writable_dir
@@ -48,8 +49,13 @@ def train_tokenizer(cfg: TokenizerConfig, validation_file: str | None = None, *,
     A plain text file (a document a line) goes to SentencePiece as it is; other sources are streamed to it
     line by line (each document's lines; blank lines dropped). Returns (and prints) a report: vocab size,
     tokens per word on ``validation_file`` (else on the input's first documents), and how a common and a
-    rare word split. ``verbose`` shows SentencePiece's own log.
+    rare word split. ``verbose`` shows SentencePiece's own log. One writer at a time in ``cfg.output_dir``.
     """
+    with OutputLock(cfg.output_dir, "train-tokenizer"):
+        return _train_tokenizer(cfg, validation_file, verbose, sources)
+
+
+def _train_tokenizer(cfg: TokenizerConfig, validation_file: str | None, verbose: bool, sources: list[str] | None):
     sources = list(sources or [cfg.input])
     options = cfg.read_options()
     files = resolve_sources(sources, options, "--input")

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, STEP_DIR, TRAIN_STATE, WEIGHTS, list_checkpoints,
-                                   load_state_dict, step_tag, weights_only_loads)
+                                   load_state_dict, read_latest, step_tag, weights_only_loads)
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import CheckpointWriteError, ConfigError, UserError
+from openllm_ds.paths import check_path
 from openllm_ds.train.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 from openllm_ds.utils import (OutputKind, _umask, atomic_write_json, atomic_write_text, claim_output_dir,
                               describe_entries, first_line, read_yaml, write_manifest)
@@ -116,8 +117,7 @@ def save_checkpoint(engine, cfg: RunConfig, state: TrainState, env: DistEnv, zer
     if error is not None:
         if env.is_rank_zero:
             shutil.rmtree(tag_dir, ignore_errors=True)  # the partial files of this step (latest never named them)
-        latest = ckpt_dir / LATEST
-        previous = latest.read_text().strip() if latest.is_file() else "none (no checkpoint yet)"
+        previous = read_latest(ckpt_dir) or "none (no checkpoint yet)"
         raise CheckpointWriteError(f"could not write checkpoint {tag_dir} ({error}); the previous checkpoint "
                                    f"{previous} is intact: free disk space or fix the permissions of {ckpt_dir}, "
                                    "then rerun with --resume auto")
@@ -212,8 +212,9 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
         return None
     if resume == "auto":
         latest = Path(cfg.output_dir) / CHECKPOINTS / LATEST
-        if latest.is_file():
-            tag_dir = latest.parent / latest.read_text().strip()
+        tag = read_latest(latest.parent)
+        if tag is not None:
+            tag_dir = latest.parent / tag
             what = f"{latest} names {tag_dir.name}, but"
         else:  # a crash between train_state.json and latest: the newest complete checkpoint
             found = list_checkpoints(cfg.output_dir)
@@ -221,15 +222,17 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
                 return None
             tag_dir, what = found[-1][1], "resume:"
     else:
-        tag_dir = Path(resume)
+        tag_dir = check_path(resume, "train.resume (--resume)", "dir", "pass a checkpoints/step_* dir, --resume auto "
+                             "(the latest checkpoint of --output_dir) or --resume none (start over)", ConfigError)
         what = f"train.resume {tag_dir}:"
     if not (tag_dir / TRAIN_STATE).is_file() or not (tag_dir / WEIGHTS).is_file():
         raise ConfigError(f"{what} {tag_dir} is not a complete checkpoint (no {TRAIN_STATE} / {WEIGHTS}); "
                           "pass a checkpoints/step_* dir, --resume auto, or --resume none to start over")
     saved = tag_dir / "run_config.yaml"
     if saved.is_file():
-        saved_cfg = read_yaml(saved, "that checkpoint is damaged: pass another with --resume PATH, or --resume none")
-        model = (saved_cfg or {}).get("model", {}) if isinstance(saved_cfg, dict) else {}
+        saved_cfg = read_yaml(saved, "that checkpoint is damaged: pass another with --resume PATH, or --resume none",
+                              expect=dict)
+        model = saved_cfg.get("model") if isinstance(saved_cfg.get("model"), dict) else {}
         mine = dataclasses.asdict(cfg.model)
         diff = sorted(k for k in mine if k in model and model[k] != mine[k])
         if diff:
@@ -429,9 +432,9 @@ def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False
     was written in another layout and loads through its conversion (``model_cfg``, the model's config, names the
     parameters): DeepSpeed's universal checkpoint for a ZeRO engine (its ``checkpoint.load_universal`` switched on
     for this load), a stage-0 checkpoint made from it for an engine without ZeRO."""
-    error, path, client_state = None, None, None
+    error, path, client_state, load_dir = None, None, None, tag_dir
     try:
-        load_dir, tag = tag_dir, None
+        tag = None
         if universal and engine.zero_optimization_stage() == 0:
             load_dir, tag, universal = convert_to_stage0(tag_dir, env, model_cfg), ZERO0, False
         elif universal:
@@ -449,6 +452,8 @@ def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False
     if error is None and (path is None or not client_state or "train_state" not in client_state):
         error = "no engine state or train state in it"
     error = next((e for e in all_gather_object(error, env) if e), None)  # every rank stops, none waits
+    if error is not None and load_dir != tag_dir:  # the conversion failed to load, not the step itself
+        raise ConfigError(damaged_conversion(tag_dir, load_dir, error))
     if error is not None:
         others = [d.name for _, d in list_checkpoints(tag_dir.parent.parent) if d != tag_dir]
         fix = (f"resume from an earlier complete checkpoint with --resume {tag_dir.parent / others[-1]}" if others
@@ -459,6 +464,24 @@ def load_checkpoint(engine, tag_dir: Path, env: DistEnv, universal: bool = False
     if len(rngs) == env.world_size:
         set_rng_state(rngs[env.rank])
     return TrainState.from_dict(client_state["train_state"])
+
+
+def damaged_conversion(tag_dir: Path, load_dir: Path, error: str) -> str:
+    """What works when a step's conversion (``universal/``, ``zero0/``) does not load: the step itself is intact,
+    so it resumes in the layout it was written in, or after the conversion is made again."""
+    try:
+        from openllm_ds.checkpoint import read_train_state
+
+        layout = saved_layout(tag_dir, read_train_state(tag_dir))
+        ranks = f" on {layout.world_size} rank(s) (deepspeed --num_gpus {layout.world_size}, or --num_workers " \
+                f"{layout.world_size})" if layout.world_size else ""
+        own = f"resume it as it was written, with --ds_config ds_configs/zero{layout.zero_stage}.json{ranks}, where " \
+              "it loads without a conversion"
+    except Exception:  # noqa: BLE001 - its train state is damaged too: name only what needs no reading
+        own = "resume it with the ZeRO stage and number of ranks it was written with"
+    return (f"could not load {load_dir}, the conversion of {tag_dir} to this run's layout ({error}); the step itself "
+            f"is intact and openllm-ds made that conversion: delete {load_dir} to have it converted again on the "
+            f"next resume, or {own}")
 
 
 def repair_zero3_universal_load(optimizer, saved: Path) -> None:

@@ -12,7 +12,6 @@ The batch triplet is derived and checked here and nowhere else:
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ import torch
 
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import ConfigError
+from openllm_ds.paths import kind_of, missing_reason
+from openllm_ds.utils import read_json
 
 AUTO = "auto"
 ADAM_EPS = 1e-8
@@ -43,18 +44,12 @@ def read_base_ds_config(path: str | Path) -> dict:
     from openllm_ds.presets import ds_config_file, shipped_dir
 
     p = ds_config_file(path)
-    if not p.is_file():
-        have = ", ".join(sorted(q.stem for q in shipped_dir("ds_configs").glob("*.json")))
-        raise ConfigError(f"train.ds_config {p} does not exist; pass a DeepSpeed JSON such as ds_configs/zero2.json "
-                          "(--ds_config or train.ds_config=PATH, relative to the current directory)"
-                          + (f" or a shipped one by name ({have})" if have else ""))
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"train.ds_config {p} is not valid JSON ({e}); fix the file or pick one of ds_configs/*.json") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"train.ds_config {p} must hold a JSON object of DeepSpeed settings")
-    return raw
+    have = ", ".join(sorted(q.stem for q in shipped_dir("ds_configs").glob("*.json")))
+    fix = ("pass a DeepSpeed JSON such as ds_configs/zero2.json (--ds_config or train.ds_config=PATH, relative to the "
+           "current directory)" + (f" or a shipped one by name ({have})" if have else ""))
+    if kind_of(p) is None:
+        raise ConfigError(f"train.ds_config {p} {missing_reason(p)}; {fix}")
+    return read_json(p, "fix the file or pick one of ds_configs/*.json", "train.ds_config", dict, ConfigError)
 
 
 def batch_triplet(cfg: RunConfig, world_size: int, base: dict, source: str) -> dict[str, int]:

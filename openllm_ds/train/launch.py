@@ -4,18 +4,23 @@ reads back what such a run printed."""
 from __future__ import annotations
 
 import json
-import os
 
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import ConfigError
+from openllm_ds.settings import env_int
+
+
+def check_launcher(cfg: RunConfig) -> None:
+    """Ray Train's workers are not started from one of several ranks of the deepspeed launcher."""
+    if cfg.train.num_workers > 0 and env_int("WORLD_SIZE", 1) > 1:
+        raise ConfigError(f"train.num_workers={cfg.train.num_workers} starts Ray Train workers, but this process "
+                          "is already one of several ranks (deepspeed launcher); drop --num_workers there")
 
 
 def launch(cfg: RunConfig) -> dict:
     """``train.num_workers > 0``: that many DeepSpeed workers under Ray Train; else ``train(cfg)`` here."""
+    check_launcher(cfg)
     if cfg.train.num_workers > 0:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError(f"train.num_workers={cfg.train.num_workers} starts Ray Train workers, but this process "
-                              "is already one of several ranks (deepspeed launcher); drop --num_workers there")
         from openllm_ds.train.ray_launcher import train_with_ray
 
         return train_with_ray(cfg)

@@ -34,14 +34,17 @@ from openllm_ds.utils import OutputKind, atomic_dir, keep_freed_memory
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def train(cfg: RunConfig) -> dict:
-    """Train ``cfg.model`` on the training sources with DeepSpeed; returns a summary of the run."""
+def train(cfg: RunConfig, hold_lock: bool = True) -> dict:
+    """Train ``cfg.model`` on the training sources with DeepSpeed; returns a summary of the run.
+
+    The output dir's lock is taken before anything is read there (a second run on it stops at once, before its
+    checks could see a half-written run); ``hold_lock=False``: the launcher holds it (Ray Train's driver)."""
     env = init_distributed()
     if env.device == "cpu":
         keep_freed_memory()  # no page faults for every step's fresh buffers
-    cfg, inputs = check_run_inputs(cfg, env)
     out = Path(cfg.output_dir).resolve()
-    with RunLock(out, env):
+    with RunLock(out, env, holder=hold_lock):
+        cfg, inputs = check_run_inputs(cfg, env)
         return _train(cfg, env, inputs, out)
 
 

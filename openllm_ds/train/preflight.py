@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import os
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from openllm_ds.checkpoint import read_train_state
 from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
+from openllm_ds.output_lock import OutputLock
+from openllm_ds.paths import check_path, missing_reason
 from openllm_ds.train.checkpointing import (UNIVERSAL, ZERO0, check_fresh_output_dir, find_resume_checkpoint,
                                             needs_universal, saved_layout)
 from openllm_ds.train.data import num_windows, windows_needed
 from openllm_ds.train.distributed import DistEnv, broadcast_object
 from openllm_ds.train.ds_config import build_ds_config, resolve_precision, zero_stage
+from openllm_ds.train.validation import check_validation_apart
 from openllm_ds.utils import ensure_writable_dir, read_yaml
 
 
@@ -40,9 +39,36 @@ class RunInputs:
         return self.resume_step is not None and self.resume_step >= self.max_steps
 
 
-def check_run_inputs(cfg: RunConfig, env: DistEnv) -> tuple[RunConfig, RunInputs]:
+def dry_run(cfg: RunConfig) -> dict:
+    """``train --dry_run``: the checks a run makes before it tokenizes or trains (the launcher's, the output dir's
+    lock, ``check_run_inputs``), creating and writing nothing; what the run would do. Not checked: whether each
+    source has tokens enough for a step (``check_lengths``), which needs the token shards the run builds first."""
+    from openllm_ds.output_lock import in_use, output_in_use
+    from openllm_ds.settings import env_int
+    from openllm_ds.train.launch import check_launcher
+    from openllm_ds.utils import select_device
+
+    check_launcher(cfg)
+    holder = output_in_use(cfg.output_dir)
+    if holder:
+        raise ConfigError(in_use(cfg.output_dir, holder, "--output_dir (train.output_dir)"))
+    world = cfg.train.num_workers or env_int("WORLD_SIZE", 1)
+    checked, inputs = check_run_inputs(cfg, DistEnv(rank=0, local_rank=0, world_size=world, device=select_device()),
+                                       dry_run=True)
+    t = checked.train
+    return {"dry_run": "every check a run makes before its work passed; nothing was written",
+            "output_dir": cfg.output_dir, "world_size": world, "precision": inputs.precision,
+            "zero_stage": zero_stage(inputs.ds_config),
+            "global_batch": t.micro_batch_size * t.gradient_accumulation_steps * world,
+            "resume_from": str(inputs.resume_from) if inputs.resume_from else None, "resume_step": inputs.resume_step,
+            "resume_note": inputs.resume_note, "complete": inputs.complete,
+            "not_checked": "whether each source holds tokens enough for a step: the run checks it once it has "
+                           "tokenized the sources"}
+
+
+def check_run_inputs(cfg: RunConfig, env: DistEnv, dry_run: bool = False) -> tuple[RunConfig, RunInputs]:
     """The run config to train with (a resume on another number of ranks may change its gradient accumulation) and
-    the checked inputs."""
+    the checked inputs. ``dry_run``: create nothing (the output dir is only checked to be creatable)."""
     from openllm_ds.tokenizer import load_tokenizer
 
     t = cfg.train
@@ -59,11 +85,12 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv) -> tuple[RunConfig, RunInputs
                           "(or train the tokenizer with that --vocab_size)")
     for key, spec in data_keys(cfg):
         check_source_exists(key, spec)
+    check_validation_apart(cfg)
     eval_tasks = load_eval_tasks(t.eval_tasks)
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is None and t.init_from:  # a resumed run goes on from its own checkpoint instead
         check_init_from(cfg, tokenizer)
-    check_output_dir(cfg, tokenizer)
+    check_output_dir(cfg, tokenizer, create=not dry_run)
     resume_step, universal, note = None, False, None
     if resume_from is None:
         check_fresh_output_dir(cfg)
@@ -132,9 +159,8 @@ def check_init_from(cfg: RunConfig, tokenizer) -> None:
     from openllm_ds.checkpoint import weights_source
 
     path = cfg.train.init_from
-    if not Path(path).exists():
-        raise ConfigError(f"train.init_from (--init_from) {path} does not exist; pass a training output, one of its "
-                          "checkpoints/step_* dirs or a Hugging Face Llama dir")
+    check_path(path, "train.init_from (--init_from)", "dir", "pass a training output, one of its checkpoints/step_* "
+               "dirs or a Hugging Face Llama dir", ConfigError)
     try:
         src = weights_source(path)
     except UserError as e:
@@ -152,7 +178,7 @@ def check_init_from(cfg: RunConfig, tokenizer) -> None:
 
 def saved_global_batch(tag_dir: Path, world_size: int) -> int | None:
     """micro x accumulation (the step's run_config.yaml) x world size, for checkpoints that did not record it."""
-    saved = read_yaml(tag_dir / "run_config.yaml", "pass another checkpoint with --resume PATH") \
+    saved = read_yaml(tag_dir / "run_config.yaml", "pass another checkpoint with --resume PATH", expect=dict) \
         if (tag_dir / "run_config.yaml").is_file() else None
     train = saved.get("train") if isinstance(saved, dict) else None
     if not isinstance(train, dict):
@@ -172,46 +198,24 @@ def check_resumed_tokenizer(tag_dir: Path, recorded: str | None, tokenizer, toke
 
 
 class RunLock:
-    """One training process per output dir: rank 0 holds an exclusive lock on ``<output>/.train.lock`` (its pid
-    and host inside) for the whole run. The kernel releases it when the process dies, so a crashed run never
-    leaves a stale lock; a second run on the same dir stops with one line naming the holder."""
+    """The output lock of a training run (``output_lock.OutputLock``), taken once per run: by rank 0 of a
+    torch.distributed job (the deepspeed launcher's), whose error every rank raises alike; not at all by
+    ``holder=False`` processes (Ray Train's workers: their driver holds it for the whole job)."""
 
-    NAME = ".train.lock"
-
-    def __init__(self, out: Path, env: DistEnv, wait_s: float = 10.0):
-        self.path, self.env, self.fd = out / self.NAME, env, None
-        error = self._acquire(wait_s) if env.is_rank_zero else None
-        error = broadcast_object(error, env)
+    def __init__(self, out: Path, env: DistEnv, command: str = "train", holder: bool = True):
+        self.lock, error = None, None
+        if holder and env.is_rank_zero:
+            try:
+                self.lock = OutputLock(out, command, "--output_dir (train.output_dir)")
+            except UserError as e:
+                error = str(e)
+        error = broadcast_object(error, env) if holder else None
         if error:
             raise ConfigError(error)
 
-    def _acquire(self, wait_s: float) -> str | None:
-        deadline = time.monotonic() + wait_s  # a restarted worker group may start while the old one exits
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                if time.monotonic() > deadline:
-                    return (f"output dir {self.path.parent} is in use by another training run ({holder}); wait for "
-                            "it to finish, or choose another --output_dir")
-                time.sleep(0.5)
-                continue
-            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n".encode(), 0)
-                self.fd = fd
-                return None
-            os.close(fd)  # the holder removed the file as we opened it: lock the new one
-
     def release(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)  # before the lock goes: a waiter then finds the file gone and starts over
-            os.close(self.fd)
-            self.fd = None
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self):
         return self
@@ -232,12 +236,27 @@ def load_eval_tasks(names) -> tuple:
         raise ConfigError(f"train.eval_tasks: {e}") from None
 
 
-def check_output_dir(cfg: RunConfig, tokenizer) -> None:
-    """Writable, and not a run trained with another tokenizer."""
-    out = ensure_writable_dir(cfg.output_dir, "train.output_dir (--output_dir)")
+def check_output_dir(cfg: RunConfig, tokenizer, create: bool = True) -> None:
+    """Writable (created unless ``create`` is false), and not a run trained with another tokenizer."""
+    what = "train.output_dir (--output_dir)"
+    out = ensure_writable_dir(cfg.output_dir, what) if create else check_creatable_dir(cfg.output_dir, what)
     if holds_other_tokenizer(out / "tokenizer", tokenizer):
         raise ConfigError(f"output dir {out} holds a run trained with another tokenizer ({out / 'tokenizer'}) than "
                           f"train.tokenizer_dir {cfg.train.tokenizer_dir}; choose another --output_dir")
+
+
+def check_creatable_dir(path: str | Path, what: str) -> Path:
+    """``ensure_writable_dir``'s checks, creating nothing: a writable directory, or one that could be created."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p} is a file, not a directory; pass a directory (or move the file away)")
+    existing = p if p.is_dir() else next((a for a in p.parents if a.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"{what} {p} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {p} is not writable ({existing}: permission denied); choose another directory or "
+                        "fix its permissions")
+    return p
 
 
 def holds_other_tokenizer(directory: Path, tokenizer) -> bool:
@@ -265,8 +284,8 @@ def check_source_exists(key: str, spec: str) -> None:
 
     if is_hub_source(spec) or Path(spec).exists() or is_glob(spec) and glob.glob(spec, recursive=True):
         return
-    raise DataError(f"{key} {spec} does not exist; run `openllm-ds prepare` first or pass an existing file, folder, "
-                    "glob pattern or hf:NAME")
+    raise DataError(f"{key} {spec} {missing_reason(spec)}; run `openllm-ds prepare` first or pass an existing file, "
+                    "folder, glob pattern or hf:NAME")
 
 
 def check_lengths(cfg: RunConfig, sources: list, world_size: int) -> None:

@@ -31,41 +31,52 @@ from pathlib import Path
 from openllm_ds.checkpoint import CHECKPOINTS, LATEST
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import UserError
+from openllm_ds.output_lock import OutputLock
+from openllm_ds.paths import normal_path
 from openllm_ds.utils import start_local_ray
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """The same run with file paths made absolute (workers may run in another directory)."""
+    """The same run with its file paths in their normal form (``paths.normal_path``: absolute, ``~`` and symlinks
+    resolved): what Ray Train's workers get (they may run in another directory), and the form in which the
+    pipeline compares a run's saved settings with its current ones."""
     from openllm_ds.data.units import is_hub_source
-
-    def source(spec: str) -> str:
-        return spec if is_hub_source(spec) else str(Path(spec).expanduser().resolve())
-
-    t = cfg.train
     from openllm_ds.presets import ds_config_file
 
-    absolute = {"tokenizer_dir": str(Path(t.tokenizer_dir).resolve()), "ds_config": str(ds_config_file(t.ds_config).resolve())}
-    absolute["output_dir"] = str(Path(cfg.output_dir).resolve())
-    absolute["data_file"] = source(t.data_file)
-    absolute["data_files"] = tuple(source(f) for f in t.data_files)
+    def path(p) -> str:
+        return str(normal_path(p))
+
+    def source(spec: str) -> str:
+        return spec if is_hub_source(spec) else path(spec)
+
+    t = cfg.train
+    absolute = {"tokenizer_dir": path(t.tokenizer_dir), "ds_config": path(ds_config_file(t.ds_config)),
+                "output_dir": path(cfg.output_dir), "data_file": source(t.data_file),
+                "data_files": tuple(source(f) for f in t.data_files)}
     if t.eval_data:
         absolute["eval_data"] = source(t.eval_data)
     if t.resume not in ("auto", "none"):
-        absolute["resume"] = str(Path(t.resume).resolve())
+        absolute["resume"] = path(t.resume)
     if t.init_from:
-        absolute["init_from"] = str(Path(t.init_from).expanduser().resolve())
-    tokenizer = dataclasses.replace(cfg.tokenizer, shards_root=str(Path(cfg.tokenizer.shards_root).resolve()))
+        absolute["init_from"] = path(t.init_from)
+    tokenizer = dataclasses.replace(cfg.tokenizer, shards_root=path(cfg.tokenizer.shards_root))
     return dataclasses.replace(cfg, train=dataclasses.replace(t, **absolute), tokenizer=tokenizer)
 
 
 def train_with_ray(cfg: RunConfig) -> dict:
+    """Check the run here (the driver), hold its output dir's lock, and train on ``train.num_workers`` workers."""
+    cfg = absolute_paths(cfg)
+    with OutputLock(cfg.output_dir, "train", "--output_dir (train.output_dir)"):  # the workers hold none
+        return _train_with_ray(cfg)
+
+
+def _train_with_ray(cfg: RunConfig) -> dict:
     import torch
 
     from openllm_ds.train.data import load_sources
     from openllm_ds.train.distributed import DistEnv
     from openllm_ds.train.preflight import check_lengths, check_run_inputs
 
-    cfg = absolute_paths(cfg)
     n = cfg.train.num_workers
     use_gpu = torch.cuda.is_available()
     device = "cuda" if use_gpu else "cpu"
@@ -105,10 +116,13 @@ def start_ray(num_workers: int) -> None:
     """
     import ray
 
+    from openllm_ds.settings import ray_address
+
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address = ray_address()
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         start_local_ray(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
 
@@ -137,7 +151,7 @@ def _train_worker(config: dict) -> None:
         # where the job began (every rank sees the same file: the failed group is gone)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
     try:
-        summary = train(cfg)
+        summary = train(cfg, hold_lock=False)  # the driver holds the output dir's lock
     except UserError as e:  # the same on every rank, and a retry would meet it again: report, don't raise
         summary = {"user_error": str(e), "user_error_type": type(e).__name__}
     if ray.train.get_context().get_world_rank() != 0:
