@@ -144,7 +144,7 @@ def test_an_export_into_its_own_model_by_another_path_is_refused(tmp_path, monke
     (tmp_path / "alias").symlink_to("models/run")
     for out in ("alias", "./models/run/", str(tmp_path / "models"), "alias/.."):
         with pytest.raises(UserError, match="would replace the model being exported"):
-            check_output_dir(Path(out), Path("models/run"), overwrite=True)
+            check_output_dir(Path(out), Path("models/run"), overwrite=True, fmt="huggingface")
 
 
 def test_a_ray_job_takes_an_output_under_home(monkeypatch):

@@ -52,10 +52,10 @@ CLEAN_DATA = OutputKind("cleaned data", "openllm-ds prepare", lambda name: name 
 def prepare(cfg: DataConfig) -> dict:
     """Run stage 1 and return the stats it writes to ``<cfg.output_dir>/stats.json`` (one writer at a time there)."""
     source = resolve_source(cfg)
-    if source == "dir":
-        check_path(cfg.squad_dir, "--squad_dir", "dir", "pass a folder holding SQuAD JSON files", DataError)
     with OutputLock(cfg.output_dir, "prepare"):
         claim_output_dir(Path(cfg.output_dir).expanduser(), CLEAN_DATA, "--output_dir")  # adds its files; others stay
+        if source == "dir":
+            check_path(cfg.squad_dir, "--squad_dir", "dir", "pass a folder holding SQuAD JSON files", DataError)
         return _prepare(cfg, source, ensure_writable_dir(Path(cfg.output_dir).expanduser(), "--output_dir"))
 
 
