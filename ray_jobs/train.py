@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if not any(a.startswith(WORKERS) for a in argv):
         argv.append("train.num_workers=1")  # a job trains under Ray Train
     try:
-        cfg = run_config_from_args(build_parser().parse_args(["train", *argv]), "train")
+        cfg = run_config_from_args(build_parser().parse_args(["train", *argv]))
         check_job_outputs({"--output_dir (train.output_dir)": cfg.output_dir})
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ def test_load_generates_and_scores_as_the_cli_does(trained_export, tmp_path, whe
     with openllm_ds.load(path) as lm:
         assert lm.tokenizer.encode("Normandy") == load_tokenizer(hf).encode("Normandy")
         for prompt in PROMPTS:  # greedy: the text `openllm-ds generate --temperature 0` prints
-            want = generate_text(hf, prompt, max_length=12, temperature=0.0, stream=False)[0]
+            want = generate_text(hf, prompt, max_new_tokens=12, temperature=0.0, stream=False)[0]
             assert lm.generate(prompt, max_new_tokens=12) == want
         (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
         report = evaluate(hf, eval_data=str(tmp_path / "texts.txt"), metrics=("perplexity",))
@@ -42,7 +42,7 @@ def test_load_onnx_backend_matches_torch(trained_export):
     hf, _ = trained_export
     with openllm_ds.load(hf) as torch_lm, openllm_ds.load(hf, backend="onnx") as onnx_lm:
         assert onnx_lm.completer.backend == "onnx"
-        tmp = list(onnx_lm.completer.cleanup)
+        tmp = [fn.args[0] for fn in onnx_lm.completer.on_close]
         assert onnx_lm.generate(PROMPTS[0], max_new_tokens=12) == torch_lm.generate(PROMPTS[0], max_new_tokens=12)
         assert onnx_lm.perplexity(TEXTS) == pytest.approx(torch_lm.perplexity(TEXTS), rel=1e-4)
     assert tmp and not any(Path(d).exists() for d in tmp)  # its temporary ONNX export is gone
@@ -77,7 +77,7 @@ def test_one_loader_reads_every_kind_of_path(trained_export, tmp_path):
     with pytest.raises(UserError, match=r"onnx is an ONNX export; serve it with --backend onnx"):
         load_model(tmp_path / "onnx")
     with openllm_ds.load(tmp_path / "onnx", backend="onnx") as lm, openllm_ds.load(tmp_path / "pytorch") as pt:
-        assert lm.completer.cleanup == []  # an ONNX export runs as it is, no conversion
+        assert lm.completer.on_close == []  # an ONNX export runs as it is, no conversion
         assert lm.generate(PROMPTS[0], max_new_tokens=8) == pt.generate(PROMPTS[0], max_new_tokens=8)
     pytest.importorskip("deepspeed")
     import deepspeed.utils.zero_to_fp32 as z
@@ -102,7 +102,7 @@ def test_one_loader_reads_every_kind_of_path(trained_export, tmp_path):
 
 
 def test_load_bad_path_is_one_clear_error(tmp_path):
-    with pytest.raises(UserError, match=r"--model_path .*nothing does not exist"):
+    with pytest.raises(UserError, match=r"--model_dir .*nothing does not exist"):
         openllm_ds.load(tmp_path / "nothing")
 
 
@@ -177,7 +177,7 @@ def test_a_wheel_installed_alone_runs_every_stage_from_anywhere(tmp_path, token_
         "train.eval_batches=1")
     assert (elsewhere / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     printed = run("-m", "openllm_ds", "generate", "--model_dir", "run", "--prompt", "The Normans", "--temperature",
-                  "0", "--max_length", "8")
+                  "0", "--max_new_tokens", "8")
     loaded = run("-c", "import openllm_ds\nwith openllm_ds.load('run') as lm:\n"
                        "    print(repr(lm.generate('The Normans', max_new_tokens=8)))")
     generated = eval(loaded.strip())

@@ -47,7 +47,7 @@ def test_cli_flags_and_overrides_map_to_config():
     args = build_parser().parse_args(
         ["train", "--config", str(ROOT / "configs/tiny.yaml"), "--batch-size", "4", "--max_steps", "9", "train.warmup_steps=3", "model.dropout=0.1"]
     )
-    cfg = run_config_from_args(args, "train")
+    cfg = run_config_from_args(args)
     assert (cfg.train.micro_batch_size, cfg.train.max_steps, cfg.train.warmup_steps, cfg.model.dropout) == (4, 9, 3, 0.1)
 
 

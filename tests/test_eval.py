@@ -156,14 +156,14 @@ def test_sliding_windows_score_each_target_once(n, L, s):
 # ---- generation ---------------------------------------------------------------------------------
 
 def test_generate_is_reproducible_with_a_seed_and_returns_num_samples(random_run):
-    kw = dict(max_length=12, temperature=1.0, stream=False)
+    kw = dict(max_new_tokens=12, temperature=1.0, stream=False)
     a = generate_text(str(random_run), "The city of", seed=7, num_samples=3, **kw)
     b = generate_text(str(random_run), "The city of", seed=7, num_samples=3, **kw)
     c = generate_text(str(random_run), "The city of", seed=8, num_samples=3, **kw)
     assert len(a) == 3 and a == b and a != c
     assert len(set(a)) == 3  # one generator drives the samples one after another
-    greedy = generate_text(str(random_run), "The city of", max_length=5, temperature=0, stream=False, checkpoint=10)
-    assert greedy == generate_text(str(random_run), "The city of", max_length=5, temperature=0, stream=False, checkpoint=10)
+    greedy = generate_text(str(random_run), "The city of", max_new_tokens=5, temperature=0, stream=False, checkpoint=10)
+    assert greedy == generate_text(str(random_run), "The city of", max_new_tokens=5, temperature=0, stream=False, checkpoint=10)
 
 
 def _biased(model, token_logits: dict[int, float]):
@@ -178,20 +178,20 @@ def _biased(model, token_logits: dict[int, float]):
 
 
 def test_generate_stops_at_eos_and_streams(random_run, tok, monkeypatch, capsys):
-    import openllm_ds.evaluation.generate as gen
+    import openllm_ds.checkpoint as checkpoint  # what the generation path loads through
 
     city = tok.encode("city")[0]
-    real_load = gen.load_model
+    real_load = checkpoint.load_model
 
     def load_biased(*a, **kw):
         loaded = real_load(*a, **kw)
         _biased(loaded.model, {city: 0.0, tok.eos_id: 0.0})  # half "city", half EOS
         return loaded
 
-    monkeypatch.setattr(gen, "load_model", load_biased)
+    monkeypatch.setattr(checkpoint, "load_model", load_biased)
     lengths = []
     for seed in range(8):
-        text = generate_text(str(random_run), "Paris is a", max_length=20, temperature=1.0, seed=seed, stream=True)[0]
+        text = generate_text(str(random_run), "Paris is a", max_new_tokens=20, temperature=1.0, seed=seed, stream=True)[0]
         # the same draws straight from the model: the text ends where the first EOS is drawn
         loaded = load_biased(str(random_run))
         g = torch.Generator().manual_seed(seed)

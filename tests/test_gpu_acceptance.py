@@ -120,9 +120,9 @@ STAGES_WITHOUT_RAY = textwrap.dedent("""
                  "--output_dir", out + "/model", "--max_steps", "2", "--batch_size", "2", "--save_every", "2",
                  "--eval_every", "2", "train.eval_batches=1", "tokenizer.num_workers=0", *model]) == 0
     assert main(["export", "--model_dir", out + "/model", "--format", "huggingface", "--output_dir", out + "/hf"]) == 0
-    assert main(["generate", "--model_dir", out + "/hf", "--prompt", "The Normans", "--max_length", "4",
+    assert main(["generate", "--model_dir", out + "/hf", "--prompt", "The Normans", "--max_new_tokens", "4",
                  "--temperature", "0"]) == 0
-    server = start_server(out + "/hf", max_length=32, model_name="m")
+    server = start_server(out + "/hf", context_length=32, model_name="m")
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         conn.request("POST", "/v1/completions", json.dumps({"model": "m", "prompt": "The", "max_tokens": 3,

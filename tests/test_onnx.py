@@ -111,12 +111,12 @@ def test_int8_graphs_stay_close(onnx_export):
 
 
 def test_builtin_server_engine_on_an_onnx_export(onnx_export, tokenizer_dir):
-    from openllm_ds.serve import SamplingParams, load_completer
+    from openllm_ds.inference import SamplingParams, load_completer
     from openllm_ds.tokenizer import load_tokenizer
 
     out, model, _ = onnx_export
-    completer = load_completer(out, "onnx", max_length=64)
-    assert completer.lm.variant == "optimized" and completer.max_length == 64 and completer.model_name == "onnx"
+    completer = load_completer(out, "onnx", context_length=64)
+    assert completer.lm.variant == "optimized" and completer.context_length == 64 and completer.model_name == "onnx"
     ids = load_tokenizer(tokenizer_dir).encode("The Normans were")
     texts, reasons, num_tokens = completer.complete(ids, SamplingParams(max_tokens=10, temperature=0))
     want = [t.item() for t in generate(model, torch.tensor([ids]), 10, temperature=0, eos_id=2)]

@@ -1,7 +1,7 @@
 """Sampling parameters: every value in a documented range generates, edges included, on every surface (the built-in
 server's requests, `openllm-ds generate`'s function, `openllm_ds.load(...).generate`); every value outside is one
 error naming the parameter as that surface spells it (a 400 over HTTP). One check does both for all of them:
-``openllm_ds.sampling.SamplingParams``."""
+``openllm_ds.inference.sampling.SamplingParams``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import openllm_ds
 from openllm_ds.errors import UserError
 from openllm_ds.evaluation import generate_text
 from openllm_ds.model import generate, sample_next
-from openllm_ds.sampling import SamplingError, SamplingParams
+from openllm_ds.inference.sampling import SamplingError, SamplingParams
 from openllm_ds.serve import start_server
 
 PROMPT = "river castle"
@@ -33,12 +33,12 @@ OUT_OF_RANGE = [("temperature", -0.1), ("temperature", 2.0001), ("temperature", 
                 ("seed", 1.5), ("n", 0), ("n", 17), ("stop", [""]), ("stop", ["a"] * 5), ("stop", ["x" * 257]),
                 ("stop", [None]), ("stop", ["a\x00"]), ("max_tokens", 0), ("max_tokens", True)]
 API_NAMES = {"max_tokens": "max_new_tokens"}
-CLI_NAMES = {"max_tokens": "max_length", "n": "num_samples"}  # generate_text's arguments (its flags: --NAME)
+CLI_NAMES = {"max_tokens": "max_new_tokens", "n": "num_samples"}  # generate_text's arguments (its flags: --NAME)
 
 
 @pytest.fixture(scope="module")
 def lm(small_run):
-    with openllm_ds.load(small_run, max_length=32) as lm:
+    with openllm_ds.load(small_run, context_length=32) as lm:
         yield lm
 
 
@@ -74,7 +74,7 @@ def test_every_value_in_range_generates_everywhere(param, value, lm, server, sma
         assert isinstance(lm.generate(PROMPT, max_new_tokens=4, **sampled(param, value)), str)
     if param != "stop":
         cli = sampled(CLI_NAMES.get(param, param), value)
-        texts = generate_text(str(small_run), PROMPT, max_length=4, stream=False, **cli)
+        texts = generate_text(str(small_run), PROMPT, max_new_tokens=4, stream=False, **cli)
         assert len(texts) == params.n and all(isinstance(t, str) for t in texts)
 
 
@@ -89,7 +89,7 @@ def test_every_value_out_of_range_is_one_error_naming_it_everywhere(param, value
     if param != "stop":
         name = CLI_NAMES.get(param, param)
         with pytest.raises(UserError, match=rf"^--{name} "):
-            generate_text(str(small_run), PROMPT, stream=False, **{"max_length": 4, name: value})
+            generate_text(str(small_run), PROMPT, stream=False, **{"max_new_tokens": 4, name: value})
     if isinstance(value, float) and not math.isfinite(value):
         return  # not JSON
     status, body = post(server, {"model": lm.completer.model_name, "prompt": PROMPT, "max_tokens": 4, param: value})
@@ -108,7 +108,7 @@ def test_max_tokens_that_exactly_fill_the_context(lm, server, small_run):
     assert isinstance(lm.generate(PROMPT, max_new_tokens=10**9), str)
     _, reasons, tokens = lm.completer.complete(lm.completer.encode(PROMPT), SamplingParams(max_tokens=10**9, temperature=0))
     assert tokens <= room and reasons[0] in ("stop", "length")
-    assert isinstance(generate_text(str(small_run), PROMPT, max_length=room, temperature=0.0, stream=False)[0], str)
+    assert isinstance(generate_text(str(small_run), PROMPT, max_new_tokens=room, temperature=0.0, stream=False)[0], str)
 
 
 def test_sample_next_keeps_every_edge_finite():

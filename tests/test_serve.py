@@ -21,8 +21,9 @@ from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
 from openllm_ds.export import export
 from openllm_ds.model import generate
-from openllm_ds.serve import choose_engine, load_completer, serve, start_server, vllm_command
-from openllm_ds.serve.completer import WORKER_PREFIX
+from openllm_ds.inference import load_completer
+from openllm_ds.serve import choose_engine, serve, start_server, vllm_command
+from openllm_ds.inference.completer import WORKER_PREFIX
 from openllm_ds.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -46,7 +47,7 @@ def hf_export(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def completer(hf_export):
-    completer = load_completer(hf_export[0], "torch", max_length=128, model_name=MODEL)
+    completer = load_completer(hf_export[0], "torch", context_length=128, model_name=MODEL)
     yield completer
     completer.close()
 
@@ -245,8 +246,8 @@ def test_api_key(completer):
 
 
 def test_onnx_backend_gives_the_torch_answers(hf_export, client):
-    with start_server(hf_export[0], backend="onnx", max_length=128, model_name=MODEL) as srv:
-        tmp = srv.completer.cleanup[0]
+    with start_server(hf_export[0], backend="onnx", context_length=128, model_name=MODEL) as srv:
+        tmp = srv.completer.on_close[0].args[0]  # the temporary export's dir (export.temporary_export)
         assert (tmp / "onnx" / "decoder_with_past.onnx").is_file() and srv.completer.backend == "onnx"
         onnx_client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
         for prompt in PROMPTS[:3]:
@@ -257,9 +258,9 @@ def test_onnx_backend_gives_the_torch_answers(hf_export, client):
 
 def test_torch_backend_serves_a_pytorch_export(hf_export, completer, tmp_path):
     export(ExportConfig(model_dir=str(hf_export[0]), format="pytorch", output_dir=str(tmp_path / "pt"), verify=False))
-    from openllm_ds.serve import SamplingParams
+    from openllm_ds.inference import SamplingParams
 
-    pt_completer = load_completer(tmp_path / "pt", "torch", max_length=128)
+    pt_completer = load_completer(tmp_path / "pt", "torch", context_length=128)
     ids = completer.encode(PROMPTS[4])
     params = SamplingParams(max_tokens=10, temperature=0)
     assert pt_completer.complete(ids, params) == completer.complete(ids, params)
@@ -355,7 +356,7 @@ def test_server_generations_take_the_decode_fast_path(client, completer, monkeyp
 
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(server, completer, monkeypatch):
-    import openllm_ds.serve.completer as completer_module
+    import openllm_ds.inference.completer as completer_module
 
     real_generate = completer_module.generate
 
@@ -397,7 +398,7 @@ def test_two_replicas_on_ray_serve_behind_one_endpoint(hf_export, client, reques
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
 
     ray.shutdown()
-    with start_replicas(hf_export[0], "builtin", 2, port=free_port(), model_name=MODEL, max_length=128,
+    with start_replicas(hf_export[0], "builtin", 2, port=free_port(), model_name=MODEL, context_length=128,
                         api_key="r3p") as running:
         replicas = openai.OpenAI(base_url=running.base_url, api_key="r3p", max_retries=0, timeout=60)
         with pytest.raises(openai.AuthenticationError):

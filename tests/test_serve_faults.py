@@ -86,9 +86,9 @@ def server(hf_export, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def completer(hf_export):
-    from openllm_ds.serve import load_completer
+    from openllm_ds.inference import load_completer
 
-    return load_completer(hf_export, "torch", max_length=CONTEXT, model_name=MODEL)
+    return load_completer(hf_export, "torch", context_length=CONTEXT, model_name=MODEL)
 
 
 # --- HTTP helpers ----------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ CATALOGUE = [
     ("utf8-encoded-surrogate", "POST", C, b'{"model": "tiny-llm", "prompt": "\xed\xa0\x80"}', None, 400, None,
      "invalid_json"),
     ("latin-1-body", "POST", C, b'{"model": "tiny-llm", "prompt": "caf\xe9"}', None, 400, None, "invalid_json"),
-    # sampling parameters out of their one set of ranges (openllm_ds.sampling)
+    # sampling parameters out of their one set of ranges (openllm_ds.inference.sampling)
     ("top_k-negative", "POST", C, completion(top_k=-1), None, 400, "top_k", None),
     ("top_k-a-float", "POST", C, completion(top_k=2.5), None, 400, "top_k", None),
     ("repetition_penalty-0", "POST", C, completion(repetition_penalty=0), None, 400, "repetition_penalty", None),
@@ -616,7 +616,8 @@ class _Payload:
 
 def test_a_pytorch_export_with_pickled_code_is_refused(hf_export, tmp_path):
     from openllm_ds.cli import main as cli_main
-    from openllm_ds.serve import load_completer, serve
+    from openllm_ds.inference import load_completer
+    from openllm_ds.serve import serve
 
     export(ExportConfig(model_dir=str(hf_export), format="pytorch", output_dir=str(tmp_path / "pt"), verify=False))
     state = torch.load(tmp_path / "pt" / "model.pt", weights_only=True)
@@ -629,7 +630,7 @@ def test_a_pytorch_export_with_pickled_code_is_refused(hf_export, tmp_path):
     marker = tmp_path / "marker"
     torch.save({**state, "extra": _Payload(marker)}, tmp_path / "pt" / "model.pt")
     with pytest.raises(UserError, match="refusing to load .*pickled objects other than tensors"):
-        load_completer(tmp_path / "pt", "torch", max_length=CONTEXT)
+        load_completer(tmp_path / "pt", "torch", context_length=CONTEXT)
     with pytest.raises(UserError, match="refusing to load"):
         serve(tmp_path / "pt", engine="builtin", port=free_port())
     assert cli_main(["serve", "--model_path", str(tmp_path / "pt"), "--engine", "builtin",
@@ -644,7 +645,7 @@ def test_a_zero_checkpoint_with_pickled_code_is_refused(tokenizer_dir, tmp_path)
 
     from test_export import make_fake_run
 
-    from openllm_ds.serve import load_completer
+    from openllm_ds.inference import load_completer
 
     run = tmp_path / "run"
     make_fake_run(run, tokenizer_dir)
@@ -657,7 +658,7 @@ def test_a_zero_checkpoint_with_pickled_code_is_refused(tokenizer_dir, tmp_path)
         export(ExportConfig(model_dir=str(run), format="huggingface", output_dir=str(tmp_path / "hf"), verify=False))
     before = set(Path(tempfile.gettempdir()).glob("openllm-ds-onnx-*"))
     with pytest.raises(UserError, match="refusing to load"):
-        load_completer(run, "onnx", max_length=CONTEXT)
+        load_completer(run, "onnx", context_length=CONTEXT)
     assert set(Path(tempfile.gettempdir()).glob("openllm-ds-onnx-*")) == before  # its temporary dir is gone
     assert not marker.exists() and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
     torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)  # the payload is live

@@ -11,7 +11,8 @@ import torch
 
 from openllm_ds.config import ModelConfig
 from openllm_ds.model import generate
-from openllm_ds.serve.completer import PROMPT_CONTEXT_TOKENS, Choice, Completer, PieceTexts, SamplingParams
+from openllm_ds.inference import Choice, Completer, PieceTexts, SamplingParams
+from openllm_ds.inference.detokenize import PROMPT_CONTEXT_TOKENS
 from openllm_ds.tokenizer import load_tokenizer
 
 EOS = 2

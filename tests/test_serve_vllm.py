@@ -72,7 +72,7 @@ def client(vllm):
 
 @pytest.fixture(scope="module")
 def builtin(trained_export):
-    with start_server(trained_export[0], max_length=128, model_name=MODEL) as srv:
+    with start_server(trained_export[0], context_length=128, model_name=MODEL) as srv:
         yield openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=120), srv
 
 
@@ -117,7 +117,7 @@ def test_greedy_tokens_equal_builtin_and_generate(client, builtin, trained_expor
                                       extra_body={"return_token_ids": True})
         assert v.choices[0].token_ids == want, prompt  # vLLM's generated ids (EOS included when it stopped)
         b = ours.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
-        g = generate_text(export_dir, prompt, max_length=16, temperature=0, stream=False)[0]
+        g = generate_text(export_dir, prompt, max_new_tokens=16, temperature=0, stream=False)[0]
         assert b.choices[0].text == g == v.choices[0].text, prompt
         assert b.usage == v.usage  # prompt tokens counted with the </s> both put first
     assert len({tuple(greedy(model, tok.encode_prompt(p), 16)) for p in PROMPTS}) >= 3  # not one answer for all

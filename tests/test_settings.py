@@ -70,9 +70,10 @@ def test_the_api_key_is_compared_as_the_bearer_token_is(monkeypatch, small_run):
         with pytest.raises(UserError, match=message):
             api_key_setting(None)
 
-    from openllm_ds.serve import load_completer, start_server
+    from openllm_ds.inference import load_completer
+    from openllm_ds.serve import start_server
 
-    completer = load_completer(small_run, max_length=32, model_name="m", max_concurrency=1, warm_up=False)
+    completer = load_completer(small_run, context_length=32, model_name="m", max_concurrency=1, warm_up=False)
     try:
         with start_server(completer=completer, api_key=" s3cret\n") as srv:
             for header, status in (("Bearer s3cret", 200), ("Bearer  s3cret ", 200), ("bearer s3cret", 200),
@@ -144,7 +145,7 @@ def test_an_export_into_its_own_model_by_another_path_is_refused(tmp_path, monke
     (tmp_path / "alias").symlink_to("models/run")
     for out in ("alias", "./models/run/", str(tmp_path / "models"), "alias/.."):
         with pytest.raises(UserError, match="would replace the model being exported"):
-            check_output_dir(Path(out), Path("models/run"), overwrite=True)
+            check_output_dir(Path(out), Path("models/run"), overwrite=True, fmt="huggingface")
 
 
 def test_a_ray_job_takes_an_output_under_home(monkeypatch):

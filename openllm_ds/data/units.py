@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openllm_ds.config import ReadOptions  # noqa: F401 - defined in the config layer, read here
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.utils import first_line, read_manifest
 
@@ -43,27 +44,10 @@ UNIT_BYTES = 16 * 2**20
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 COMPRESSIONS = {".gz": "gz", ".zst": "zst", ".bz2": "bz2", ".xz": "xz"}
-DOC_SEPARATORS = ("newline", "blank_line")
-ON_BAD_RECORD = ("error", "skip")
 SHARDS_SUFFIX = ".tokens"
 SHARDS_KIND = "token shards"  # the kind a shards dir's manifest names (tokenizer/corpus.py writes them)
 TABLE_BATCH_ROWS = 8192
 BLANK = b" \t\r\n\f\v"
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    text_field: str = "text"
-    doc_separator: str = "newline"  # newline | blank_line (text files)
-    on_bad_record: str = "error"  # error | skip
-
-    def __post_init__(self):
-        if self.doc_separator not in DOC_SEPARATORS:
-            raise UserError(f"--doc_separator must be newline or blank_line, got {self.doc_separator!r}")
-        if self.on_bad_record not in ON_BAD_RECORD:
-            raise UserError(f"--on_bad_record must be error or skip, got {self.on_bad_record!r}")
-        if not self.text_field:
-            raise UserError("--text_field must name a field, e.g. --text_field text")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Chat messages -> prompt text, with the chat_template of the model's tokenizer_config.json.
+"""Chat messages -> text, with the chat_template of the model's tokenizer_config.json: one renderer for serving,
+``openllm_ds.load(...).chat`` and training on conversations, so a served model sees the prompt it was trained on.
 
 The template is rendered with jinja2's sandbox as transformers' ``apply_chat_template`` does
 (jinja2 comes with PyTorch). Without jinja2 our own template (the tokenizer stage's CHAT_TEMPLATE)
@@ -10,8 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from openllm_ds.errors import UserError
+from openllm_ds.tokenizer.hf_files import CHAT_TEMPLATE
+from openllm_ds.text import check_text
+from openllm_ds.tokenizer.tokenizer import Tokenizer
 from openllm_ds.utils import read_json, read_text
-from openllm_ds.tokenizer import Tokenizer
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # OpenAI's -> ours
 
 
 class ChatTemplate:
@@ -32,8 +37,6 @@ def _compile(source: str):
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        from openllm_ds.tokenizer.hf_files import CHAT_TEMPLATE
-
         if source != CHAT_TEMPLATE:
             raise UserError("the model's chat_template needs jinja2 to render (pip install jinja2)") from None
         return None
@@ -62,6 +65,29 @@ def _render_builtin(messages: list[dict], add_generation_prompt: bool, bos: str,
     if add_generation_prompt:
         parts.append("Assistant:")
     return "".join(parts)
+
+
+def check_messages(messages, name: str = "messages") -> list[dict]:
+    """A conversation as the renderer takes it: a non-empty list of {role, content} (roles of ``ROLES``, content
+    text), each a UserError naming ``name[i]`` otherwise."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UserError(f"{name} must be a non-empty list of {{role, content}} dicts, got {messages!r:.60}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise UserError(f"{name}[{i}] needs a role of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise UserError(f"{name}[{i}].content must be a string")
+        out.append({"role": ROLES[m["role"]], "content": check_text(m["content"], f"{name}[{i}].content")})
+    return out
+
+
+def render_conversation(messages: list[dict], add_generation_prompt: bool = True,
+                        template: ChatTemplate | None = None) -> str:
+    """The text of a conversation (``[{"role": "user", "content": ...}, ...]``) by ``template``, or by the tokenizer
+    stage's CHAT_TEMPLATE (what every tokenizer of ours writes into tokenizer_config.json) with its default tokens;
+    with ``add_generation_prompt`` it ends where the assistant's answer starts."""
+    return (template or ChatTemplate(CHAT_TEMPLATE)).render(messages, add_generation_prompt)
 
 
 def load_chat_template(tokenizer_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplate | None:

@@ -19,7 +19,7 @@ seed                   an integer in [-2^63, 2^64 - 1], or none     vLLM, torch.
 
 Every value in these ranges generates: ``openllm_ds.model.sample_next`` keeps the logits finite whatever the
 temperature and penalty (so no NaN reaches the sampler). A value outside them is a ``SamplingError`` naming the
-parameter as the caller spells it (``--max_length`` in the CLI, ``max_new_tokens`` in the API, ``max_tokens``
+parameter as the caller spells it (``--max_new_tokens`` in the CLI, ``max_new_tokens`` in the API, ``max_tokens``
 over HTTP, where it is a 400).
 """
 

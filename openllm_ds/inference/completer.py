@@ -1,4 +1,9 @@
-"""The built-in server's completer: prompt -> tokens -> KV-cache generation -> text.
+"""The completer, the one generation path: prompt -> tokens -> KV-cache generation -> text, for
+``openllm_ds.load``, the built-in server's backends and ``openllm-ds generate``.
+
+The prompt convention is here (``Completer.encode``: the prompt after EOS, where training documents start,
+special-token text mapped to its id), detokenisation and stop strings in ``detokenize.Choice``, the sampling
+parameters' ranges in ``sampling.SamplingParams``, the chat template in ``openllm_ds.tokenizer.chat``.
 
 Concurrency: generations run on a fixed pool of ``max_concurrency`` worker threads, each request's
 generation on one of them from start to end; further requests wait in the pool's queue (no 503s).
@@ -26,24 +31,20 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
-import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
 from openllm_ds.errors import UserError
+from openllm_ds.inference.detokenize import Choice, PieceTexts, StepUpdate
+from openllm_ds.inference.sampling import SamplingParams
 from openllm_ds.model import generate
-from openllm_ds.paths import check_path
-from openllm_ds.sampling import SamplingParams
-from openllm_ds.serve.chat import ChatTemplate, load_chat_template
 from openllm_ds.tokenizer import Tokenizer
+from openllm_ds.tokenizer.chat import ChatTemplate
 
-PROMPT_CONTEXT_TOKENS = 8  # prompt tokens decoded ahead of the completion, so its first space survives
 WORKER_PREFIX = "openllm-ds-generate"
 
 
@@ -62,116 +63,6 @@ class DecodePath:
         return self.inference_mode is not False and self.transposed_weights is not False
 
 
-class PieceTexts:
-    """The text each normal piece adds after another normal piece, decoded once per id (``Choice``'s fast path).
-
-    SentencePiece decodes a normal piece alike wherever it follows another piece; byte pieces (which join
-    their neighbours into characters), control and unknown pieces have no entry (None).
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self._anchor = next(i for i in range(tokenizer.vocab_size) if self._normal(i))
-        self._anchor_text = tokenizer.decode([self._anchor])
-        self._texts: dict[int, str | None] = {}
-
-    def _normal(self, token: int) -> bool:
-        sp = self.tokenizer.sp
-        return not (sp.is_control(token) or sp.is_unknown(token) or sp.is_byte(token) or sp.is_unused(token))
-
-    def get(self, token: int) -> str | None:
-        if token not in self._texts:
-            self._texts[token] = (self.tokenizer.decode([self._anchor, token])[len(self._anchor_text):]
-                                  if self._normal(token) else None)
-        return self._texts[token]
-
-
-@dataclass
-class Choice:
-    """One completion of one prompt, assembled token by token.
-
-    Its text is what decoding the prompt's last tokens and all its ids at once gives, less the prompt's own
-    text (which keeps the completion's first space). The text up to a normal piece is final, so a step decodes
-    only the ids from the last normal piece on, and a normal piece right after another is one lookup.
-    """
-
-    index: int
-    tokenizer: Tokenizer
-    prompt_ids: list[int]
-    stop: tuple[str, ...]
-    pieces: PieceTexts | None = None  # shared by the completer's generations; one of its own if None
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0  # characters of ``text`` already handed out
-    finish_reason: str | None = None
-    num_tokens: int = 0
-
-    def __post_init__(self):
-        self.pieces = self.pieces or PieceTexts(self.tokenizer)
-        self._context = self.prompt_ids[-PROMPT_CONTEXT_TOKENS:]
-        self._context_text = self.tokenizer.decode(self._context)
-        self._last: int | None = None  # index in ids of the last normal piece; the text up to it is final
-        self._final = ""  # that text
-
-    def add(self, token: int, eos_id: int) -> str:
-        """Append a generated token; return the text that is now safe to hand out."""
-        self.num_tokens += 1
-        if token == eos_id:
-            return self.finish("stop")
-        self.ids.append(token)
-        piece = self.pieces.get(token)
-        if piece is not None and self._last == len(self.ids) - 2:
-            self.text = self._final + piece
-        else:
-            self.text = self._decode()
-        if piece is not None:
-            self._last, self._final = len(self.ids) - 1, self.text
-        if self.stop:
-            hits = [k for k in (self.text.find(s) for s in self.stop) if k >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                return self.finish("stop")
-        safe = len(self.text) - self._holdback()
-        if safe <= self.sent:
-            return ""
-        delta, self.sent = self.text[self.sent:safe], safe
-        return delta
-
-    def _decode(self) -> str:
-        """The text from SentencePiece: the ids from the last normal piece on (less that piece's own text) after the
-        final text, else the context and all ids less the context's text."""
-        decode = self.tokenizer.decode
-        if self._last is not None:
-            tail = self.ids[self._last:]
-            return self._final + decode(tail)[len(decode(tail[:1])):]
-        full = decode(self._context + self.ids)
-        return full[len(self._context_text):] if full.startswith(self._context_text) else decode(self.ids)
-
-    def _holdback(self) -> int:
-        """Trailing characters that may still change: an incomplete UTF-8 sequence, a partial stop string."""
-        text = self.text
-        hold = len(text) - len(text.rstrip("\ufffd"))
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        return hold
-
-    def finish(self, reason: str) -> str:
-        if self.finish_reason is None:
-            self.finish_reason = reason
-        delta, self.sent = self.text[self.sent:], len(self.text)
-        return delta
-
-
-@dataclass
-class StepUpdate:
-    index: int
-    text: str
-    finish_reason: str | None
-
-
 def default_threads(max_concurrency: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, max_concurrency))
@@ -180,17 +71,17 @@ def default_threads(max_concurrency: int) -> int:
 class Completer:
     """Tokenizer + language model (``Transformer`` or ``OnnxCausalLM``) + chat template + worker threads."""
 
-    def __init__(self, lm, tokenizer: Tokenizer, model_name: str, max_length: int,
+    def __init__(self, lm, tokenizer: Tokenizer, model_name: str, context_length: int,
                  chat_template: ChatTemplate | None = None, max_concurrency: int = 4, backend: str = "torch",
                  num_threads: int | None = None):
-        if max_length < 2:
-            raise UserError(f"--max_length must be >= 2, got {max_length}")
+        if context_length < 2:
+            raise UserError(f"--context_length must be >= 2, got {context_length}")
         if max_concurrency < 1:
             raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
         self.lm = lm
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.max_length = min(max_length, lm.cfg.max_seq_len)
+        self.context_length = min(context_length, lm.cfg.max_seq_len)  # prompt + completion, at most
         self.chat_template = chat_template
         self.backend = backend
         self.max_concurrency = max_concurrency
@@ -211,7 +102,7 @@ class Completer:
         self._special = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}  # "<s>" -> 1, "</s>" -> 2, ...
         # longest first, so that one special token that starts another never wins over it
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")")
-        self.cleanup: list = []  # temporary dirs owned by the completer (an on-the-fly ONNX export)
+        self.on_close: list[Callable[[], None]] = []  # what close() also does (remove an on-the-fly ONNX export)
         self.pieces = PieceTexts(tokenizer)
 
     @property
@@ -239,11 +130,19 @@ class Completer:
             raise UserError("this model's tokenizer_config.json has no chat_template; use /v1/completions")
         return self.chat_template.render(messages)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the prompt's ids go: the torch model's device (the CPU for onnxruntime)."""
+        if self.backend == "torch":
+            return next(self.lm.parameters()).device
+        return torch.device("cpu")
+
     # --- generation --------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 cancel: threading.Event | None = None) -> "Generation":
-        """Step by step in the calling thread; see ``submit`` to run on the completer's workers."""
-        return Generation(self, prompt_ids, params, cancel)
+    def generate(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None,
+                 generator: torch.Generator | None = None) -> "Generation":
+        """Step by step in the calling thread; see ``submit`` to run on the completer's workers. ``generator``: one
+        the caller keeps drawing from (default: one seeded with ``params.seed``, else at random)."""
+        return Generation(self, prompt_ids, params, cancel, generator)
 
     def complete(self, prompt_ids: list[int], params: SamplingParams,
                  cancel: threading.Event | None = None) -> tuple[list[str], list[str], int]:
@@ -267,12 +166,12 @@ class Completer:
         self.submit(self.complete, [self.tokenizer.prompt_prefix_id], SamplingParams(max_tokens=2, temperature=0)).result()
 
     def close(self) -> None:
-        """Stop the workers, give the process its thread count back, remove the completer's temporary dirs."""
+        """Stop the workers, give the process its thread count back, run the ``on_close`` callbacks."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.backend == "torch":
             torch.set_num_threads(self._threads_before)
-        for d in self.cleanup:
-            shutil.rmtree(d, ignore_errors=True)
+        for fn in self.on_close:
+            fn()
 
     def _record_path(self, first_token: torch.Tensor) -> None:
         if self.backend == "torch":
@@ -293,8 +192,8 @@ class Generation:
     """
 
     def __init__(self, completer: Completer, prompt_ids: list[int], params: SamplingParams,
-                 cancel: threading.Event | None = None):
-        self.completer, self.prompt_ids, self.params = completer, prompt_ids, params
+                 cancel: threading.Event | None = None, generator: torch.Generator | None = None):
+        self.completer, self.prompt_ids, self.params, self.generator = completer, prompt_ids, params, generator
         self.cancel = cancel or threading.Event()
         self.choices = [Choice(i, completer.tokenizer, prompt_ids, params.stop, completer.pieces) for i in range(params.n)]
         self.steps = 0  # decode steps run
@@ -307,9 +206,12 @@ class Generation:
         p, choices, completer = self.params, self.choices, self.completer
         if self.cancel.is_set():
             return
-        seed = p.seed if p.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(seed)
-        idx = torch.tensor([self.prompt_ids] * p.n, dtype=torch.long)
+        device = completer.device
+        generator = self.generator
+        if generator is None:
+            seed = p.seed if p.seed is not None else secrets.randbits(63)
+            generator = torch.Generator(device=device).manual_seed(seed)
+        idx = torch.tensor([self.prompt_ids] * p.n, dtype=torch.long, device=device)
         eos = completer.tokenizer.eos_id
         with completer._lock:
             completer.running += 1
@@ -351,54 +253,22 @@ class Generation:
             yield tail
 
 
-def load_completer(model_path: str | Path, backend: str = "torch", max_length: int = 512,
-                   model_name: str | None = None, max_concurrency: int = 4, num_threads: int | None = None,
-                   warm_up: bool = True) -> Completer:
-    """Load a training output, a step dir or any export (``openllm_ds.checkpoint.load_model``) for the built-in server.
+@torch.inference_mode()
+def greedy_continuation(model, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int, stop_when) -> str:
+    """Greedy text after ``prompt_ids`` until EOS, ``stop_when(text)`` or ``max_new_tokens`` (the harness tasks': a
+    model already loaded, one prompt at a time)."""
+    from openllm_ds.inference.detokenize import continuation_text
 
-    backend torch: anything but an ONNX export. backend onnx: an ONNX export, or any of the others exported to ONNX
-    on the fly, as ``openllm-ds export --format onnx`` does, into a temporary dir the completer removes on close.
-    """
-    from openllm_ds.checkpoint import is_onnx_export, load_model
-
-    path = check_path(model_path, "--model_path", "dir", "export a model first (openllm-ds export --format huggingface)")
-    if max_concurrency < 1:
-        raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
-    if num_threads is not None and num_threads < 1:
-        raise UserError(f"--num_threads must be >= 1, got {num_threads}")
-    if backend not in ("torch", "onnx"):
-        raise UserError(f"--backend must be torch or onnx, got {backend!r}")
-    threads = num_threads or default_threads(max_concurrency)
-    name = model_name or path.resolve().name
-    cleanup = []
-    if backend == "onnx" and not is_onnx_export(path):
-        tmp = Path(tempfile.mkdtemp(prefix="openllm-ds-onnx-"))
-        cleanup.append(tmp)
-        try:
-            path = _export_onnx_to(path, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    loaded = load_model(path, backend=backend, num_threads=threads)
-    completer = Completer(loaded.model, loaded.tokenizer, name, max_length,
-                              load_chat_template(loaded.tokenizer_dir, loaded.tokenizer),
-                              max_concurrency=max_concurrency, backend=backend, num_threads=threads)
-    completer.cleanup = cleanup
-    if warm_up:
-        completer.warm_up()
-    return completer
-
-
-def _export_onnx_to(model_path: Path, tmp: Path) -> Path:
-    from openllm_ds.config import ExportConfig
-    from openllm_ds.export import export
-
-    out = tmp / "onnx"
-    print(f"exporting {model_path} to ONNX in {out} for --backend onnx")
-    export(ExportConfig(model_dir=str(model_path), format="onnx", output_dir=str(out)))
-    return out
-
-
-def model_card(completer: Completer) -> dict:
-    return {"id": completer.model_name, "object": "model", "owned_by": "openllm-ds", "max_model_len": completer.max_length,
-            "backend": completer.backend}
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    ids: list[int] = []
+    text = ""
+    for nxt in generate(model, idx, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id):
+        token = int(nxt[0])
+        if token == tokenizer.eos_id:
+            break
+        ids.append(token)
+        text = continuation_text(tokenizer, prompt_ids, ids)
+        if stop_when(text):
+            break
+    return text

@@ -1,4 +1,4 @@
-"""Typed configs, one per concern, composed into one RunConfig.
+"""The run config: typed sections, one per concern, composed into one RunConfig (``load_run_config``).
 
 Precedence: dataclass defaults < YAML preset (``--config``) < model JSON (``--model_config``)
 < CLI flags and ``section.key=value`` overrides. Unknown keys and wrong types are errors that
@@ -20,11 +20,14 @@ from typing import Any
 
 import yaml
 
+from openllm_ds.config.fields import INT64, parse_workers, setting
 from openllm_ds.errors import ConfigError
+from openllm_ds.export.formats import FORMATS, format_choices
 from openllm_ds.text import text_problem
 from openllm_ds.utils import read_json as read_json_file, read_yaml as read_yaml_file
 
-INT64 = (-(1 << 63), (1 << 63) - 1)  # every integer setting fits what torch and numpy take
+DOC_SEPARATORS = ("newline", "blank_line")
+ON_BAD_RECORD = ("error", "skip")
 # settings that name paths (or sources, which may be paths): `~` expanded once, where they are read
 PATH_KEYS = {"data.squad_dir", "data.output_dir", "data.cache_dir", "tokenizer.input", "tokenizer.output_dir",
              "tokenizer.shards_root", "train.output_dir", "train.data_file", "train.data_files", "train.eval_data",
@@ -33,13 +36,34 @@ PATH_KEYS = {"data.squad_dir", "data.output_dir", "data.cache_dir", "tokenizer.i
 
 
 @dataclass(frozen=True)
+class ReadOptions:
+    """How documents are read from a source: the field holding the text, the separator of text files, and what a
+    bad record does (the tokenizer section's settings, for the readers in data/)."""
+
+    text_field: str = "text"
+    doc_separator: str = "newline"  # newline | blank_line (text files)
+    on_bad_record: str = "error"  # error | skip
+
+    def __post_init__(self):
+        if self.doc_separator not in DOC_SEPARATORS:
+            raise ConfigError(f"--doc_separator must be newline or blank_line, got {self.doc_separator!r}")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise ConfigError(f"--on_bad_record must be error or skip, got {self.on_bad_record!r}")
+        if not self.text_field:
+            raise ConfigError("--text_field must name a field, e.g. --text_field text")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = "download"  # download | dir | hub ("dir" is implied by squad_dir)
-    squad_dir: str | None = None
-    output_dir: str = "data/clean"
-    cache_dir: str = "~/.cache/openllm-ds/squad"
-    min_words: int = 10
-    num_workers: int = 2
+    source: str = setting("download", "download (official URLs, sha256-checked) | dir (--squad_dir) | hub (Hugging "
+                          "Face datasets)")
+    squad_dir: str | None = setting(None, "directory of SQuAD JSON files to use instead of downloading (files named "
+                                    "*dev* are validation)")
+    output_dir: str = setting("data/clean", "where training_data.txt, validation_data.txt and stats.json go "
+                              "(default data/clean)")
+    cache_dir: str = setting("~/.cache/openllm-ds/squad", "download cache (default ~/.cache/openllm-ds/squad)")
+    min_words: int = setting(10, "drop passages with fewer words (default 10)")
+    num_workers: int = setting(2, "Ray workers that share the stage (default 2): cleaning")
 
     def __post_init__(self):
         if self.source not in ("download", "dir", "hub"):
@@ -52,20 +76,30 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    input: str = "data/clean/training_data.txt"
-    output_dir: str = "data/tokenizer"
-    vocab_size: int = 32000
-    model_type: str = "bpe"
-    character_coverage: float = 0.9995
-    max_sentence_length: int = 4192
-    input_sentence_size: int = 0  # lines SentencePiece trains on, sampled evenly; 0 = all (a large corpus: 10M)
+    input: str = setting("data/clean/training_data.txt", "training text: any source `tokenize` reads (default "
+                         "data/clean/training_data.txt)")
+    output_dir: str = setting("data/tokenizer", "where the tokenizer files go (default data/tokenizer)")
+    vocab_size: int = setting(32000, "vocabulary size, exact (default 32000)")
+    model_type: str = setting("bpe", "bpe (default) or unigram")
+    character_coverage: float = setting(0.9995, "SentencePiece character coverage (default 0.9995)")
+    max_sentence_length: int = setting(4192, "longest input line in bytes (default 4192)")
+    # lines SentencePiece trains on, sampled evenly; 0 = all (a large corpus: 10M)
+    input_sentence_size: int = setting(0, "lines to train on, sampled; 0 = all (default)")
     # corpus -> token shards (tokenize, and train on its data), see data/documents.py and tokenizer/corpus.py
-    num_workers: int | str = "auto"  # Ray workers; 0 = in this process; auto = in this process below 32 MB of input
-    text_field: str = "text"  # JSON, Parquet, Arrow: the field holding a document's text
-    doc_separator: str = "newline"  # text files: newline (a document a line) | blank_line (paragraphs)
-    on_bad_record: str = "error"  # error | skip (a record that is not JSON, lacks the text field, ...)
-    dedup: bool = True  # drop exact duplicate documents across all sources (the first copy is kept)
-    unit_bytes: int = 16 * 2**20  # input bytes per unit of work (and per shard file)
+    num_workers: int | str = setting("auto", "Ray workers that share the stage: N, 0 (this process) or auto (default: "
+                                     "this process for less than 32 MB of input, else one per CPU)",
+                                     stages=("tokenize",), parse=parse_workers)
+    text_field: str = setting("text", "JSON/Parquet/Arrow field holding the text (default text)",
+                              stages=("train-tokenizer", "tokenize", "train"))
+    doc_separator: str = setting("newline", "text files: newline (a document a line, default) | blank_line "
+                                 "(documents separated by an empty line)", stages=("train-tokenizer", "tokenize", "train"))
+    on_bad_record: str = setting("error", "a record that is not JSON or lacks the text: error (default) | skip "
+                                 "(counted)", stages=("tokenize", "train"))
+    # drop exact duplicate documents across all sources (the first copy is kept)
+    dedup: bool = setting(True, "keep exact duplicate documents (default: removed)", flag="--no_dedup",
+                          stages=("tokenize", "train"))
+    unit_bytes: int = setting(16 * 2**20, "input bytes per unit of work (and per shard file)", stages=("tokenize",),
+                              hidden=True)
     shards_root: str = "data/tokens"  # where the shards of globs, hf: datasets and mixtures of sources go
 
     def __post_init__(self):
@@ -80,9 +114,9 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.max_sentence_length must be in [10, 2^30] bytes, got {self.max_sentence_length}")
         if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise ConfigError(f"tokenizer.num_workers must be auto or >= 0 (0: in this process), got {self.num_workers!r}")
-        if self.doc_separator not in ("newline", "blank_line"):
+        if self.doc_separator not in DOC_SEPARATORS:
             raise ConfigError(f"tokenizer.doc_separator must be newline or blank_line, got {self.doc_separator!r}")
-        if self.on_bad_record not in ("error", "skip"):
+        if self.on_bad_record not in ON_BAD_RECORD:
             raise ConfigError(f"tokenizer.on_bad_record must be error or skip, got {self.on_bad_record!r}")
         if not self.text_field:
             raise ConfigError("tokenizer.text_field must name a field, e.g. text")
@@ -90,9 +124,7 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.unit_bytes must be >= 1 and tokenizer.input_sentence_size >= 0, got "
                               f"{self.unit_bytes} and {self.input_sentence_size}")
 
-    def read_options(self):
-        from openllm_ds.data.units import ReadOptions
-
+    def read_options(self) -> ReadOptions:
         return ReadOptions(self.text_field, self.doc_separator, self.on_bad_record)
 
 
@@ -137,45 +169,51 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str | None = None  # default: models/<name>
+    output_dir: str | None = setting(None, "run directory (default models/NAME)")
     # training data: any source (a text/JSONL/JSON/Parquet file, a folder, a glob, a saved or hf: dataset, a
     # token shards dir); or a mixture: data_files sampled by data_weights (default: equal)
-    data_file: str = "data/clean/training_data.txt"
-    data_files: tuple[str, ...] = ()
-    data_weights: tuple[float, ...] = ()
+    data_file: str = setting("data/clean/training_data.txt", "training data: a file (text, JSONL/JSON, .gz/.zst, "
+                             "Parquet), folder, glob, saved HF dataset, hf:NAME or shards dir; tokenized when needed")
+    data_files: tuple[str, ...] = setting((), "a mixture of sources (with --data_weights)")
+    data_weights: tuple[float, ...] = setting((), "sampling weight of each --data_files source (default: equal)")
     # validation: eval_data when given (one training source only); else validation_data.txt beside a file named
     # training_data.txt (`prepare`'s layout); else a held-out share of each source, chosen by document hash
-    eval_data: str | None = None
-    holdout_fraction: float = 0.01
+    eval_data: str | None = setting(None, "validation data (default: validation_data.txt beside a training_data.txt, "
+                                    "else a held-out share of the training data)")
+    holdout_fraction: float = setting(0.01, "share of each source's documents held out for validation when no "
+                                      "validation data is given (default 0.01)")
     allow_data_change: bool = False  # resume a checkpoint on other data (from the start of the new data's order)
-    tokenizer_dir: str = "data/tokenizer"
-    ds_config: str = "ds_configs/zero2.json"
-    micro_batch_size: int = 8  # per rank (CLI: --batch_size)
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-4
+    tokenizer_dir: str = setting("data/tokenizer", "tokenizer directory (default data/tokenizer)")
+    ds_config: str = setting("ds_configs/zero2.json", "DeepSpeed JSON (ds_configs/zero0..3, *_offload); 'auto' values "
+                             "come from the run config")
+    micro_batch_size: int = setting(8, "sequences per forward pass, on each rank (the micro batch)", flag="--batch_size")
+    gradient_accumulation_steps: int = setting(1, "micro batches per optimizer step")
+    learning_rate: float = setting(3e-4, "peak learning rate (warmup then cosine)")
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
     warmup_steps: int = 100
-    max_steps: int = 1000
+    max_steps: int = setting(1000, "optimizer steps")
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    precision: str = setting("auto", "auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
     gradient_checkpointing: bool = False
     # torch.compile the model through DeepSpeed's engine.compile(): faster steps after a one-off compile
     # (about a minute on a CPU, once per process); evaluation and generation stay eager
     compile: bool = False
-    seed: int = 42
-    eval_every: int = 100
+    seed: int = setting(42, "random seed")
+    eval_every: int = setting(100, "validate every N steps")
     eval_batches: int = 20
-    save_every: int = 500
+    save_every: int = setting(500, "checkpoint every N steps")
     keep_last: int = 3
     log_every: int = 10
-    resume: str = "auto"  # auto | none | <checkpoint step dir>
+    resume: str = setting("auto", "auto (latest checkpoint in --output_dir) | none | a checkpoint dir")
     # a new run starts from these weights (step 0, its own optimizer and schedule): a training output, one of its
     # checkpoints/step_* dirs, or a Hugging Face Llama dir (an export of ours or a compatible checkpoint)
-    init_from: str | None = None
-    num_workers: int = 0  # >0: Ray Train TorchTrainer with this many DeepSpeed workers
+    init_from: str | None = setting(None, "start a new run from these weights: a training output, a "
+                                    "checkpoints/step_* dir or a Hugging Face Llama dir")
+    num_workers: int = setting(0, "Ray workers that share the stage (0: this process, or the deepspeed launcher's): "
+                               "N DeepSpeed ranks under Ray Train")
     max_failures: int = 3  # Ray Train: worker-group restarts (resuming from latest) after a failure; -1 = no limit
     # loss spikes: spike_steps consecutive steps whose loss is non-finite or above spike_factor x its
     # running average roll the run back to the last good checkpoint and skip the batches since it;
@@ -240,18 +278,21 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    model_dir: str | None = None
-    format: str = "huggingface"  # huggingface | pytorch | onnx
-    output_dir: str | None = None  # default: exports/<format>
-    dtype: str = "fp32"  # fp32 | fp16 | bf16
-    verify: bool = True
-    optimize_for_inference: bool = False
-    quantize_int8: bool = False
-    overwrite: bool = False
+    """``openllm-ds export``'s flags, and the pipeline's export section (its formats: the export table's)."""
+
+    model_dir: str | None = setting(None, "training output (latest checkpoint) or export dir", required=True)
+    format: str = setting("huggingface", format_choices(), required=True)
+    output_dir: str | None = setting(None, "default exports/FORMAT")
+    dtype: str = setting("fp32", "fp32 | fp16 | bf16 (huggingface, pytorch)")
+    verify: bool = setting(True, "load the export back and compare logits (default on)")
+    optimize_for_inference: bool = setting(False, "onnx: apply onnxruntime graph optimisations")
+    quantize_int8: bool = setting(False, "onnx: int8 dynamic quantisation")
+    overwrite: bool = setting(False, "replace a non-empty output dir")
+    checkpoint: int | None = setting(None, "training step (default: latest)")
 
     def __post_init__(self):
-        if self.format not in ("huggingface", "pytorch", "onnx"):
-            raise ConfigError(f"export.format must be huggingface, pytorch or onnx (--format), got {self.format!r}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"export.format must be {format_choices(' or ')} (--format), got {self.format!r}")
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"export.dtype must be fp32, fp16 or bf16 (--dtype), got {self.dtype!r}")
 
