@@ -181,7 +181,7 @@ def test_ray_train_resumes_on_fewer_workers(prepared_data, tokenizer_dir, token_
     shutil.copytree(out, reference)
     flags = train_flags(prepared_data, tokenizer_dir, reference, "zero2", max_steps=STEPS)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "openllm_ds.train", *flags, "train.save_every=2", "train.eval_every=2", "train.keep_last=3"]
+           "--module", "openllm_ds", "train", *flags, "train.save_every=2", "train.eval_every=2", "train.keep_last=3"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

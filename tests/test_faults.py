@@ -33,10 +33,10 @@ pytestmark = pytest.mark.slow
 
 def train_cmd(prepared_data, tokenizer_dir, out, ranks: int) -> list[str]:
     if ranks == 1:
-        launcher = [sys.executable, "-m", "openllm_ds.train"]
+        launcher = [sys.executable, "-m", "openllm_ds", "train"]
     else:
         launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-                    str(free_port()), "--module", "openllm_ds.train"]
+                    str(free_port()), "--module", "openllm_ds", "train"]
     return [*launcher, *train_flags(prepared_data, tokenizer_dir, out, max_steps=STEPS),
             "train.save_every=1", "train.keep_last=3"]
 

@@ -400,10 +400,12 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_run, prepared_dat
 
 
 def test_module_help_runs():
-    r = subprocess.run([sys.executable, "-m", "openllm_ds.train", "--help"], cwd=ROOT, capture_output=True, text=True,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
+    """`python -m openllm_ds train` (the deepspeed launcher's `--module openllm_ds train`, its --local_rank first)."""
+    r = subprocess.run([sys.executable, "-m", "openllm_ds", "--local_rank=0", "train", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "--ds_config" in r.stdout and "--num_workers" in r.stdout and "section.key=value" in r.stdout
+    assert not (ROOT / "openllm_ds" / "train" / "__main__.py").exists()  # one entry point: the CLI
 
 
 def test_output_dir_of_another_tokenizer_is_refused(token_shards, prepared_data, tokenizer_dir, tmp_path, no_engine):

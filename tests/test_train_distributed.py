@@ -61,7 +61,7 @@ def test_two_ranks_under_the_deepspeed_launcher_match_one_rank(one_rank, prepare
     reference, ref_summary = one_rank
     out = tmp_path / "out"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "openllm_ds.train", *train_flags(prepared_data, tokenizer_dir, out, f"zero{stage}")]
+           "--module", "openllm_ds", "train", *train_flags(prepared_data, tokenizer_dir, out, f"zero{stage}")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
