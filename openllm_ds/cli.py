@@ -279,5 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def job_main(stage: str, argv: list[str], outputs: Callable[[argparse.Namespace], dict]) -> int:
+    """A ``ray_jobs/*.py`` script: parse ``stage``'s flags, check that the outputs ``outputs(args)`` names (flag ->
+    path) are absolute where the job runs in Ray's temporary copy of --working-dir (``utils.check_job_outputs``),
+    then run the stage as ``openllm-ds STAGE`` does. Exit 2 with one line on a bad flag or output."""
+    from openllm_ds.utils import check_job_outputs
+
+    try:
+        check_argv(argv)
+        args = build_parser().parse_args([stage, *argv])
+        expand_path_flags(args)
+        check_job_outputs(outputs(args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return main([stage, *argv])
+
+
 if __name__ == "__main__":
     sys.exit(main())
