@@ -265,6 +265,12 @@ def read_text(path: str | Path, fix: str, what: str | None = None, error: type[U
         raise error(f"cannot read {name} ({e.strerror}); {fix}") from None
     if len(raw) > MAX_SMALL_FILE:
         raise error(f"{name} is larger than {MAX_SMALL_FILE >> 20} MiB, too large for this kind of file; {fix}")
+    return decode_text(raw, name, fix, error)
+
+
+def decode_text(raw: bytes, name: str, fix: str, error: type[UserError] = UserError) -> str:
+    """Bytes read whole as text by read_text's rules (UTF-8, a byte-order mark allowed, no NUL byte): a file's, or
+    an archive member's; ``name`` names it in messages."""
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise error(f"{name} holds a NUL byte at offset {nul}: it is binary or damaged, not text; {fix}")
@@ -326,12 +332,17 @@ def read_json(path: str | Path, fix: str, what: str | None = None, expect=None,
     """A JSON file (read_text's rules, then parse_json's); ``expect``: the top-level type(s) it must hold
     (``dict``: an object)."""
     p = Path(path)
-    text = read_text(p, fix, what, error)
+    return json_of_text(read_text(p, fix, what, error), _named(p, what), fix, expect, error)
+
+
+def json_of_text(text: str, name: str, fix: str, expect=None, error: type[UserError] = UserError) -> Any:
+    """parse_json's reading of ``text`` (a file's, read by read_text or decode_text), its errors one line naming
+    ``name`` and ``fix``; ``expect``: the top-level type(s) it must hold."""
     try:
         obj = parse_json(text)
     except ValueError as e:
-        raise error(f"{_named(p, what)} is not valid JSON ({e}); {fix}") from None
-    return _check_kind(obj, expect, JSON_KINDS, _named(p, what), fix, error)
+        raise error(f"{name} is not valid JSON ({e}); {fix}") from None
+    return _check_kind(obj, expect, JSON_KINDS, name, fix, error)
 
 
 def read_yaml(path: str | Path, fix: str, what: str | None = None, expect=None,

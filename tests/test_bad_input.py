@@ -113,7 +113,7 @@ CASES = [
          r"squad/train-v1\.1\.json is not valid JSON \(.*truncated\?\); re-download it", ("out/stats.json",),
          files={"squad/dev-v1.1.json": SQUAD, "squad/train-v1.1.json": TRUNCATED_SQUAD}),
     Case("prepare", "JSON nested 100,000 deep", 2, "prepare --squad_dir squad --output_dir out",
-         r"squad/dev-v1\.1\.json holds JSON nested too deeply to read; re-download it", ("out/stats.json",),
+         r"squad/dev-v1\.1\.json is not valid JSON \(nested too deeply to read\); re-download it", ("out/stats.json",),
          files={"squad/dev-v1.1.json": "[" * 100_000 + "]" * 100_000}),
     Case("prepare", "rerun over a complete output with a truncated file keeps the old output", 2,
          "prepare --squad_dir squad --output_dir out", r"train-v1\.1\.json is not valid JSON", (),

@@ -261,3 +261,22 @@ def test_no_stage_replaces_or_deletes_another_stages_output(tokenizer_dir, prepa
     assert main(["tokenize", "--input", str(text), "--tokenizer_dir", str(tokenizer_dir), "--output_dir",
                  str(outputs["a huggingface export"]), "--num_workers", "0"]) == 2
     assert tree(outputs["a huggingface export"]) == before["a huggingface export"]
+
+
+@pytest.mark.parametrize("raw,why", [
+    (b'{"format": 1, \xe9}', r"is not UTF-8 text \(byte 0xe9 at offset 14\)"),
+    (b'{"format"\x00: 1}', r"holds a NUL byte at offset 9"),
+    (b'{"format": 1, "num_tokens"', r"is not valid JSON \(.*; truncated\?\)"),
+    (b"[" * 100_000 + b"]" * 100_000, r"is not valid JSON \(nested too deeply to read\)"),
+    (b'["format"]', r"must hold an object, not a list"),
+])
+def test_a_damaged_meta_json_is_one_line_naming_it(tmp_path, raw, why):
+    """meta.json is read by the one reader policy (utils.read_json): one DataError naming the file and the fix."""
+    from openllm_ds.errors import DataError
+    from openllm_ds.tokenizer.shards import read_meta
+
+    d = tmp_path / "c.tokens"
+    d.mkdir()
+    (d / "meta.json").write_bytes(raw)
+    with pytest.raises(DataError, match=rf"c\.tokens/meta\.json {why}.*delete .*c\.tokens and tokenize again"):
+        read_meta(d)

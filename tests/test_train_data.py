@@ -132,3 +132,25 @@ def test_mixture_config_errors():
     assert cfg.train.sources == [("b.txt", 0.75), ("c.txt", 0.25)] and cfg.eval_data is None
     assert load_run_config(None, {"train.data_file": "x/training_data.txt"}).eval_data == "x/validation_data.txt"
     assert load_run_config(None, {"train.data_file": "x/validation_data.txt"}).eval_data is None  # not itself
+
+
+def test_train_takes_the_lock_of_the_shards_dir_it_writes(prepared_data, tokenizer_dir, tmp_path):
+    """train tokenizes its data into a shards dir: one writer at a time there, as with `openllm-ds tokenize`."""
+    from openllm_ds.output_lock import OutputLock
+    from openllm_ds.tokenizer.corpus import shards_dir_for
+    from openllm_ds.train.data import ensure_token_shards
+    from openllm_ds.train.distributed import DistEnv
+    from openllm_ds.tokenizer import load_tokenizer
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"document number {i} of the corpus\n" for i in range(50)), encoding="utf-8")
+    cfg = run_cfg(tokenizer_dir, tmp_path / "run", **{"train.data_file": str(text)})
+    sha = load_tokenizer(tokenizer_dir).sha256
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device="cpu")
+    with OutputLock(shards_dir_for(str(text)), "tokenize"):  # another writer holds it
+        with pytest.raises(UserError, match=r"corpus\.tokens is in use by openllm-ds tokenize"):
+            ensure_token_shards(str(text), cfg, sha, env, 0.1, "--data_file")
+    assert not shards_dir_for(str(text)).exists()  # nothing written under another writer
+    out = ensure_token_shards(str(text), cfg, sha, env, 0.1, "--data_file")  # free again: it builds
+    assert out == shards_dir_for(str(text)).resolve() and (out / "meta.json").is_file()
+    assert not (tmp_path / ".corpus.tokens.lock").exists()  # released

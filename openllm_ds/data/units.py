@@ -30,7 +30,6 @@ import dataclasses
 import glob
 import gzip
 import io
-import json
 import lzma
 import os
 from dataclasses import dataclass, field
@@ -38,7 +37,8 @@ from pathlib import Path
 
 from openllm_ds.config import ReadOptions  # noqa: F401 - defined in the config layer, read here
 from openllm_ds.errors import DataError, UserError
-from openllm_ds.utils import first_line, read_manifest
+from openllm_ds.settings import env_flag
+from openllm_ds.utils import first_line, read_json, read_manifest
 
 UNIT_BYTES = 16 * 2**20
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
@@ -244,17 +244,18 @@ def _json_array(f: SourceFile) -> bool:
 
 def _dataset_dict_splits(p: Path) -> list[str]:
     try:
-        return list(json.loads((p / "dataset_dict.json").read_text())["splits"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return list(read_json(p / "dataset_dict.json", "save the dataset again with DatasetDict.save_to_disk")["splits"])
+    except (UserError, KeyError, TypeError):
         return []
 
 
 def saved_dataset_files(p: Path, source: str) -> list[SourceFile]:
     """The .arrow files of a ``Dataset.save_to_disk`` directory, in the dataset's order."""
+    fix = "save the dataset again with Dataset.save_to_disk"
+    state = read_json(p / "state.json", fix, "Hugging Face dataset state", expect=dict, error=DataError)
     try:
-        state = json.loads((p / "state.json").read_text(encoding="utf-8"))
         names = [f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise DataError(f"{p / 'state.json'} is not a Hugging Face dataset state ({e}); save the dataset again "
                         "with Dataset.save_to_disk") from None
     if state.get("_indices_data_files") or (p / "indices.arrow").exists():
@@ -287,8 +288,7 @@ def hub_files(source: str) -> list[SourceFile]:
         import datasets
     except ImportError:
         raise UserError(f"{source} needs the `datasets` package (pip install datasets)") from None
-    offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-                  for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = any(env_flag(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the Hub raises many types: ConnectionError, HfHubHTTPError, FileNotFoundError...
