@@ -15,7 +15,7 @@ from openllm_ds.errors import UserError
 from openllm_ds.evaluation import score_predictions, score_squad
 from openllm_ds.evaluation.squad_score import exact_match_score, f1_score, normalize_answer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def squad(questions, version="1.1"):

@@ -36,7 +36,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf_export(tmp_path_factory, tokenizer_dir):
-    from test_export import make_fake_run
+    from helpers import make_fake_run
 
     root = tmp_path_factory.mktemp("serve")
     model = make_fake_run(root / "run", tokenizer_dir, tie=True, seed=11)[10]
@@ -385,7 +385,7 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(server, complet
 # --- replicas on Ray Serve ----------------------------------------------------------------------------------
 
 def test_two_replicas_on_ray_serve_behind_one_endpoint(hf_export, client, request, monkeypatch):
-    from conftest import free_port
+    from helpers import free_port
     from openllm_ds.serve.replicas import start_replicas
 
     import tempfile
@@ -427,7 +427,7 @@ def test_cli_serve_runs_until_stopped(hf_export):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-m", "openllm_ds.cli", "serve", "--model_path", str(hf_export[0]),
                              "--port", str(port), "--engine", "builtin", "--api_key", "abc", "--model_name", MODEL],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

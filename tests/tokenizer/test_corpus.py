@@ -19,10 +19,10 @@ from openllm_ds.data.units import ReadOptions, plan_units, resolve_sources
 from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for, tokenize_corpus
 
-from test_shards import file_bytes
+from helpers import FIXTURES, file_bytes
 
 
-FIXTURE = Path(__file__).parent / "fixtures" / "corpus"  # small files with every separator, encoding and whitespace case
+FIXTURE = FIXTURES / "corpus"  # small files with every separator, encoding and whitespace case
 FIXTURE_CASES = {  # name -> how it is tokenized; the unit sizes are in expected_shards.json's keys
     "lines_and_records": dict(inputs=["lines.txt", "records.jsonl"], holdout=0.25),
     "paragraphs": dict(inputs=["paragraphs.txt"], options=ReadOptions(doc_separator="blank_line")),

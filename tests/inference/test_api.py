@@ -16,7 +16,7 @@ from openllm_ds.evaluation.generate import generate_text
 from openllm_ds.evaluation.run import evaluate
 from openllm_ds.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["The Normans were", "In 1066 the", "Beyoncé Giselle Knowles"]
 TEXTS = ["The Normans gave their name to Normandy, a region in France.",
          "The university library holds more than a million volumes."]

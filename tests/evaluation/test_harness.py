@@ -22,9 +22,9 @@ from openllm_ds.evaluation.harness import resolve_steps
 from openllm_ds.evaluation.tasks import KINDS, available_tasks
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import load_tokenizer
-from test_eval import _biased, make_fake_run, tiny_config  # the fake training outputs
+from helpers import biased, eval_run, tiny_config  # the fake training outputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = {"wikitext2_ppl", "validation_ppl", "squad_v1_qa", "squad_v2_qa", "squad_cloze", "squad_answer_ranking"}
 
 
@@ -49,14 +49,14 @@ def docs_file(tmp_path_factory, prepared_data) -> Path:
 @pytest.fixture(scope="module")
 def run3(tmp_path_factory, tokenizer_dir) -> Path:
     """A training output with checkpoints at steps 10, 20, 30."""
-    return make_fake_run(tmp_path_factory.mktemp("run3"), tokenizer_dir, steps=(10, 20, 30))
+    return eval_run(tmp_path_factory.mktemp("run3"), tokenizer_dir, steps=(10, 20, 30))
 
 
 @pytest.fixture(scope="module")
 def long_run(tmp_path_factory, tokenizer_dir, tok) -> Path:
     """Context 384: a whole SQuAD question and the end of its passage fit."""
     cfg = tiny_config(tok.vocab_size, max_seq_len=384, n_layers=1)
-    return make_fake_run(tmp_path_factory.mktemp("long"), tokenizer_dir, cfg=cfg)
+    return eval_run(tmp_path_factory.mktemp("long"), tokenizer_dir, cfg=cfg)
 
 
 # ---- the shipped task files ---------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_task_yaml_errors_name_the_file_and_field(tmp_path, docs_file):
 # ---- each task kind -----------------------------------------------------------------------------
 
 def test_perplexity_task_on_a_uniform_model_with_unigram_baseline(tmp_path, tokenizer_dir, tok, docs_file):
-    run = make_fake_run(tmp_path / "uniform", tokenizer_dir, zero_final_norm=True)
+    run = eval_run(tmp_path / "uniform", tokenizer_dir, zero_final_norm=True)
     spec = task_yaml(tmp_path / "ppl.yaml", kind="perplexity", data=str(docs_file), limit=5, stride=16)
     r = run_task(spec, run, progress=False)
     docs = [d for d in docs_file.read_text(encoding="utf-8").split("\n") if d.strip()][:5]
@@ -170,7 +170,7 @@ def test_cloze_accuracy_with_a_model_that_always_says_city(tmp_path, tok):
     data.write_text("\n".join(CLOZE_PASSAGES) + "\n")
     spec = load_task(task_yaml(tmp_path / "cloze.yaml", kind="cloze", data=str(data), max_new_tokens=4))
     torch.manual_seed(0)
-    model = _biased(Transformer(tiny_config(tok.vocab_size, tie_embeddings=False, max_seq_len=64)).eval(),
+    model = biased(Transformer(tiny_config(tok.vocab_size, tie_embeddings=False, max_seq_len=64)).eval(),
                     {tok.encode("city")[0]: 10.0})
     r = run_task_on_model(spec, model, tok, progress=False)
     assert (r["value"], r["num_examples"], r["metrics"]["num_passages_usable"]) == (0.75, 4, 4)
@@ -189,7 +189,7 @@ def test_answer_ranking_accuracy_with_a_model_that_always_says_city(tmp_path, to
     data.write_text(json.dumps(squad))
     spec = load_task(task_yaml(tmp_path / "rank.yaml", kind="answer_ranking", data=str(data), num_choices=4))
     torch.manual_seed(0)
-    model = _biased(Transformer(tiny_config(tok.vocab_size, tie_embeddings=False, max_seq_len=64)).eval(),
+    model = biased(Transformer(tiny_config(tok.vocab_size, tie_embeddings=False, max_seq_len=64)).eval(),
                     {tok.encode("city")[0]: 10.0})
     r = run_task_on_model(spec, model, tok, progress=False)
     # "city" is right for q1 and q2; for q3 and q4 it is a distractor (another question's answer)
@@ -348,7 +348,7 @@ def test_lm_eval_runs_the_local_tasks_on_an_export(tmp_path, tokenizer_dir, tok,
     from openllm_ds.config import ExportConfig
 
     # context 256: room for a passage and lm-eval's 32 generated tokens
-    run = make_fake_run(tmp_path / "uniform", tokenizer_dir, cfg=tiny_config(tok.vocab_size, max_seq_len=256),
+    run = eval_run(tmp_path / "uniform", tokenizer_dir, cfg=tiny_config(tok.vocab_size, max_seq_len=256),
                         zero_final_norm=True)
     hf = tmp_path / "hf"
     export_mod.export(ExportConfig(model_dir=str(run), format="huggingface", output_dir=str(hf)))

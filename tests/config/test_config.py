@@ -13,7 +13,7 @@ from openllm_ds.config import ModelConfig, load_run_config
 from openllm_ds.errors import ConfigError
 from openllm_ds.model import Transformer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_PARAMS = {"tiny": (1.5e6, 2.5e6), "small": (22e6, 28e6), "medium": (110e6, 125e6), "large": (330e6, 380e6)}
 
 

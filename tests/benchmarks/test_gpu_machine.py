@@ -16,7 +16,7 @@ import pytest
 
 from openllm_ds.serve.vllm import vllm_command, vllm_dtype
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 FAKE_SMI = """#!/bin/sh

@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory, tokenizer_dir):
-    from test_export import make_fake_run
+    from helpers import make_fake_run
 
     root = tmp_path_factory.mktemp("onnx")
     model = make_fake_run(root / "run", tokenizer_dir, tie=False, seed=3, n_kv_heads=2)[10]

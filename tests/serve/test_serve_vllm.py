@@ -21,13 +21,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import free_port
+from helpers import free_port
 from openllm_ds.model import generate
 from openllm_ds.serve import start_server
 from openllm_ds.serve.vllm import vllm_python, vllm_unavailable_reason
 
 openai = pytest.importorskip("openai")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-trained"
 KEY = "vllm-k3y"
 PROMPTS = ["The Normans were", "Super Bowl 50 was", "The University of Chicago", "Oxygen is a chemical element",

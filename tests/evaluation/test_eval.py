@@ -14,47 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from openllm_ds.config import ModelConfig, RunConfig, TrainConfig
+
 from openllm_ds.errors import UserError
 from openllm_ds.evaluation import evaluate, generate_text, perplexity
 from openllm_ds.evaluation.sliding_window import sliding_windows
 from openllm_ds.model import Transformer, generate
 from openllm_ds.tokenizer import load_tokenizer
 
-
-def tiny_config(vocab_size: int, **kw) -> ModelConfig:
-    base = dict(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=32, dropout=0.0)
-    return ModelConfig(**{**base, **kw})
-
-
-def make_fake_run(root: Path, tokenizer_dir: Path, steps=(10,), cfg: ModelConfig | None = None,
-                  zero_final_norm: bool = False, data_file: str | None = None) -> Path:
-    """A training output as the trainer writes it: checkpoints/step_N/{model.safetensors,
-    train_state.json, run_config.yaml}, checkpoints/latest, run_config.yaml, tokenizer/.
-    ``zero_final_norm`` zeroes the final RMSNorm weight: every logit is 0, a uniform model."""
-    root = Path(root)
-    cfg = cfg or tiny_config(load_tokenizer(tokenizer_dir).vocab_size)
-    train = TrainConfig(tokenizer_dir=str(tokenizer_dir), output_dir=str(root),
-                        **({"data_file": data_file} if data_file else {}))
-    run_cfg = RunConfig(name="fake", model=cfg, train=train)
-    shutil.copytree(tokenizer_dir, root / "tokenizer")
-    run_cfg.save(root / "run_config.yaml")
-    for step in steps:
-        torch.manual_seed(step)
-        model = Transformer(cfg)
-        if zero_final_norm:
-            model.norm.weight.data.zero_()
-        d = root / "checkpoints" / f"step_{step:08d}"
-        d.mkdir(parents=True)
-        sd = {k: v.contiguous() for k, v in model.state_dict().items()
-              if not (cfg.tie_embeddings and k == "lm_head.weight")}
-        save_file(sd, str(d / "model.safetensors"))
-        (d / "train_state.json").write_text(json.dumps({"step": step, "tokens_seen": 1000 * step}))
-        run_cfg.save(d / "run_config.yaml")
-    (root / "checkpoints" / "latest").write_text(f"step_{steps[-1]:08d}")
-    return root
+from helpers import biased, eval_run, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +41,12 @@ def eval_text(tmp_path_factory, prepared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def uniform_run(tmp_path_factory, tokenizer_dir) -> Path:
-    return make_fake_run(tmp_path_factory.mktemp("uniform"), tokenizer_dir, zero_final_norm=True)
+    return eval_run(tmp_path_factory.mktemp("uniform"), tokenizer_dir, zero_final_norm=True)
 
 
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory, tokenizer_dir) -> Path:
-    return make_fake_run(tmp_path_factory.mktemp("random"), tokenizer_dir, steps=(10, 20))
+    return eval_run(tmp_path_factory.mktemp("random"), tokenizer_dir, steps=(10, 20))
 
 
 # ---- perplexity ---------------------------------------------------------------------------------
@@ -166,17 +134,6 @@ def test_generate_is_reproducible_with_a_seed_and_returns_num_samples(random_run
     assert greedy == generate_text(str(random_run), "The city of", max_new_tokens=5, temperature=0, stream=False, checkpoint=10)
 
 
-def _biased(model, token_logits: dict[int, float]):
-    """Replace the LM head by a bias: fixed next-token probabilities whatever the input."""
-    head = torch.nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=True)
-    head.weight.data.zero_()
-    head.bias.data.fill_(-1e4)
-    for t, v in token_logits.items():
-        head.bias.data[t] = v
-    model.lm_head = head
-    return model
-
-
 def test_generate_stops_at_eos_and_streams(random_run, tok, monkeypatch, capsys):
     import openllm_ds.checkpoint as checkpoint  # what the generation path loads through
 
@@ -185,7 +142,7 @@ def test_generate_stops_at_eos_and_streams(random_run, tok, monkeypatch, capsys)
 
     def load_biased(*a, **kw):
         loaded = real_load(*a, **kw)
-        _biased(loaded.model, {city: 0.0, tok.eos_id: 0.0})  # half "city", half EOS
+        biased(loaded.model, {city: 0.0, tok.eos_id: 0.0})  # half "city", half EOS
         return loaded
 
     monkeypatch.setattr(checkpoint, "load_model", load_biased)
@@ -219,7 +176,7 @@ def test_evaluate_defaults_to_the_runs_validation_file(tmp_path, tokenizer_dir, 
     data = tmp_path / "clean"
     data.mkdir()
     shutil.copy(eval_text, data / "validation_data.txt")
-    run = make_fake_run(tmp_path / "run", tokenizer_dir, data_file=str(data / "training_data.txt"))
+    run = eval_run(tmp_path / "run", tokenizer_dir, data_file=str(data / "training_data.txt"))
     r = evaluate(str(run), stride=32)
     assert r["eval_data"] == str(data / "validation_data.txt") and r["num_documents"] == 41
 

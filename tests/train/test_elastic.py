@@ -20,11 +20,12 @@ import torch
 from openllm_ds.checkpoint import load_model
 from openllm_ds.train import train
 
-from conftest import TRAINED_SHAPE, free_port
-from test_train import logged, tiny_cfg
-from test_train_distributed import printed_summary, train_flags
+from helpers import TRAINED_SHAPE, free_port
+from openllm_ds.train.launch import printed_summary
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import logged, tiny_cfg, train_flags
+
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 ATOL = 1e-4
 RUN = dict(train__max_steps=STEPS, train__save_every=2, train__eval_every=2, train__keep_last=3,

@@ -15,7 +15,7 @@ from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.tokenizer import TokenShards
 from openllm_ds.train import checkpointing, loop, train
 
-from test_train import ROOT, logged
+from helpers import ROOT, logged
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from openllm_ds.config import load_run_config
 from openllm_ds.errors import UserError
 from openllm_ds.model import Transformer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "train-tokenizer", "tokenize", "train", "evaluate", "harness", "export-huggingface", "export-onnx"]
 OVERRIDES = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192", "model.max_seq_len=64",
              "train.micro_batch_size=8", "train.max_steps=20", "train.warmup_steps=5", "train.eval_every=10",

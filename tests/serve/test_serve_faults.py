@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from helpers import free_port
 from openllm_ds.config import ExportConfig
 from openllm_ds.errors import UserError
 from openllm_ds.export import export
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llm"
 KEY = "k3y-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -47,7 +47,7 @@ VERBS = ["was", "were named after", "is known for", "became", "lies near", "won"
 
 @pytest.fixture(scope="module")
 def hf_export(tmp_path_factory, tokenizer_dir):
-    from test_export import make_fake_run
+    from helpers import make_fake_run
 
     root = tmp_path_factory.mktemp("serve_faults")
     make_fake_run(root / "run", tokenizer_dir, tie=True, seed=11)
@@ -643,7 +643,7 @@ def test_a_zero_checkpoint_with_pickled_code_is_refused(tokenizer_dir, tmp_path)
     pytest.importorskip("deepspeed")
     import tempfile
 
-    from test_export import make_fake_run
+    from helpers import make_fake_run
 
     from openllm_ds.inference import load_completer
 

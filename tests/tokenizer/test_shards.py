@@ -12,16 +12,14 @@ from openllm_ds.errors import DataError, UserError
 from openllm_ds.tokenizer import TokenShards, load_tokenizer, shards_dir_for, tokenize_corpus
 from openllm_ds.tokenizer.shards import token_dtype
 
+from helpers import file_bytes, write_shards
+
 
 def split_documents(ids: np.ndarray, eos_id: int) -> list[np.ndarray]:
     """Documents of a token stream, each with its closing EOS; the stream must end with EOS."""
     assert ids[-1] == eos_id
     ends = np.flatnonzero(ids == eos_id)
     return np.split(ids, ends + 1)[:-1]
-
-
-def file_bytes(root) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
 
 
 def test_validation_shards_give_back_the_corpus(token_shards, prepared_data, tokenizer_dir):
@@ -74,20 +72,6 @@ def test_one_two_and_no_ray_workers_write_identical_shards(token_shards, prepare
     # The same stream as the one-shard fixture, whatever the unit size: documents never straddle units.
     assert np.array_equal(TokenShards(tmp_path / "w1")[:], TokenShards(token_shards["val"])[:])
     assert [s["unit"] for s in metas[2]["shards"]] == list(range(len(metas[2]["shards"])))
-
-
-def write_shards(root, stream: np.ndarray, cuts: list[int], vocab_size: int):
-    """A shards dir holding ``stream`` cut at ``cuts``, with its meta.json, written by hand."""
-    dtype = token_dtype(vocab_size)
-    shards = []
-    for k, part in enumerate(np.split(stream, cuts)):
-        name = f"shard_{k:05d}.bin"
-        part.astype(dtype).tofile(root / name)
-        shards.append({"file": name, "num_tokens": int(part.size), "num_documents": 0, "num_bytes": 0,
-                       "max_id": int(part.max()), "unit": k})
-    meta = {"format": 2, "vocab_size": vocab_size, "dtype": dtype.name, "eos_id": 2, "tokenizer_sha256": "-",
-            "source": {}, "num_tokens": int(stream.size), "num_documents": 1, "shards": shards}
-    (root / "meta.json").write_text(json.dumps(meta))
 
 
 def test_reader_slices_across_shard_boundaries(tmp_path):

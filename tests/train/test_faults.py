@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from openllm_ds.checkpoint import list_checkpoints
-from conftest import free_port
-from test_train import logged
-from test_train_distributed import printed_summary, train_flags
+from helpers import free_port
+from openllm_ds.train.launch import printed_summary
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import logged, train_flags
+
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 60
 KILLS = {1: 10, 2: 4}  # kill points per run of the suite: one rank, and two ranks under the deepspeed launcher
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from openllm_ds.checkpoint import load_model
 from openllm_ds.cli import main as cli_main
-from openllm_ds.config import ExportConfig, ModelConfig, RunConfig, TrainConfig
+from openllm_ds.config import ExportConfig, ModelConfig
 from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.export import VerificationError, export
 from openllm_ds.model import generate
@@ -30,33 +30,7 @@ from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import load_tokenizer
 from openllm_ds.utils import MANIFEST, read_manifest
 
-TINY = dict(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, dropout=0.0)
-VAL_LOSS = 5.25
-
-
-def make_fake_run(out: Path, tokenizer_dir: Path, steps=(10,), tie=True, seed=0, vocab_size=None,
-                  val_loss=VAL_LOSS, **model_kw) -> dict[int, Transformer]:
-    """A training output as the trainer writes it, with random tiny models: {step: model}."""
-    vocab = vocab_size or load_tokenizer(tokenizer_dir).vocab_size
-    cfg = ModelConfig(vocab_size=vocab, tie_embeddings=tie, **{**TINY, **model_kw})
-    run = RunConfig(name="fake-run", model=cfg, train=TrainConfig(tokenizer_dir=str(tokenizer_dir), max_steps=max(steps)))
-    out.mkdir(parents=True)
-    run.save(out / "run_config.yaml")
-    models = {}
-    for i, step in enumerate(steps):
-        torch.manual_seed(seed + i)
-        model = Transformer(cfg).eval()
-        d = out / "checkpoints" / f"step_{step:08d}"
-        d.mkdir(parents=True)
-        sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
-        save_file(sd, str(d / "model.safetensors"))
-        (d / "train_state.json").write_text(json.dumps({"step": step, "val_loss": val_loss, "tokens_seen": step * 4096}))
-        run.save(d / "run_config.yaml")
-        models[step] = model
-    (out / "checkpoints" / "latest").write_text(f"step_{max(steps):08d}")
-    shutil.copytree(tokenizer_dir, out / "tokenizer")
-    return models
-
+from helpers import TINY, VAL_LOSS, make_fake_run
 
 def validation_passages(prepared_data: Path, n: int = 3) -> list[str]:
     lines = (prepared_data / "validation_data.txt").read_text(encoding="utf-8").splitlines()
@@ -385,7 +359,7 @@ def test_export_from_a_real_zero3_checkpoint(tmp_path, tokenizer_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(run_dir), port], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (tag / "model.safetensors").exists() and list(tag.glob("*model_states.pt"))

@@ -15,39 +15,15 @@ import pytest
 import torch
 
 from openllm_ds.checkpoint import list_checkpoints, load_model
-from openllm_ds.config import load_run_config
 from openllm_ds.errors import ConfigError, DataError, UserError
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import TokenShards
 from openllm_ds.train import TrainingError, train
 from openllm_ds.train import checkpointing, loop
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import logged, tiny_cfg
 
-
-def tiny_cfg(prepared_data, tokenizer_dir, output_dir, **overrides):
-    values = {
-        "name": "tiny-test",
-        "model.vocab_size": 8000, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.d_ff": 192,
-        "model.max_seq_len": 64, "model.dropout": 0.0,
-        "train.data_file": str(prepared_data / "training_data.txt"), "train.tokenizer_dir": str(tokenizer_dir),
-        "train.ds_config": str(ROOT / "ds_configs/zero2.json"), "train.output_dir": str(output_dir),
-        "train.micro_batch_size": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 10, "train.max_steps": 60,
-        "train.eval_every": 20, "train.eval_batches": 4, "train.save_every": 20, "train.keep_last": 2,
-        "train.log_every": 1,
-    }
-    values.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return load_run_config(None, values)
-
-
-def logged(output_dir, key="train/loss"):
-    """{step: value} from train_log.jsonl (the last line for a step wins, as after a resume)."""
-    out = {}
-    for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if key in row:
-            out[row["step"]] = float(row[key])
-    return out
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from openllm_ds.config import ModelConfig, load_run_config
+from openllm_ds.config import ModelConfig
 from openllm_ds.errors import ConfigError
 from openllm_ds.model import Transformer
 from openllm_ds.train import build_ds_config
@@ -15,15 +15,10 @@ from openllm_ds.train.data import DataPosition, EvalWindows, TrainBatches
 from openllm_ds.train.distributed import DistEnv
 from openllm_ds.train.optim import WarmupCosine, param_groups
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_cfg
+
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "ds_configs").glob("*.json"))
-
-
-def run_cfg(ds_config, **overrides):
-    base = {"model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.d_ff": 128,
-            "model.max_seq_len": 32, "train.ds_config": str(ds_config), "train.output_dir": "/tmp/run-x"}
-    base.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return load_run_config(None, base)
 
 
 def write_json(tmp_path, obj, name="ds.json"):
@@ -222,7 +217,7 @@ def test_ids_past_the_vocabulary_stop_the_run_naming_the_shards(tmp_path):
     from openllm_ds.errors import DataError
     from openllm_ds.tokenizer import TokenShards
 
-    from test_shards import write_shards
+    from helpers import write_shards
 
     write_shards(tmp_path, np.arange(16 * 10 + 1) % 90, [], 100)
     raw = np.fromfile(tmp_path / "shard_00000.bin", dtype="<u2")

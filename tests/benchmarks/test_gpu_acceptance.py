@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from helpers import free_port
 from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.train import build_ds_config
 from openllm_ds.train.launch import printed_summary
 from openllm_ds.train.metrics import peak_flops, spec_peak_flops
-from test_train_config import run_cfg
+from helpers import run_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 

@@ -18,11 +18,9 @@ from openllm_ds.checkpoint import load_model
 from openllm_ds.train import launch, train
 from openllm_ds.train.launch import printed_summary
 
-from conftest import free_port
-from test_train import logged, tiny_cfg
+from helpers import DISTRIBUTED_STEPS as STEPS, free_port, logged, tiny_cfg, train_flags
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
+ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-5
 COMMON = dict(train__max_steps=STEPS, train__eval_every=3, train__save_every=3, train__warmup_steps=2,
               train__micro_batch_size=8)
@@ -44,16 +42,6 @@ def assert_same_losses(out, reference):
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=RTOL), step
     assert logged(out, "eval/loss") == pytest.approx(logged(reference, "eval/loss"), rel=RTOL)
-
-
-def train_flags(prepared_data, tokenizer_dir, out, ds_config="zero2", max_steps=STEPS) -> list[str]:
-    """The flags of the tiny test run (as COMMON and test_train.tiny_cfg) for the command-line launchers."""
-    return ["--data_file", str(prepared_data / "training_data.txt"), "--tokenizer_dir", str(tokenizer_dir),
-            "--output_dir", str(out), "--ds_config", str(ROOT / f"ds_configs/{ds_config}.json"),
-            "--batch_size", "8", "--max_steps", str(max_steps), "--save_every", "3", "--eval_every", "3",
-            "--learning_rate", "3e-3", "train.warmup_steps=2", "train.eval_batches=4", "train.log_every=1",
-            "model.vocab_size=8000", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
-            "model.max_seq_len=64", "model.dropout=0.0"]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
