@@ -23,7 +23,7 @@ def setting(default: Any = MISSING, help: str | None = None, *, flag: str | None
             stages: tuple[str, ...] | None = None, parse: Callable | None = None, nargs: str | None = None,
             metavar: str | None = None, required: bool = False, hidden: bool = False,
             default_factory: Any = MISSING) -> Any:
-    """A dataclass field; with ``help`` also a flag (``flag``, default ``--NAME``) of the stages that read its config
+    """A dataclass field; with ``help`` (a text, or a function giving it) also a flag (``flag``, default ``--NAME``) of the stages that read its config
     type (``stages`` narrows them: the tokenizer section's fields are flags of three stages, not all of one)."""
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "stages": stages, "parse": parse, "nargs": nargs,
             "metavar": metavar, "required": required, "hidden": hidden}
@@ -129,7 +129,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, stage: str, section: str | N
             default = f.default_factory()
         else:
             default = None
-        help_ = argparse.SUPPRESS if meta["hidden"] else (f"{meta['help']} [{dest}]" if section else meta["help"])
+        text = meta["help"]() if callable(meta["help"]) else meta["help"]  # a callable: read when the parser is built
+        help_ = argparse.SUPPRESS if meta["hidden"] else (f"{text} [{dest}]" if section else text)
         kw: dict[str, Any] = {"dest": dest, "default": default, "help": help_}
         if tp is bool and meta["parse"] is None:
             if name.startswith("--no_"):  # a switch that sets the field to false

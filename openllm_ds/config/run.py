@@ -281,7 +281,7 @@ class ExportConfig:
     """``openllm-ds export``'s flags, and the pipeline's export section (its formats: the export table's)."""
 
     model_dir: str | None = setting(None, "training output (latest checkpoint) or export dir", required=True)
-    format: str = setting("huggingface", format_choices(), required=True)
+    format: str = setting("huggingface", format_choices, required=True)  # the export table's, when --help is built
     output_dir: str | None = setting(None, "default exports/FORMAT")
     dtype: str = setting("fp32", "fp32 | fp16 | bf16 (huggingface, pytorch)")
     verify: bool = setting(True, "load the export back and compare logits (default on)")

@@ -182,3 +182,53 @@ def test_a_wheel_installed_alone_runs_every_stage_from_anywhere(tmp_path, token_
                        "    print(repr(lm.generate('The Normans', max_new_tokens=8)))")
     generated = eval(loaded.strip())
     assert generated and generated in printed
+
+
+def test_chat_is_the_servers_chat_completion(small_run):
+    """load(...).chat renders with the model's chat template and generates as /v1/chat/completions does."""
+    import json
+    import urllib.request
+
+    from openllm_ds.serve import start_server
+    from openllm_ds.tokenizer.chat import render_conversation
+
+    messages = [{"role": "user", "content": "river"}]  # the model's context is 32 tokens
+    with openllm_ds.load(small_run, context_length=32) as lm:
+        answer = lm.chat(messages, max_new_tokens=6)
+        template = lm.completer.chat_template
+        ids = lm.completer.encode(render_conversation(messages, True, template), add_prefix=False)
+        assert ids[0] == lm.tokenizer.prompt_prefix_id  # the template writes the prompt prefix itself
+        assert answer == lm.completer.complete(ids, _greedy(6))[0][0]
+        with start_server(completer=lm.completer, context_length=32) as srv:
+            body = json.dumps({"model": lm.completer.model_name, "messages": messages, "max_tokens": 6,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(srv.url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            served = json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["message"]["content"]
+        assert served == answer
+        with pytest.raises(UserError, match=r"messages\[0\] needs a role"):
+            lm.chat([{"role": "narrator", "content": "x"}])
+
+
+def _greedy(n):
+    from openllm_ds.inference import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def test_the_torch_backend_loads_where_generate_does(small_run, monkeypatch):
+    """load_completer (the server's torch backend, load, generate) puts the model on utils.select_device(): CUDA
+    when visible, so the server and `openllm-ds generate` agree on a GPU box."""
+    import openllm_ds.checkpoint as checkpoint
+    import openllm_ds.inference.load as loader
+
+    real, seen = checkpoint.load_model, []
+
+    def spy(*a, **kw):
+        seen.append(kw.get("device"))
+        return real(*a, **{**kw, "device": "cpu"})
+
+    monkeypatch.setattr(checkpoint, "load_model", spy)
+    monkeypatch.setattr(loader, "select_device", lambda: "cuda:7")  # what a GPU box's select_device gives
+    completer = loader.load_completer(small_run, warm_up=False, max_concurrency=1)
+    completer.close()
+    assert seen == ["cuda:7"]
