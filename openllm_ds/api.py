@@ -100,5 +100,5 @@ def load(path: str | Path, backend: str = "torch", context_length: int = 2048) -
 
     if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length < 2:
         raise UserError(f"context_length must be an integer >= 2 (the context served), got {context_length!r}")
-    completer = load_completer(path, backend=backend, context_length=context_length, max_concurrency=1, warm_up=False)
+    completer = load_completer(path, backend=backend, context_length=context_length, max_concurrency=1)
     return LanguageModel(completer, Path(path))

@@ -33,8 +33,8 @@ def generate_text(model_dir, prompt: str, max_new_tokens: int = 256, temperature
                                   top_p=1.0 if top_p is None else top_p, repetition_penalty=repetition_penalty,
                                   n=num_samples, seed=seed)
     check_text(prompt, "--prompt")
-    completer = load_completer(model_dir, max_concurrency=1, warm_up=False, step=checkpoint,
-                               context_length=1 << 62)  # the model's whole context
+    completer = load_completer(model_dir, step=checkpoint, context_length=1 << 62,  # the model's whole context
+                               max_concurrency=1)
     try:
         prompt_ids = completer.encode(prompt)
         if len(prompt_ids) >= completer.context_length:

@@ -5,23 +5,14 @@ The prompt convention is here (``Completer.encode``: the prompt after EOS, where
 special-token text mapped to its id), detokenisation and stop strings in ``detokenize.Choice``, the sampling
 parameters' ranges in ``sampling.SamplingParams``, the chat template in ``openllm_ds.tokenizer.chat``.
 
-Concurrency: generations run on a fixed pool of ``max_concurrency`` worker threads, each request's
-generation on one of them from start to end; further requests wait in the pool's queue (no 503s).
-The model is read-only in eval mode, each generation owns its KV cache and its seeded
-``torch.Generator``, and PyTorch and onnxruntime release the GIL inside their kernels, so
-generations proceed side by side without sharing state. Prompts of different lengths are not
-batched together: the model has no padding mask, and per-request generation keeps every answer
-identical to a sequential one.
-
-Speed (one client should see the completer's in-process tokens/s): the workers are long-lived threads
-(OpenMP's and MKL's per-thread state is built once, not per request), every generation uses
-``num_threads`` intra-op threads (default: the cores shared out among the ``max_concurrency``
-workers; on a 2-core machine one thread each, which is also the fastest for a small model), and a
-warm-up generation at load makes the transposed weight copies of the decode fast path
-(``model/transformer.py``'s ``Linear``) before the first request. Each generation records the
-path it took (``DecodePath``): inference mode, transposed weights, threads, worker thread. Per token
-the completer adds little to the decode step: a normal piece's text is a table lookup (``PieceTexts``),
-not a decode of the whole completion, and EOS is checked once, by ``Choice.add``.
+A generation runs in the thread that iterates it; the built-in server runs them on its worker threads
+(``serve/workers.py``), side by side: the model is read-only in eval mode, each generation owns its KV cache and its
+seeded ``torch.Generator``, and PyTorch and onnxruntime release the GIL inside their kernels. Prompts of different
+lengths are not batched together: the model has no padding mask, and per-request generation keeps every answer
+identical to a sequential one. Each generation records the path it took (``DecodePath``): inference mode, the
+decode step's transposed weights (``model.kernels``), threads, the thread it ran on. Per token the completer adds
+little to the decode step: a normal piece's text is a table lookup (``PieceTexts``), not a decode of the whole
+completion, and EOS is checked once, by ``Choice.add``.
 
 A generation stops within one decode step when its ``cancel`` event is set (the client went away).
 """
@@ -32,7 +23,6 @@ import os
 import re
 import secrets
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -44,8 +34,6 @@ from openllm_ds.inference.sampling import SamplingParams
 from openllm_ds.model import generate
 from openllm_ds.tokenizer import Tokenizer
 from openllm_ds.tokenizer.chat import ChatTemplate
-
-WORKER_PREFIX = "openllm-ds-generate"
 
 
 @dataclass(frozen=True)
@@ -69,23 +57,21 @@ def default_threads(max_concurrency: int) -> int:
 
 
 class Completer:
-    """Tokenizer + language model (``Transformer`` or ``OnnxCausalLM``) + chat template + worker threads."""
+    """Tokenizer + language model (``Transformer`` or ``OnnxCausalLM``) + chat template. A generation runs in the
+    thread that iterates it (the server's worker threads are the server's: ``serve/workers.py``), with
+    ``num_threads`` intra-op threads (default: every core)."""
 
     def __init__(self, lm, tokenizer: Tokenizer, model_name: str, context_length: int,
-                 chat_template: ChatTemplate | None = None, max_concurrency: int = 4, backend: str = "torch",
-                 num_threads: int | None = None):
+                 chat_template: ChatTemplate | None = None, backend: str = "torch", num_threads: int | None = None):
         if context_length < 2:
             raise UserError(f"--context_length must be >= 2, got {context_length}")
-        if max_concurrency < 1:
-            raise UserError(f"--max_concurrency must be >= 1, got {max_concurrency}")
         self.lm = lm
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_length = min(context_length, lm.cfg.max_seq_len)  # prompt + completion, at most
         self.chat_template = chat_template
         self.backend = backend
-        self.max_concurrency = max_concurrency
-        self.num_threads = num_threads or default_threads(max_concurrency)
+        self.num_threads = num_threads or default_threads(1)
         self.running = 0  # generations in progress
         self.cancelled = 0  # generations stopped early because their client went away
         self.last_cancelled_steps = 0  # decode steps the last of them ran
@@ -93,11 +79,7 @@ class Completer:
         self._lock = threading.Lock()
         self._threads_before = torch.get_num_threads()
         if backend == "torch":
-            from openllm_ds.model.kernels import Linear
-
             torch.set_num_threads(self.num_threads)  # process-wide; close() gives the old value back
-            self._linears = [m for m in lm.modules() if isinstance(m, Linear)]  # DecodePath checks their copies
-        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix=WORKER_PREFIX)
         ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)
         self._special = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}  # "<s>" -> 1, "</s>" -> 2, ...
         # longest first, so that one special token that starts another never wins over it
@@ -157,17 +139,8 @@ class Completer:
                     reasons[u.index] = u.finish_reason
         return texts, reasons, run.completion_tokens
 
-    def submit(self, fn, *args) -> Future:
-        """Run ``fn(*args)`` on one of the completer's ``max_concurrency`` worker threads."""
-        return self._pool.submit(fn, *args)
-
-    def warm_up(self) -> None:
-        """One short generation on a worker: the decode fast path's transposed weights exist before any request."""
-        self.submit(self.complete, [self.tokenizer.prompt_prefix_id], SamplingParams(max_tokens=2, temperature=0)).result()
-
     def close(self) -> None:
-        """Stop the workers, give the process its thread count back, run the ``on_close`` callbacks."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Give the process its thread count back, run the ``on_close`` callbacks."""
         if self.backend == "torch":
             torch.set_num_threads(self._threads_before)
         for fn in self.on_close:
@@ -175,8 +148,9 @@ class Completer:
 
     def _record_path(self, first_token: torch.Tensor) -> None:
         if self.backend == "torch":
-            transposed = all(m.packed is not None and m.packed[0] == (m.weight.data_ptr(), m.weight._version)
-                             for m in self._linears)
+            from openllm_ds.model.kernels import transposed_weights_ready
+
+            transposed = transposed_weights_ready(self.lm)
             path = DecodePath("torch", first_token.is_inference(), transposed, torch.get_num_threads(),
                               threading.current_thread().name)
         else:

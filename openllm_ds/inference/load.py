@@ -21,9 +21,10 @@ BACKENDS = ("torch", "onnx")
 
 def load_completer(model_dir: str | Path, backend: str = "torch", context_length: int = 512,
                    model_name: str | None = None, max_concurrency: int = 4, num_threads: int | None = None,
-                   warm_up: bool = True, step: int | None = None) -> Completer:
+                   step: int | None = None) -> Completer:
     """A completer over a training output (``step``: a checkpoint of it, default the latest), a step dir or any
-    export (``openllm_ds.checkpoint.load_model``)."""
+    export (``openllm_ds.checkpoint.load_model``). Its generations run with ``num_threads`` intra-op threads
+    (default: the cores shared out among the ``max_concurrency`` generations that will run at once)."""
     from openllm_ds.checkpoint import is_onnx_export, load_model
     from openllm_ds.tokenizer.chat import load_chat_template
 
@@ -47,13 +48,11 @@ def load_completer(model_dir: str | Path, backend: str = "torch", context_length
         device = select_device() if backend == "torch" else "cpu"
         loaded = load_model(path, step=step, device=device, backend=backend, num_threads=threads)
         completer = Completer(loaded.model, loaded.tokenizer, name, context_length,
-                              load_chat_template(loaded.tokenizer_dir, loaded.tokenizer),
-                              max_concurrency=max_concurrency, backend=backend, num_threads=threads)
+                              load_chat_template(loaded.tokenizer_dir, loaded.tokenizer), backend=backend,
+                              num_threads=threads)
     except BaseException:
         for fn in on_close:
             fn()
         raise
     completer.on_close += on_close
-    if warm_up:
-        completer.warm_up()
     return completer

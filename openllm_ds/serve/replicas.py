@@ -58,20 +58,24 @@ def _builtin_replica_class():
     class BuiltinReplica:
         def __init__(self, model_dir: str, backend: str, context_length: int, model_name: str, max_concurrency: int,
                      num_threads: int | None, api_key: str | None, max_body_bytes: int):
-            from openllm_ds.serve.app import build_app
             from openllm_ds.inference import load_completer
+            from openllm_ds.serve.app import build_app
+            from openllm_ds.serve.workers import Workers
 
             self.completer = load_completer(model_dir, backend, context_length, model_name,
                                             max_concurrency=max_concurrency, num_threads=num_threads)
-            self.ingress_app = _tag_replica(build_app(self.completer, api_key, max_body_bytes), _replica_id())
+            self.workers = Workers(max_concurrency)
+            self.workers.warm_up(self.completer)
+            self.ingress_app = _tag_replica(build_app(self.completer, self.workers, api_key, max_body_bytes),
+                                            _replica_id())
 
         def __serve_build_asgi_app__(self):
             return self.ingress_app
 
         def __del__(self):
-            completer = getattr(self, "completer", None)
-            if completer is not None:
-                completer.close()
+            for part in (getattr(self, "workers", None), getattr(self, "completer", None)):
+                if part is not None:
+                    part.close()
 
     return BuiltinReplica
 

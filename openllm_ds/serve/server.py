@@ -15,6 +15,7 @@ from openllm_ds.paths import check_path
 from openllm_ds.serve.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, build_app
 from openllm_ds.serve.handle import ServerHandle
 from openllm_ds.serve.vllm import choose_engine
+from openllm_ds.serve.workers import Workers
 from openllm_ds.settings import host_setting, is_loopback, normal_api_key
 
 
@@ -82,6 +83,7 @@ class RunningServer(ServerHandle):
     thread: threading.Thread
     sock: socket.socket
     completer: Completer
+    workers: Workers
     owns_completer: bool = False  # stop() then also closes the completer and removes its temporary files
 
     @property
@@ -96,6 +98,7 @@ class RunningServer(ServerHandle):
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+        self.workers.close()
         if self.owns_completer:
             self.completer.close()
 
@@ -114,15 +117,23 @@ def start_server(model_dir: str | Path | None = None, host: str = "127.0.0.1", p
             raise UserError("start_server needs model_dir or completer")
         completer = load_completer(model_dir, backend, context_length, model_name, max_concurrency=max_concurrency,
                                    num_threads=num_threads)
-    sock = listen(host, port)
-    server = uvicorn_server(build_app(completer, api_key, max_body_bytes or MAX_BODY_BYTES, body_timeout), sock,
+    workers = Workers(max_concurrency)
+    try:
+        workers.warm_up(completer)
+        sock = listen(host, port)
+    except BaseException:
+        workers.close()
+        if owns_completer:
+            completer.close()
+        raise
+    server = uvicorn_server(build_app(completer, workers, api_key, max_body_bytes or MAX_BODY_BYTES, body_timeout), sock,
                             log_requests)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name=f"openllm-ds-server-{sock.getsockname()[1]}")
     thread.start()
     while not server.started and thread.is_alive():
         threading.Event().wait(0.01)
-    return RunningServer(server, thread, sock, completer, owns_completer)
+    return RunningServer(server, thread, sock, completer, workers, owns_completer)
 
 
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, context_length: int = 512, engine: str = "auto",
@@ -151,13 +162,15 @@ def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, context_length: 
         run_vllm(path, host, port, context_length, api_key=api_key, model_name=model_name, extra_args=vllm_args)
         return
     loaded = load_completer(path, backend, context_length, model_name, max_concurrency=max_concurrency, num_threads=num_threads)
+    workers = Workers(max_concurrency)
     try:
+        workers.warm_up(loaded)
         sock = listen(host, port)
-        server = uvicorn_server(build_app(loaded, api_key, max_body_bytes or MAX_BODY_BYTES), sock)
+        server = uvicorn_server(build_app(loaded, workers, api_key, max_body_bytes or MAX_BODY_BYTES), sock)
         host_shown = f"[{host}]" if ":" in host else host
         auth = "Bearer token required" if api_key else "no authentication"
         print(f"serving '{loaded.model_name}' ({backend} backend, context {loaded.context_length} tokens, {auth}, "
-              f"{loaded.max_concurrency} generations at once, {loaded.num_threads} thread(s) each) at "
+              f"{workers.max_concurrency} generations at once, {loaded.num_threads} thread(s) each) at "
               f"http://{host_shown}:{sock.getsockname()[1]}/v1  (Ctrl-C stops)", flush=True)
         if not is_loopback(host) and not api_key:
             print(f"warning: listening on {host} without --api_key: anyone who can reach this port can use the model",
@@ -165,4 +178,5 @@ def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, context_length: 
         server.run(sockets=[sock])  # uvicorn: Ctrl-C or SIGTERM ends it gracefully
         print("stopped", flush=True)
     finally:
+        workers.close()
         loaded.close()

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import openllm_ds
 from openllm_ds.errors import UserError
@@ -35,7 +36,7 @@ def test_load_generates_and_scores_as_the_cli_does(trained_export, tmp_path, whe
         report = evaluate(hf, eval_data=str(tmp_path / "texts.txt"), metrics=("perplexity",))
         assert lm.perplexity(TEXTS) == pytest.approx(report["perplexity"], rel=1e-6)
         assert 1 < lm.perplexity(TEXTS) < 8000
-    assert lm.completer._pool._shutdown  # closed by the with block
+    assert torch.get_num_threads() == lm.completer._threads_before  # closed by the with block: threads given back
 
 
 def test_load_onnx_backend_matches_torch(trained_export):
@@ -229,6 +230,6 @@ def test_the_torch_backend_loads_where_generate_does(small_run, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "load_model", spy)
     monkeypatch.setattr(loader, "select_device", lambda: "cuda:7")  # what a GPU box's select_device gives
-    completer = loader.load_completer(small_run, warm_up=False, max_concurrency=1)
+    completer = loader.load_completer(small_run, max_concurrency=1)
     completer.close()
     assert seen == ["cuda:7"]

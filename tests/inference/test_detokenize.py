@@ -162,7 +162,7 @@ def test_a_choice_ending_at_eos_changes_no_other_choice(tok):
     """The completer stops each choice at EOS itself: its samples are those of generate() with eos_id, which feeds
     a finished row EOS instead of its own next token."""
     lm = _RowModel(tok.vocab_size)
-    completer = Completer(lm, tok, "rows", 64, max_concurrency=1, backend="onnx")
+    completer = Completer(lm, tok, "rows", 64, backend="onnx", num_threads=1)
     prompt = tok.encode_prompt("The history of the university")
     params = SamplingParams(max_tokens=12, temperature=1.0, n=3, seed=11)
     texts, reasons, _ = completer.complete(prompt, params)
