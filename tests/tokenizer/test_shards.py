@@ -215,6 +215,7 @@ def test_no_stage_replaces_or_deletes_another_stages_output(tokenizer_dir, prepa
                                                                                   "tokenizer.model"])
     (outputs["an export of an older version"] / MANIFEST).write_text("config.json\nmodel.safetensors\ntokenizer.model\n")
     before = {k: tree(d) for k, d in outputs.items()}
+    (tmp_path / "no-squad").mkdir()  # prepare checks its --squad_dir is a folder first, then the output it would write
 
     writers = {
         "token shards": lambda out: tokenize_corpus(text, tokenizer_dir, out, num_workers=0),
