@@ -87,7 +87,7 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
 
 def test_vllm_answers_the_openai_client(vllm, client):
     proc, port, log_file = vllm
-    assert "starting vLLM:" in log_file.read_text() and "vllm.entrypoints.openai.api_server" in log_file.read_text()
+    assert "starting vLLM in float32:" in log_file.read_text() and "vllm.entrypoints.openai.api_server" in log_file.read_text()
     assert KEY not in log_file.read_text()  # the key travels in the environment, never on the command line
     assert [m.id for m in client.models.list().data] == [MODEL]
     with pytest.raises(openai.AuthenticationError):
