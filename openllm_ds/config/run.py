@@ -447,7 +447,7 @@ def _merge_section(values: dict, origins: dict, section: str, updates: dict, sou
         origins[f"{section}.{k}"] = source
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_config_yaml(path: str | Path) -> dict:
     """A run config YAML (``--config``), by the one reader policy (``utils.read_yaml``): a mapping of sections."""
     raw = read_yaml_file(path, "write sections (data, tokenizer, model, train, eval, export) of key: value, or pass "
                          "another --config (see configs/)", "config file", (dict, type(None)), ConfigError)
@@ -494,7 +494,7 @@ def load_run_config(
         from openllm_ds.presets import config_file, resolve_beside
 
         config_path = config_file(config_path)
-        raw = read_yaml(config_path)
+        raw = read_config_yaml(config_path)
         train = raw.get("train") if isinstance(raw, dict) else None
         if isinstance(train, dict) and isinstance(train.get("ds_config"), str):
             raw["train"] = {**train, "ds_config": resolve_beside(train["ds_config"], config_path)}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from openllm_ds.inference import greedy_continuation
 from openllm_ds.evaluation.sliding_window import read_documents
-from openllm_ds.evaluation.squad_score import (check_squad_dataset, normalize_answer, read_json,
+from openllm_ds.evaluation.squad_score import (check_squad_dataset, normalize_answer, read_scorer_json,
                                                score_predictions, squad_version)
 from openllm_ds.errors import DataError
 
@@ -40,7 +40,7 @@ class SquadQuestion:
 
 
 def read_squad(path: str) -> tuple[list[SquadQuestion], str]:
-    data = read_json(path, "task data")
+    data = read_scorer_json(path, "task data")
     articles = check_squad_dataset(data, path)
     questions = [
         SquadQuestion(qa["id"], p["context"], str(qa.get("question", "")), tuple(a["text"] for a in qa["answers"]), qa)
