@@ -297,8 +297,8 @@ def _json_array_documents(f: SourceFile, options: ReadOptions, counts: UnitCount
 def parse_json(raw: bytes, name: str, fix: str):
     """A whole JSON document by the one reader policy (``utils.decode_text``, then ``utils.json_of_text``): a
     DataError naming ``name`` and ``fix`` when it holds NUL bytes, is not UTF-8, does not parse (truncated?) or
-    nests too deeply to read."""
-    return json_of_text(decode_text(raw, name, fix, DataError), name, fix, error=DataError)
+    nests too deeply to read. A lone surrogate escape is kept: cleaning replaces it, as in every document."""
+    return json_of_text(decode_text(raw, name, fix, DataError), name, fix, error=DataError, lone_surrogates=True)
 
 
 def _table_documents(unit: Unit, options: ReadOptions, counts: UnitCounts) -> Iterator[str]:
