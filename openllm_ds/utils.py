@@ -289,7 +289,9 @@ def parse_json(text: str, constants: bool = True, lone_surrogates: bool = False)
     try:
         obj = json.loads(text) if constants else json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
-        truncated = "; truncated?" if e.pos >= len(text.rstrip()) else ""
+        # the text ends inside the document: at its end, or inside a string that never closes
+        ends_early = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        truncated = "; truncated?" if ends_early else ""
         raise ValueError(f"{e.msg} at line {e.lineno} column {e.colno}{truncated}") from None
     except RecursionError:
         raise ValueError("nested too deeply to read") from None
