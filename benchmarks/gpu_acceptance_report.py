@@ -195,7 +195,7 @@ def serve_rows(res: dict, plan: dict) -> list[str]:
     if not ours.get("ok"):
         return []
     L = ["", "## Serving: greedy completions", "",
-         f"Each prompt continued by `openllm-ds generate --temperature 0 --max_length {plan['new_tokens']}`, and by "
+         f"Each prompt continued by `openllm-ds generate --temperature 0 --max_new_tokens {plan['new_tokens']}`, and by "
          f"`/v1/completions` with temperature 0 and max_tokens {plan['new_tokens']} from `openllm-ds serve`. "
          "Sides (device, dtype) differ where a column says so: equal sides must give equal text.", "",
          "| prompt | openllm-ds generate | generate on the CPU | built-in server | vLLM |", "|---|---|---|---|---|"]

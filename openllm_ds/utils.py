@@ -265,6 +265,12 @@ def read_text(path: str | Path, fix: str, what: str | None = None, error: type[U
         raise error(f"cannot read {name} ({e.strerror}); {fix}") from None
     if len(raw) > MAX_SMALL_FILE:
         raise error(f"{name} is larger than {MAX_SMALL_FILE >> 20} MiB, too large for this kind of file; {fix}")
+    return decode_text(raw, name, fix, error)
+
+
+def decode_text(raw: bytes, name: str, fix: str, error: type[UserError] = UserError) -> str:
+    """Bytes read whole as text by read_text's rules (UTF-8, a byte-order mark allowed, no NUL byte): a file's, or
+    an archive member's; ``name`` names it in messages."""
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise error(f"{name} holds a NUL byte at offset {nul}: it is binary or damaged, not text; {fix}")
@@ -274,21 +280,24 @@ def read_text(path: str | Path, fix: str, what: str | None = None, error: type[U
         raise error(f"{name} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); {fix}") from None
 
 
-def parse_json(text: str, constants: bool = True) -> Any:
+def parse_json(text: str, constants: bool = True, lone_surrogates: bool = False) -> Any:
     """JSON text to Python, or a ValueError saying why not in a few words (the one JSON parser: files and HTTP
     request bodies alike). A string holding an unpaired UTF-16 surrogate escape ("\\ud800") is refused: it is no
-    text any encoder, tokenizer or JSON writer can take. ``constants``: NaN and Infinity are read (Python's
-    json writes them) or refused (they are not JSON)."""
+    text any encoder, tokenizer or JSON writer can take; ``lone_surrogates``: kept instead, for corpus documents,
+    whose cleaning replaces them. ``constants``: NaN and Infinity are read (Python's json writes them) or refused
+    (they are not JSON)."""
     try:
         obj = json.loads(text) if constants else json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
-        truncated = "; truncated?" if e.pos >= len(text.rstrip()) else ""
+        # the text ends inside the document: at its end, or inside a string that never closes
+        ends_early = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        truncated = "; truncated?" if ends_early else ""
         raise ValueError(f"{e.msg} at line {e.lineno} column {e.colno}{truncated}") from None
     except RecursionError:
         raise ValueError("nested too deeply to read") from None
     except ValueError as e:  # a refused constant, an integer of more than 4300 digits
         raise ValueError(str(e)[:200]) from None
-    if "\\u" in text and _holds_lone_surrogate(obj):
+    if not lone_surrogates and "\\u" in text and _holds_lone_surrogate(obj):
         raise ValueError("it holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)")
     return obj
 
@@ -326,12 +335,18 @@ def read_json(path: str | Path, fix: str, what: str | None = None, expect=None,
     """A JSON file (read_text's rules, then parse_json's); ``expect``: the top-level type(s) it must hold
     (``dict``: an object)."""
     p = Path(path)
-    text = read_text(p, fix, what, error)
+    return json_of_text(read_text(p, fix, what, error), _named(p, what), fix, expect, error)
+
+
+def json_of_text(text: str, name: str, fix: str, expect=None, error: type[UserError] = UserError,
+                 lone_surrogates: bool = False) -> Any:
+    """parse_json's reading of ``text`` (a file's, read by read_text or decode_text), its errors one line naming
+    ``name`` and ``fix``; ``expect``: the top-level type(s) it must hold."""
     try:
-        obj = parse_json(text)
+        obj = parse_json(text, lone_surrogates=lone_surrogates)
     except ValueError as e:
-        raise error(f"{_named(p, what)} is not valid JSON ({e}); {fix}") from None
-    return _check_kind(obj, expect, JSON_KINDS, _named(p, what), fix, error)
+        raise error(f"{name} is not valid JSON ({e}); {fix}") from None
+    return _check_kind(obj, expect, JSON_KINDS, name, fix, error)
 
 
 def read_yaml(path: str | Path, fix: str, what: str | None = None, expect=None,

@@ -14,15 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds openllm_ds/
 
-from openllm_ds.cli import build_parser, main  # noqa: E402
-from openllm_ds.errors import UserError  # noqa: E402
-from openllm_ds.utils import check_job_outputs  # noqa: E402
+from openllm_ds.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    args = build_parser().parse_args(["evaluate", *sys.argv[1:]])
-    try:
-        check_job_outputs({"--model_dir": args.model_dir, **({"--output": args.output} if args.output else {})})
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(job_main("evaluate", sys.argv[1:], lambda args: {"--model_dir": args.model_dir,
+                                                               **({"--output": args.output} if args.output else {})}))

@@ -10,17 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds openllm_ds/
 
-from openllm_ds.cli import build_parser, main  # noqa: E402
-from openllm_ds.errors import UserError  # noqa: E402
-from openllm_ds.utils import check_job_outputs  # noqa: E402
+from openllm_ds.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if not any(a.startswith("train.num_workers=") for a in argv):
         argv.append("train.num_workers=1")
-    try:
-        check_job_outputs({"--work_dir": build_parser().parse_args(["pipeline", *argv]).work_dir})
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(["pipeline", *argv]))
+    sys.exit(job_main("pipeline", argv, lambda args: {"--work_dir": args.work_dir}))

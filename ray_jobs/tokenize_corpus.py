@@ -7,7 +7,7 @@ must stay importable.)
 
 Takes the flags of `openllm-ds tokenize`. Inside a Ray job the workers run on the job's cluster
 (RAY_ADDRESS); the inputs and --output_dir must be on storage every node mounts at the same path.
-The job runs in a temporary copy of --working-dir that Ray deletes later, so --output_dir must be an
+The job runs in a temporary copy of --working-dir that Ray deletes later, so --output_dir must be given, as an
 absolute path.
 """
 
@@ -16,20 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds openllm_ds/
 
-from openllm_ds.cli import build_parser, main  # noqa: E402
-from openllm_ds.paths import expand_path  # noqa: E402
-
-
-def check_output_dir(argv: list[str]) -> str | None:
-    args = build_parser().parse_args(["tokenize", *argv])
-    if not args.output_dir or not expand_path(args.output_dir).is_absolute():  # ~/x is absolute once expanded
-        return (f"--output_dir {args.output_dir or '(not given)'}: a Ray job runs in a temporary copy of --working-dir "
-                "that Ray deletes later; pass an absolute path on storage every node mounts, e.g. /shared/corpus.tokens")
-    return None
-
+from openllm_ds.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    if problem := check_output_dir(sys.argv[1:]):
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(["tokenize", *sys.argv[1:]]))
+    sys.exit(job_main("tokenize", sys.argv[1:], lambda args: {"--output_dir": args.output_dir}))

@@ -15,9 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds openllm_ds/
 
-from openllm_ds.cli import build_parser, main as cli_main, run_config_from_args  # noqa: E402
-from openllm_ds.errors import UserError  # noqa: E402
-from openllm_ds.utils import check_job_outputs  # noqa: E402
+from openllm_ds.cli import job_main, run_config_from_args  # noqa: E402
 
 WORKERS = ("--num_workers", "--num-workers", "train.num_workers=")
 
@@ -26,13 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a.startswith(WORKERS) for a in argv):
         argv.append("train.num_workers=1")  # a job trains under Ray Train
-    try:
-        cfg = run_config_from_args(build_parser().parse_args(["train", *argv]), "train")
-        check_job_outputs({"--output_dir (train.output_dir)": cfg.output_dir})
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return cli_main(["train", *argv])
+    return job_main("train", argv, lambda args: {"--output_dir (train.output_dir)": run_config_from_args(args).output_dir})
 
 
 if __name__ == "__main__":

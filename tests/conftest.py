@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, TRAINED_SHAPE, free_port, generated_text, make_fake_run
+
 SHARED_DATA = Path(os.environ.get("OPENLLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SQUAD_DIR = SHARED_DATA / "squad"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
@@ -101,12 +101,6 @@ def token_shards(prepared_data, tokenizer_dir) -> dict[str, Path]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def ray_head(tmp_path):
     """A real Ray head started with `ray start --head` (2 CPUs, job server on a free port); stopped after."""
@@ -143,7 +137,6 @@ def ray_head(tmp_path):
 # A small trained model for the serving tests: vLLM, the built-in server, transformers and `generate` must
 # agree on its greedy tokens and first logits (a random model's near-uniform logits would make ties).
 
-TRAINED_SHAPE = dict(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=128, dropout=0.0)  # head size 32
 
 
 @pytest.fixture(scope="session")
@@ -195,42 +188,16 @@ def trained_export(prepared_data, tokenizer_dir, tmp_path_factory):
 # model of context 32 saved as a training output (seconds to build). For tests of the read side's boundaries:
 # sampling parameters, text, output locks.
 
-WORDS = ("river", "castle", "Norman", "empire", "music", "science", "harbour", "winter", "market", "church",
-         "railway", "island", "treaty", "garden", "engine", "library", "village", "theatre", "bridge", "forest")
-
-
-def generated_text(lines: int, seed: int) -> str:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return "".join(" ".join(rng.choice(WORDS, size=14)) + ".\n" for _ in range(lines))
-
-
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> Path:
     """A training output (models/NAME layout) of a random 1-layer model, context 32, with its own tokenizer."""
-    import torch
-    from safetensors.torch import save_file
-
-    from openllm_ds.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
-    from openllm_ds.model import Transformer
+    from openllm_ds.config import ModelConfig, TokenizerConfig
     from openllm_ds.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("small_run")
     (root / "training_data.txt").write_text(generated_text(200, 0), encoding="utf-8")
     train_tokenizer(TokenizerConfig(input=str(root / "training_data.txt"), output_dir=str(root / "tok"), vocab_size=300))
     cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32, dropout=0.0)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    run = root / "run"
-    step = run / "checkpoints" / "step_00000002"
-    step.mkdir(parents=True)
-    run_cfg = RunConfig(name="small", model=cfg, train=TrainConfig(tokenizer_dir=str(root / "tok"), max_steps=2))
-    run_cfg.save(run / "run_config.yaml")
-    run_cfg.save(step / "run_config.yaml")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              str(step / "model.safetensors"))
-    (step / "train_state.json").write_text(json.dumps({"step": 2}))
-    (run / "checkpoints" / "latest").write_text(step.name + "\n")
-    shutil.copytree(root / "tok", run / "tokenizer")
-    return run
+    make_fake_run(root / "run", root / "tok", steps=(2,), cfg=cfg, seed=0, val_loss=None, tokens_per_step=None,
+                  name="small")
+    return root / "run"

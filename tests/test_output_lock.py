@@ -20,7 +20,7 @@ import pytest
 from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.output_lock import OutputLock, lock_file, output_in_use
 
-from conftest import generated_text
+from helpers import generated_text
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD = r"is in use by openllm-ds test-holder \(pid \d+ on [^,]+, since [\d: -]+\); wait for it to finish, or choose another"

@@ -37,7 +37,7 @@ from openllm_ds.checkpoint import load_model
 from openllm_ds.config import DataConfig, TokenizerConfig
 from openllm_ds.utils import MANIFEST
 
-from test_train import logged, tiny_cfg
+from helpers import logged, tiny_cfg
 
 pytestmark = pytest.mark.slow
 

@@ -32,8 +32,10 @@ def ours(argv: list[str]) -> tuple[str, list[str]] | None:
     """('cli' | 'train', args) for a command line that runs this project's code; None for another tool's."""
     if argv[0] in ("openllm-ds", ".venv/bin/openllm-ds"):
         return "cli", argv[1:]
-    if argv[0] == "deepspeed":
-        return "train", argv[argv.index("openllm_ds.train") + 1:]
+    if argv[0] == "deepspeed":  # the documented launch: deepspeed ... --module openllm_ds train ...
+        at = argv.index("--module")
+        assert argv[at + 1:at + 3] == ["openllm_ds", "train"], argv
+        return "train", argv[at + 3:]
     if argv[0] == "scripts/gpu_acceptance.sh":
         return "acceptance", [a for a in argv[1:] if a not in ("--with_vllm", "--skip_setup", "--rehearse")]
     if argv[:2] == [".venv/bin/python", "benchmarks/gpu_acceptance.py"]:
@@ -56,7 +58,7 @@ def check_ray_job_outputs(script: str, args: list[str], monkeypatch) -> None:
 
     name = Path(script).stem
     if name == "train":
-        outputs = {"--output_dir": run_config_from_args(build_train_parser().parse_args(args), "train").output_dir}
+        outputs = {"--output_dir": run_config_from_args(build_train_parser().parse_args(args)).output_dir}
     else:
         parsed = build_parser().parse_args(args)
         outputs = {"pipeline": {"--work_dir": getattr(parsed, "work_dir", None)},
@@ -93,8 +95,25 @@ def test_readme_command_parses(command, monkeypatch):
         return
     if which == "train":
         parsed = build_train_parser().parse_args(args)
-        run_config_from_args(parsed, "train")
+        run_config_from_args(parsed)
         return
     parsed = build_parser().parse_args(args)
     if parsed.command in ("train", "pipeline", "prepare", "train-tokenizer"):
-        run_config_from_args(parsed, parsed.command)
+        run_config_from_args(parsed)
+
+
+def test_the_readme_and_help_use_one_set_of_names():
+    """--model_dir, --max_new_tokens, --context_length: the old spellings are aliases that the commands never use."""
+    old = [c for c in COMMANDS if re.search(r"--model_path\b|--max_length\b|openllm_ds\.train\b", c)]
+    assert not old, old
+    parser = build_parser()
+    helps = {name: sp.format_help() for name, sp in parser._subparsers._group_actions[0].choices.items()}
+    assert "--max_new_tokens MAX_NEW_TOKENS, --max_length" in helps["generate"]
+    assert "--context_length" in helps["serve"] and "--max_length" not in helps["serve"]
+    assert "--model_dir MODEL_DIR, --model_path" in helps["serve"]
+    for stage in ("evaluate", "generate", "export"):
+        assert "--model_dir" in helps[stage] and "--model_path" not in helps[stage]
+    # the aliases still parse, to the one name
+    assert parser.parse_args(["generate", "--model_dir", "m", "--prompt", "p", "--max_length", "7"]).max_new_tokens == 7
+    served = parser.parse_args(["serve", "--model_path", "e", "--max_length", "64"])
+    assert (served.model_dir, served.context_length) == ("e", 64)

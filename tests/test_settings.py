@@ -70,9 +70,10 @@ def test_the_api_key_is_compared_as_the_bearer_token_is(monkeypatch, small_run):
         with pytest.raises(UserError, match=message):
             api_key_setting(None)
 
-    from openllm_ds.serve import load_completer, start_server
+    from openllm_ds.inference import load_completer
+    from openllm_ds.serve import start_server
 
-    completer = load_completer(small_run, max_length=32, model_name="m", max_concurrency=1, warm_up=False)
+    completer = load_completer(small_run, context_length=32, model_name="m", max_concurrency=1)
     try:
         with start_server(completer=completer, api_key=" s3cret\n") as srv:
             for header, status in (("Bearer s3cret", 200), ("Bearer  s3cret ", 200), ("bearer s3cret", 200),

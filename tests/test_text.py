@@ -51,7 +51,7 @@ def test_lists_of_texts():
 
 @pytest.fixture(scope="module")
 def lm(small_run):
-    with openllm_ds.load(small_run, max_length=32) as lm:
+    with openllm_ds.load(small_run, context_length=32) as lm:
         yield lm
 
 
@@ -85,5 +85,5 @@ def test_environment_values_are_text(monkeypatch):
 
 @pytest.mark.parametrize("path,got", [(None, "None"), (5, "an int"), ("model\x00dir", "a NUL character")])
 def test_a_path_that_is_not_one_is_named(path, got):
-    with pytest.raises(UserError, match=rf"^--model_path must be a path, got {got}"):
+    with pytest.raises(UserError, match=rf"^--model_dir must be a path, got {got}"):
         openllm_ds.load(path)

@@ -25,6 +25,7 @@ from typing import Iterator
 from openllm_ds.data.units import (TABLE_BATCH_ROWS, ReadOptions, SourceFile, Unit, UnitCounts, archive_error,
                                    arrow_batches, open_stream, open_table, plan_units, resolve_sources)
 from openllm_ds.errors import DataError, UserError
+from openllm_ds.utils import decode_text, json_of_text
 
 
 # ---- units -> documents ----------------------------------------------------------------------
@@ -294,20 +295,10 @@ def _json_array_documents(f: SourceFile, options: ReadOptions, counts: UnitCount
 
 
 def parse_json(raw: bytes, name: str, fix: str):
-    """A whole JSON document (UTF-8, a byte-order mark allowed); a DataError naming ``name`` and ``fix`` when it
-    looks binary, is not UTF-8, does not parse (truncated?) or nests too deeply to read."""
-    if b"\x00" in raw:
-        raise DataError(f"{name} holds NUL bytes: it looks binary, not JSON; {fix}")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); {fix}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{name} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?); {fix}") from None
-    except RecursionError:
-        raise DataError(f"{name} holds JSON nested too deeply to read; {fix}") from None
+    """A whole JSON document by the one reader policy (``utils.decode_text``, then ``utils.json_of_text``): a
+    DataError naming ``name`` and ``fix`` when it holds NUL bytes, is not UTF-8, does not parse (truncated?) or
+    nests too deeply to read. A lone surrogate escape is kept: cleaning replaces it, as in every document."""
+    return json_of_text(decode_text(raw, name, fix, DataError), name, fix, error=DataError, lone_surrogates=True)
 
 
 def _table_documents(unit: Unit, options: ReadOptions, counts: UnitCounts) -> Iterator[str]:

@@ -30,40 +30,24 @@ import dataclasses
 import glob
 import gzip
 import io
-import json
 import lzma
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openllm_ds.config import ReadOptions  # noqa: F401 - defined in the config layer, read here
 from openllm_ds.errors import DataError, UserError
-from openllm_ds.utils import first_line, read_manifest
+from openllm_ds.settings import env_flag
+from openllm_ds.utils import first_line, read_json, read_manifest
 
 UNIT_BYTES = 16 * 2**20
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 COMPRESSIONS = {".gz": "gz", ".zst": "zst", ".bz2": "bz2", ".xz": "xz"}
-DOC_SEPARATORS = ("newline", "blank_line")
-ON_BAD_RECORD = ("error", "skip")
 SHARDS_SUFFIX = ".tokens"
 SHARDS_KIND = "token shards"  # the kind a shards dir's manifest names (tokenizer/corpus.py writes them)
 TABLE_BATCH_ROWS = 8192
 BLANK = b" \t\r\n\f\v"
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    text_field: str = "text"
-    doc_separator: str = "newline"  # newline | blank_line (text files)
-    on_bad_record: str = "error"  # error | skip
-
-    def __post_init__(self):
-        if self.doc_separator not in DOC_SEPARATORS:
-            raise UserError(f"--doc_separator must be newline or blank_line, got {self.doc_separator!r}")
-        if self.on_bad_record not in ON_BAD_RECORD:
-            raise UserError(f"--on_bad_record must be error or skip, got {self.on_bad_record!r}")
-        if not self.text_field:
-            raise UserError("--text_field must name a field, e.g. --text_field text")
 
 
 @dataclass(frozen=True)
@@ -260,17 +244,18 @@ def _json_array(f: SourceFile) -> bool:
 
 def _dataset_dict_splits(p: Path) -> list[str]:
     try:
-        return list(json.loads((p / "dataset_dict.json").read_text())["splits"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return list(read_json(p / "dataset_dict.json", "save the dataset again with DatasetDict.save_to_disk")["splits"])
+    except (UserError, KeyError, TypeError):
         return []
 
 
 def saved_dataset_files(p: Path, source: str) -> list[SourceFile]:
     """The .arrow files of a ``Dataset.save_to_disk`` directory, in the dataset's order."""
+    fix = "save the dataset again with Dataset.save_to_disk"
+    state = read_json(p / "state.json", fix, "Hugging Face dataset state", expect=dict, error=DataError)
     try:
-        state = json.loads((p / "state.json").read_text(encoding="utf-8"))
         names = [f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise DataError(f"{p / 'state.json'} is not a Hugging Face dataset state ({e}); save the dataset again "
                         "with Dataset.save_to_disk") from None
     if state.get("_indices_data_files") or (p / "indices.arrow").exists():
@@ -303,8 +288,7 @@ def hub_files(source: str) -> list[SourceFile]:
         import datasets
     except ImportError:
         raise UserError(f"{source} needs the `datasets` package (pip install datasets)") from None
-    offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-                  for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = any(env_flag(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the Hub raises many types: ConnectionError, HfHubHTTPError, FileNotFoundError...

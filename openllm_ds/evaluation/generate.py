@@ -1,4 +1,5 @@
-"""Text generation from a prompt, streamed to the terminal as it is produced."""
+"""``openllm-ds generate``: text from a prompt, streamed to the terminal as it is produced, through the one
+generation path (``openllm_ds.inference``)."""
 
 from __future__ import annotations
 
@@ -6,89 +7,60 @@ import sys
 
 import torch
 
-from openllm_ds.checkpoint import load_model
 from openllm_ds.errors import UserError
-from openllm_ds.model import generate
-from openllm_ds.sampling import SamplingParams
+from openllm_ds.inference import load_completer
+from openllm_ds.inference.sampling import SamplingParams
 from openllm_ds.text import check_text
-from openllm_ds.utils import select_device
 
 # the names `openllm-ds generate` gives the sampling parameters
-FLAGS = {"max_tokens": "--max_length", "temperature": "--temperature", "top_p": "--top_p", "top_k": "--top_k",
+FLAGS = {"max_tokens": "--max_new_tokens", "temperature": "--temperature", "top_p": "--top_p", "top_k": "--top_k",
          "repetition_penalty": "--repetition_penalty", "n": "--num_samples", "seed": "--seed"}
 
 
-def generate_text(model_dir, prompt: str, max_length: int = 256, temperature: float = 0.7, top_k: int | None = None,
-                  top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
-                  num_samples: int = 1, checkpoint: int | None = None, stream: bool = True) -> list[str]:
+def generate_text(model_dir, prompt: str, max_new_tokens: int = 256, temperature: float = 0.7,
+                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                  seed: int | None = None, num_samples: int = 1, checkpoint: int | None = None,
+                  stream: bool = True) -> list[str]:
     """Continue ``prompt`` ``num_samples`` times; returns the continuations (prompt not included).
 
-    The model sees the prompt prefix (EOS, the document boundary it learned; ``Tokenizer.encode_prompt``) + the
-    prompt's tokens, as the built-in server, transformers and vLLM do, and samples until EOS or ``max_length`` new tokens
-    (or until its context is full). With ``stream`` the prompt and each continuation are printed
-    to stdout as the tokens come. ``seed`` makes sampling reproducible (one torch.Generator drives
-    all samples, drawn one after another); temperature 0 is greedy.
+    The model sees the prompt as the built-in server and ``openllm_ds.load`` do (``Completer.encode``: after EOS,
+    the document boundary it learned) and samples until EOS or ``max_new_tokens`` new tokens (or until its context
+    is full). With ``stream`` the prompt and each continuation are printed to stdout as the tokens come. ``seed``
+    makes sampling reproducible (one torch.Generator drives all samples, drawn one after another); temperature 0 is
+    greedy.
     """
-    params = SamplingParams.build(FLAGS, max_tokens=max_length, temperature=temperature, top_k=top_k or 0,
+    params = SamplingParams.build(FLAGS, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
                                   top_p=1.0 if top_p is None else top_p, repetition_penalty=repetition_penalty,
                                   n=num_samples, seed=seed)
     check_text(prompt, "--prompt")
-
-    device = select_device()
-    loaded = load_model(model_dir, step=checkpoint, device=device)
-    tokenizer = loaded.tokenizer
-    model = loaded.model
-    prompt_ids = tokenizer.encode_prompt(prompt)  # the prompt convention: after EOS, as a training document
-    if len(prompt_ids) >= model.cfg.max_seq_len:
-        raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {model.cfg.max_seq_len}: "
-                        "shorten the prompt")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-
-    out = []
-    for i in range(num_samples):
-        if stream:
-            header = f"--- sample {i + 1}/{num_samples} ---\n" if num_samples > 1 else ""
-            sys.stdout.write(header + prompt)
-            sys.stdout.flush()
-        ids = sample_ids(model, prompt_ids, params, tokenizer.eos_id, generator, tokenizer if stream else None)
-        if stream:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        out.append(continuation_text(tokenizer, prompt_ids, ids))
-    return out
-
-
-def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text the new tokens add after the prompt, with the space a word piece starts with
-    (decoding the new ids alone would drop it)."""
-    base = tokenizer.decode(prompt_ids)
-    full = tokenizer.decode(list(prompt_ids) + list(new_ids))
-    return full[len(base):] if full.startswith(base) else tokenizer.decode(new_ids)
-
-
-@torch.no_grad()
-def sample_ids(model, prompt_ids: list[int], params: SamplingParams, eos_id: int | None, generator=None,
-               stream_tokenizer=None) -> list[int]:
-    """New token ids after ``prompt_ids`` (EOS not included); prints decoded text when given a tokenizer."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    ids: list[int] = []
-    shown = ""
-    for nxt in generate(model, idx, params.max_tokens, temperature=params.temperature, top_k=params.top_k or None,
-                        top_p=params.top_p if params.top_p < 1.0 else None, eos_id=eos_id,
-                        repetition_penalty=params.repetition_penalty, generator=generator):
-        token = int(nxt[0])
-        if token == eos_id:
-            break
-        ids.append(token)
-        if stream_tokenizer is not None:
-            # decode the whole continuation: a multi-byte character may span several tokens
-            text = continuation_text(stream_tokenizer, prompt_ids, ids)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(shown):])
+    completer = load_completer(model_dir, step=checkpoint, context_length=1 << 62,  # the model's whole context
+                               max_concurrency=1)
+    try:
+        prompt_ids = completer.encode(prompt)
+        if len(prompt_ids) >= completer.context_length:
+            raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is "
+                            f"{completer.context_length}: shorten the prompt")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=completer.device).manual_seed(seed)
+        one = params.replace(n=1)
+        out = []
+        for i in range(num_samples):
+            if stream:
+                header = f"--- sample {i + 1}/{num_samples} ---\n" if num_samples > 1 else ""
+                sys.stdout.write(header + prompt)
                 sys.stdout.flush()
-                shown = text
-    return ids
+            text = ""
+            for updates in completer.generate(prompt_ids, one, generator=generator):
+                delta = updates[0].text
+                text += delta
+                if stream and delta:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            if stream:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            out.append(text)
+        return out
+    finally:
+        completer.close()

@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from openllm_ds.evaluation.generate import continuation_text
+from openllm_ds.inference import greedy_continuation
 from openllm_ds.evaluation.sliding_window import read_documents
-from openllm_ds.evaluation.squad_score import (check_squad_dataset, normalize_answer, read_json,
+from openllm_ds.evaluation.squad_score import (check_squad_dataset, normalize_answer, read_scorer_json,
                                                score_predictions, squad_version)
 from openllm_ds.errors import DataError
-from openllm_ds.model import generate
 
 _STRIP = string.punctuation + "\u201c\u201d\u2018\u2019"
 SHOT_POOL = 200  # worked examples are drawn from the shortest passages, so that they fit the context
@@ -41,7 +40,7 @@ class SquadQuestion:
 
 
 def read_squad(path: str) -> tuple[list[SquadQuestion], str]:
-    data = read_json(path, "task data")
+    data = read_scorer_json(path, "task data")
     articles = check_squad_dataset(data, path)
     questions = [
         SquadQuestion(qa["id"], p["context"], str(qa.get("question", "")), tuple(a["text"] for a in qa["answers"]), qa)
@@ -63,24 +62,6 @@ def fit_prompt(start_id: int, ids: list[int], budget: int) -> tuple[list[int], b
     if 1 + len(ids) <= budget:
         return [start_id] + ids, False
     return [start_id] + ids[len(ids) - (budget - 1):], True
-
-
-@torch.no_grad()
-def greedy_continuation(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, stop_when) -> str:
-    """Greedy text after ``prompt_ids`` until EOS, ``stop_when(text)`` or ``max_new_tokens``."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    ids: list[int] = []
-    text = ""
-    for nxt in generate(model, idx, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id):
-        token = int(nxt[0])
-        if token == tokenizer.eos_id:
-            break
-        ids.append(token)
-        text = continuation_text(tokenizer, prompt_ids, ids)
-        if stop_when(text):
-            break
-    return text
 
 
 def sample(items: list, limit: int | None, rng: random.Random) -> list:

@@ -66,7 +66,7 @@ def f1_score(prediction: str, ground_truth: str, *, empty_matches_empty: bool = 
 
 # ---- reading and checking the inputs ------------------------------------------------------------
 
-def read_json(path: str | Path, what: str) -> Any:
+def read_scorer_json(path: str | Path, what: str) -> Any:
     """A JSON input of the scorer, by the one reader policy (``utils.read_json``)."""
     return read_json_file(path, "pass the JSON file as written by the model or the scorer", what, error=DataError)
 
@@ -137,12 +137,12 @@ def score_squad(dataset: str | Path, predictions: str | Path, na_prob_file: str 
     ``dataset``: a SQuAD JSON file; ``predictions``: a JSON object {question_id: answer};
     ``na_prob_file`` (v2.0): a JSON object {question_id: probability of no answer}.
     """
-    data = read_json(dataset, "dataset")
+    data = read_scorer_json(dataset, "dataset")
     articles = check_squad_dataset(data, str(dataset))
-    preds = check_predictions(read_json(predictions, "predictions"), str(predictions))
+    preds = check_predictions(read_scorer_json(predictions, "predictions"), str(predictions))
     na_probs = None
     if na_prob_file is not None:
-        na_probs = check_na_probs(read_json(na_prob_file, "no-answer probability file"), str(na_prob_file))
+        na_probs = check_na_probs(read_scorer_json(na_prob_file, "no-answer probability file"), str(na_prob_file))
     report = score_predictions(articles, preds, squad_version(data), na_probs=na_probs)
     return {"dataset": str(dataset), "predictions": str(predictions), **report}
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.paths import check_path
-from openllm_ds.sampling import SamplingParams
+from openllm_ds.inference.sampling import SamplingParams
 from openllm_ds.utils import read_yaml
 
 KINDS: dict[str, tuple[str, ...]] = {  # kind -> its metrics, the first is the default
@@ -68,7 +68,7 @@ class TaskSpec:
         for key, low in (("num_shots", 0), ("num_choices", 2), ("batch_size", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{where}: {key} must be >= {low}, got {getattr(self, key)}")
-        try:  # greedy generation's parameters, in the ranges every generation takes (openllm_ds.sampling)
+        try:  # greedy generation's parameters, in the ranges every generation takes (openllm_ds.inference.sampling)
             params = SamplingParams.build({"max_tokens": "max_new_tokens"}, max_tokens=self.max_new_tokens,
                                           temperature=0.0, stop=self.stop)
         except UserError as e:

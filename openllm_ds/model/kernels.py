@@ -110,3 +110,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x = (g @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
         grad_w = (g.t() @ x).mul_(scale) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
+
+
+def transposed_weights_ready(model: torch.nn.Module) -> bool | None:
+    """Whether every ``Linear`` of ``model`` holds the current transposed copy of its weight (the CPU decode step's
+    fast path, made by a first decode); None where that path does not apply (a model off the CPU)."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if not linears or not linears[0].weight.is_cpu:
+        return None
+    return all(m.packed is not None and m.packed[0] == (m.weight.data_ptr(), m.weight._version) for m in linears)

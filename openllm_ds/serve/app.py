@@ -29,7 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from openllm_ds.serve.completer import Completer, model_card
+from openllm_ds.inference import Completer
+from openllm_ds.serve.workers import Workers
 from openllm_ds.serve.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, chunk_body, new_id, now, parse_request,
     response_body, usage_chunk,
@@ -42,12 +43,12 @@ LINGER_S = 2.0  # at most this long, and at most 2 x max_body_bytes, drained fro
 log = logging.getLogger("openllm_ds.serve")
 
 
-def _dumps(body) -> bytes:
+def dumps(body) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace")  # a lone surrogate stays JSON
 
 
 def json_response(status: int, body: dict, headers: dict | None = None) -> Response:
-    return Response(_dumps(body), status_code=status, headers=headers, media_type="application/json")
+    return Response(dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
 def error_response(e: APIError, headers: dict | None = None) -> Response:
@@ -178,9 +179,16 @@ class _ClientGone(Exception):
     pass
 
 
-def build_app(completer: Completer, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+def model_card(completer: Completer) -> dict:
+    """/v1/models' entry for the served model (vLLM's fields)."""
+    return {"id": completer.model_name, "object": "model", "owned_by": "openllm-ds",
+            "max_model_len": completer.context_length, "backend": completer.backend}
+
+
+def build_app(completer: Completer, workers: Workers, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
-    """The OpenAI-compatible API of ``completer``: a FastAPI app wrapped in ``RequestGuard``."""
+    """The OpenAI-compatible API of ``completer``, its generations on ``workers``: a FastAPI app wrapped in
+    ``RequestGuard``."""
     app = FastAPI(title="openllm-ds", summary="OpenAI-compatible completions and chat completions",
                   redoc_url=None)
     created = now()
@@ -237,10 +245,10 @@ def build_app(completer: Completer, api_key: str | None = None, max_body_bytes: 
     async def _generate(request: Request, req: GenerationRequest):
         rid, model_name = new_id(req.kind), completer.model_name
         if req.stream:
-            return StreamingResponse(_events(completer, req, rid, now()), media_type="text/event-stream",
+            return StreamingResponse(_events(completer, workers, req, rid, now()), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         cancel = threading.Event()
-        future = completer.submit(_complete_all, completer, req, cancel)
+        future = workers.submit(_complete_all, completer, req, cancel)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
         try:
             texts, reasons, completion_tokens = await asyncio.wrap_future(future)
@@ -270,7 +278,7 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> No
         cancel.set()
 
 
-async def _events(completer: Completer, req: GenerationRequest, rid: str, created: int):
+async def _events(completer: Completer, workers: Workers, req: GenerationRequest, rid: str, created: int):
     """Server-sent events of a streamed answer; the generation runs on a worker and hands its steps over a queue."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -295,9 +303,9 @@ async def _events(completer: Completer, req: GenerationRequest, rid: str, create
             put(("error", e))
 
     def event(payload) -> bytes:
-        return b"data: " + (payload if isinstance(payload, bytes) else _dumps(payload)) + b"\n\n"
+        return b"data: " + (payload if isinstance(payload, bytes) else dumps(payload)) + b"\n\n"
 
-    completer.submit(produce)
+    workers.submit(produce)
     try:
         while True:
             item = await queue.get()

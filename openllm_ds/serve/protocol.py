@@ -3,7 +3,7 @@
 A request body is validated by ``CompletionRequest`` / ``ChatCompletionRequest`` (strict types: ``"2"``
 is not 2, ``true`` is not 1; unknown parameters refused as OpenAI refuses them), then checked against
 the model (name, vocabulary, context length) by ``generation_request``: the sampling parameters through
-``openllm_ds.sampling.SamplingParams`` (the ranges ``openllm-ds generate`` and the Python API take too;
+``openllm_ds.inference.sampling.SamplingParams`` (the ranges ``openllm-ds generate`` and the Python API take too;
 ``top_k`` and ``repetition_penalty`` as vLLM's server takes them), every text through
 ``openllm_ds.text.check_text``. Every problem becomes an ``APIError``: an HTTP 4xx with OpenAI's
 ``{"error": {message, type, param, code}}`` body naming the parameter, before any generation starts.
@@ -19,13 +19,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from openllm_ds.errors import UserError
-from openllm_ds.sampling import SamplingError, SamplingParams
-from openllm_ds.serve.completer import Completer
+from openllm_ds.inference.sampling import SamplingError, SamplingParams
+from openllm_ds.tokenizer.chat import ROLES
+from openllm_ds.inference import Completer
 from openllm_ds.text import check_text
 
 MAX_PROMPTS = 16
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = ROLES  # the chat template's roles, OpenAI's names mapped to them
 # Parameters this server does not implement: accepted only at their neutral value (of that exact type).
 NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
            "echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "tools": ([],), "functions": ([],),
@@ -65,7 +66,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    # the sampling parameters' types here; their ranges in openllm_ds.sampling (one check for every caller)
+    # the sampling parameters' types here; their ranges in openllm_ds.inference.sampling (one check for every caller)
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -302,15 +303,15 @@ def generation_request(req: CompletionRequest | ChatCompletionRequest, completer
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise bad("prompt", "the prompt is empty: it must hold at least one token")
-    room = completer.max_length - longest
+    room = completer.context_length - longest
     if room < 1:
-        raise bad(prompt_param, f"This model's maximum context length is {completer.max_length} tokens; the prompt has "
+        raise bad(prompt_param, f"This model's maximum context length is {completer.context_length} tokens; the prompt has "
                   f"{longest} tokens and leaves no room for a completion. Shorten the prompt.",
                   code="context_length_exceeded")
     if max_tokens is None:
         params = params.replace(max_tokens=room if kind == "chat" else min(DEFAULT_COMPLETION_TOKENS, room))
     elif max_tokens > room:
-        raise bad(max_key, f"This model's maximum context length is {completer.max_length} tokens. However, you requested "
+        raise bad(max_key, f"This model's maximum context length is {completer.context_length} tokens. However, you requested "
                            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the completion). "
                            "Reduce the prompt or the completion length.", code="context_length_exceeded")
     return GenerationRequest(kind, prompts, params, req.stream, req.include_usage)

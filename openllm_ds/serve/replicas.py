@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from openllm_ds.errors import UserError
+from openllm_ds.serve.handle import ServerHandle
 from openllm_ds.settings import host_setting, ray_address
 from openllm_ds.utils import start_local_ray
 
@@ -55,22 +56,26 @@ def _builtin_replica_class():
 
     @serve.ingress()
     class BuiltinReplica:
-        def __init__(self, model_path: str, backend: str, max_length: int, model_name: str, max_concurrency: int,
+        def __init__(self, model_dir: str, backend: str, context_length: int, model_name: str, max_concurrency: int,
                      num_threads: int | None, api_key: str | None, max_body_bytes: int):
+            from openllm_ds.inference import load_completer
             from openllm_ds.serve.app import build_app
-            from openllm_ds.serve.completer import load_completer
+            from openllm_ds.serve.workers import Workers
 
-            self.completer = load_completer(model_path, backend, max_length, model_name,
+            self.completer = load_completer(model_dir, backend, context_length, model_name,
                                             max_concurrency=max_concurrency, num_threads=num_threads)
-            self.ingress_app = _tag_replica(build_app(self.completer, api_key, max_body_bytes), _replica_id())
+            self.workers = Workers(max_concurrency)
+            self.workers.warm_up(self.completer)
+            self.ingress_app = _tag_replica(build_app(self.completer, self.workers, api_key, max_body_bytes),
+                                            _replica_id())
 
         def __serve_build_asgi_app__(self):
             return self.ingress_app
 
         def __del__(self):
-            completer = getattr(self, "completer", None)
-            if completer is not None:
-                completer.close()
+            for part in (getattr(self, "workers", None), getattr(self, "completer", None)):
+                if part is not None:
+                    part.close()
 
     return BuiltinReplica
 
@@ -80,12 +85,12 @@ def _vllm_replica_class():
 
     @serve.ingress()
     class VLLMReplica:
-        def __init__(self, model_path: str, max_length: int, model_name: str, api_key: str | None,
+        def __init__(self, model_dir: str, context_length: int, model_name: str, api_key: str | None,
                      max_body_bytes: int, extra_args: tuple[str, ...]):
             from openllm_ds.serve.vllm import VLLMServer
 
             self.upstream_key = secrets.token_hex(16)  # the child listens on loopback: only this replica may use it
-            self.server = VLLMServer(model_path, "127.0.0.1", 0, max_length, self.upstream_key, model_name,
+            self.server = VLLMServer(model_dir, "127.0.0.1", 0, context_length, self.upstream_key, model_name,
                                      tuple(extra_args)).start()
             self.server.wait_ready()
             self.ingress_app = _tag_replica(build_proxy_app(self.server.url, self.upstream_key, api_key, max_body_bytes),
@@ -137,20 +142,11 @@ def build_proxy_app(upstream: str, upstream_key: str, api_key: str | None, max_b
     return RequestGuard(app, api_key, max_body_bytes)
 
 
-class RunningReplicas:
+class RunningReplicas(ServerHandle):
     """Ray Serve running the application; ``stop()`` deletes it (and shuts down what this process started)."""
 
     def __init__(self, host: str, port: int, started_ray: bool, local: bool, num_replicas: int):
         self.host, self.port, self.started_ray, self.local, self.num_replicas = host, port, started_ray, local, num_replicas
-
-    @property
-    def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
 
     def stop(self) -> None:
         import ray
@@ -165,15 +161,10 @@ class RunningReplicas:
             if self.started_ray:
                 ray.shutdown()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
-def start_replicas(model_path: str | Path, engine: str, num_replicas: int, host: str = "127.0.0.1", port: int = 8000,
-                   address: str | None = None, max_length: int = 512, backend: str = "torch",
+def start_replicas(model_dir: str | Path, engine: str, num_replicas: int, host: str = "127.0.0.1", port: int = 8000,
+                   address: str | None = None, context_length: int = 512, backend: str = "torch",
                    api_key: str | None = None, model_name: str | None = None, max_concurrency: int = 4,
                    max_body_bytes: int | None = None, num_threads: int | None = None,
                    vllm_args: tuple[str, ...] = ()) -> RunningReplicas:
@@ -183,7 +174,7 @@ def start_replicas(model_path: str | Path, engine: str, num_replicas: int, host:
 
     from openllm_ds.serve.app import MAX_BODY_BYTES
 
-    path = str(Path(model_path).resolve())
+    path = str(Path(model_dir).resolve())
     name = model_name or Path(path).name
     host = host_setting(host)
     address = ray_address(address)
@@ -206,12 +197,12 @@ def start_replicas(model_path: str | Path, engine: str, num_replicas: int, host:
         deployment = serve.deployment(_vllm_replica_class(), name="vllm", num_replicas=num_replicas,
                                       ray_actor_options=resources, max_ongoing_requests=256,
                                       health_check_timeout_s=600, graceful_shutdown_timeout_s=30)
-        app = deployment.bind(path, max_length, name, api_key, body_limit, tuple(vllm_args))
+        app = deployment.bind(path, context_length, name, api_key, body_limit, tuple(vllm_args))
     else:
         threads = num_threads or 1
         deployment = serve.deployment(_builtin_replica_class(), name="builtin", num_replicas=num_replicas,
                                       ray_actor_options={"num_cpus": threads}, max_ongoing_requests=256)
-        app = deployment.bind(path, backend, max_length, name, max_concurrency, threads, api_key, body_limit)
+        app = deployment.bind(path, backend, context_length, name, max_concurrency, threads, api_key, body_limit)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except Exception:
@@ -220,7 +211,7 @@ def start_replicas(model_path: str | Path, engine: str, num_replicas: int, host:
     return RunningReplicas(host, port, started_ray, local, num_replicas)
 
 
-def serve_replicas(model_path, engine: str, num_replicas: int, host: str = "127.0.0.1", port: int = 8000,
+def serve_replicas(model_dir, engine: str, num_replicas: int, host: str = "127.0.0.1", port: int = 8000,
                    address: str | None = None, **kw) -> None:
     """``openllm-ds serve --replicas N``: deploy, print where, serve until Ctrl-C or SIGTERM, then tear down."""
     import signal
@@ -231,10 +222,10 @@ def serve_replicas(model_path, engine: str, num_replicas: int, host: str = "127.
     previous = signal.signal(signal.SIGTERM, terminate)
     running = None
     try:
-        running = start_replicas(model_path, engine, num_replicas, host, port, address, **kw)
+        running = start_replicas(model_dir, engine, num_replicas, host, port, address, **kw)
         auth = "Bearer token required" if kw.get("api_key") else "no authentication"
         where = f"the Ray cluster at {ray_address(address)}" if not running.local else "a local Ray instance"
-        print(f"serving '{kw.get('model_name') or Path(model_path).resolve().name}' with {num_replicas} "
+        print(f"serving '{kw.get('model_name') or Path(model_dir).resolve().name}' with {num_replicas} "
               f"{'vLLM' if engine == 'vllm' else 'built-in'} replica(s) on Ray Serve ({where}, {auth}) at "
               f"{running.base_url}  (Ctrl-C stops)", flush=True)
         while True:

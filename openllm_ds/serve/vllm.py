@@ -35,6 +35,7 @@ from pathlib import Path
 
 from openllm_ds.checkpoint import is_hf_export
 from openllm_ds.errors import UserError
+from openllm_ds.serve.handle import ServerHandle
 from openllm_ds.utils import read_json
 
 ENGINES = ("auto", "vllm", "builtin")
@@ -125,12 +126,12 @@ def choose_engine(engine: str, backend: str, model_path: str | Path) -> str:
     return "vllm" if vllm_unavailable_reason(model_path) is None else "builtin"
 
 
-def kv_cache_bytes(model_path: Path, max_length: int, sequences: int = 64) -> int:
+def kv_cache_bytes(model_path: Path, context_length: int, sequences: int = 64) -> int:
     """KV cache for ``sequences`` full-length sequences in fp32 (vLLM's CPU build reserves 92% of RAM otherwise)."""
     cfg = hf_config(model_path)
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head * 4
-    return int(min(max(per_token * max_length * sequences, 64 << 20), 8 << 30))
+    return int(min(max(per_token * context_length * sequences, 64 << 20), 8 << 30))
 
 
 def export_dtype(cfg: dict) -> str:
@@ -150,12 +151,12 @@ def vllm_dtype(cmd: list[str]) -> str | None:
     return found
 
 
-def vllm_command(model_path: str | Path, host: str, port: int, max_length: int, model_name: str | None = None,
+def vllm_command(model_path: str | Path, host: str, port: int, context_length: int, model_name: str | None = None,
                  python: str | None = None, cpu: bool | None = None, extra_args: tuple[str, ...] = ()) -> list[str]:
     """The command line that starts vLLM's OpenAI-compatible server on a Hugging Face export."""
     path = Path(model_path)
     cfg = hf_config(path)
-    max_len = min(max_length, cfg.get("max_position_embeddings", max_length))
+    max_len = min(context_length, cfg.get("max_position_embeddings", context_length))
     python = python or vllm_python() or sys.executable
     if cpu is None:
         cpu = not gpu_visible()
@@ -175,33 +176,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class VLLMServer:
-    """vLLM's OpenAI server on ``model_path`` as a child process: ``start()``, ``wait_ready()``, ``stop()``."""
+class VLLMServer(ServerHandle):
+    """vLLM's OpenAI server on ``model_path`` as a child process: ``start()``, ``wait_ready()``, ``stop()``; ``with``
+    starts it and waits until it answers."""
 
-    def __init__(self, model_path: str | Path, host: str = "127.0.0.1", port: int = 0, max_length: int = 512,
+    def __init__(self, model_path: str | Path, host: str = "127.0.0.1", port: int = 0, context_length: int = 512,
                  api_key: str | None = None, model_name: str | None = None, extra_args: tuple[str, ...] = (),
                  log_file: str | Path | None = None):
         self.model_path = Path(model_path)
         self.host, self.port = host, port or free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
         self.api_key = api_key
         self.model_name = model_name or self.model_path.resolve().name
-        self.command = vllm_command(self.model_path, host, self.port, max_length, self.model_name,
+        self.command = vllm_command(self.model_path, host, self.port, context_length, self.model_name,
                                     extra_args=extra_args)
         self.log_file = Path(log_file) if log_file else None
         self.proc: subprocess.Popen | None = None
-
-    @property
-    def connect_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-
-    @property
-    def url(self) -> str:
-        host = self.connect_host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
 
     def start(self) -> "VLLMServer":
         env = dict(os.environ)
@@ -254,14 +243,11 @@ class VLLMServer:
     def __enter__(self):
         return self.start().wait_ready()
 
-    def __exit__(self, *exc):
-        self.stop()
 
-
-def run_vllm(model_path: str | Path, host: str, port: int, max_length: int, api_key: str | None = None,
+def run_vllm(model_path: str | Path, host: str, port: int, context_length: int, api_key: str | None = None,
              model_name: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
     """``openllm-ds serve --engine vllm``: start vLLM, wait until it answers, serve until Ctrl-C or SIGTERM."""
-    server = VLLMServer(model_path, host, port, max_length, api_key, model_name, extra_args)
+    server = VLLMServer(model_path, host, port, context_length, api_key, model_name, extra_args)
     print(f"starting vLLM in {vllm_dtype(server.command)}:", " ".join(server.command), flush=True)
 
     def terminate(signum, frame):

@@ -15,12 +15,12 @@ Layout of a shards dir (``tokenize_corpus`` writes it; default ``<source>.tokens
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from openllm_ds.errors import DataError
+from openllm_ds.utils import read_json
 
 META_FILE = "meta.json"
 FORMAT = 2
@@ -156,11 +156,8 @@ def read_meta(shards_dir: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path} is missing: {shards_dir} is not a complete token shards dir; "
                         "run tokenization (openllm-ds tokenize, or openllm-ds train, which tokenizes its data first)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); delete {shards_dir} and tokenize again") from None
-    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    meta = read_json(path, f"delete {shards_dir} and tokenize again", expect=dict, error=DataError)
+    missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)} (written by an older version?); delete {shards_dir} "
                         "and tokenize again")

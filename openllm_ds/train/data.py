@@ -99,7 +99,9 @@ def ensure_token_shards(spec: str, cfg: RunConfig, tokenizer_sha256: str, env: D
                         what: str) -> Path:
     """The shards dir of ``spec``: itself when it is one, else built (by rank 0) when missing or stale;
     checked against the tokenizer. Every rank gets rank 0's path."""
+    from openllm_ds.output_lock import OutputLock
     from openllm_ds.tokenizer import tokenize_corpus
+    from openllm_ds.tokenizer.corpus import shards_dir_for
     from openllm_ds.tokenizer.shards import read_meta
 
     tk = cfg.tokenizer
@@ -113,9 +115,11 @@ def ensure_token_shards(spec: str, cfg: RunConfig, tokenizer_sha256: str, env: D
                     raise DataError(f"token shards {out} hold no held-out documents to validate on; pass --eval_data, "
                                     f"or tokenize again with --holdout {holdout:g}")
             else:
-                meta = tokenize_corpus(spec, cfg.train.tokenizer_dir, shards_root=tk.shards_root,
-                                       options=tk.read_options(), dedup=tk.dedup, holdout=holdout,
-                                       num_workers=tk.num_workers, unit_bytes=tk.unit_bytes, what=what)
+                # one writer per output dir: the shards dir's lock, as `openllm-ds tokenize` takes it
+                with OutputLock(shards_dir_for(spec, tk.shards_root), "train", what):
+                    meta = tokenize_corpus(spec, cfg.train.tokenizer_dir, shards_root=tk.shards_root,
+                                           options=tk.read_options(), dedup=tk.dedup, holdout=holdout,
+                                           num_workers=tk.num_workers, unit_bytes=tk.unit_bytes, what=what)
                 out = Path(meta["shards_dir"])
             if meta["tokenizer_sha256"] != tokenizer_sha256:
                 raise DataError(f"token shards {out} were built with another tokenizer (tokenizer.model sha256 "

@@ -12,8 +12,8 @@ from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
 from openllm_ds.output_lock import OutputLock
 from openllm_ds.paths import check_path, missing_reason
-from openllm_ds.train.checkpointing import (UNIVERSAL, ZERO0, check_fresh_output_dir, find_resume_checkpoint,
-                                            needs_universal, saved_layout)
+from openllm_ds.train.checkpointing import check_fresh_output_dir, find_resume_checkpoint
+from openllm_ds.train.elastic import UNIVERSAL, ZERO0, needs_universal, saved_layout
 from openllm_ds.train.data import num_windows, windows_needed
 from openllm_ds.train.distributed import DistEnv, broadcast_object
 from openllm_ds.train.ds_config import build_ds_config, resolve_precision, zero_stage
