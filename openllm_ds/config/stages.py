@@ -84,6 +84,8 @@ class EvaluateConfig:
     tasks: tuple[str, ...] = setting((), "comma list of harness task YAMLs (eval/*.yaml) or task names",
                                      parse=parse_csv, metavar="TASKS")
     checkpoints: str | None = setting(None, "'all', 'latest' or a comma list of steps (with --tasks)")
+    limit: int | None = setting(None, "with --tasks: examples per task (questions, passages; default: each task's "
+                                "limit:)")
     num_workers: int = setting(2, "Ray workers that share the stage (default 2; 0: this process): tasks x checkpoints")
     output: str | None = setting(None, "JSON report path (also printed to stdout)")
 
