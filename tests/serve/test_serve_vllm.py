@@ -174,6 +174,47 @@ def test_one_prompt_convention_first_token_logits(client, builtin, trained_expor
             assert task["doc_to_text"] == "Context: {{context}}\nQuestion: {{question}}\nAnswer:"
 
 
+CONVERSATIONS = [
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who were the Normans?"},
+     {"role": "assistant", "content": "A people of Normandy."}, {"role": "user", "content": "When?"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Où est Köln? 東京は?"}],
+    [{"role": "user", "content": "Normandy is in France.\n\nWhere is Normandy?"}],
+]
+
+
+def test_one_chat_template_gives_the_same_prompt_ids_everywhere(client, builtin, trained_export):
+    """A conversation's prompt ids: the same in training (tokenizer/chat.encode_conversation), the built-in server,
+    `openllm_ds.load(...).chat`, transformers' apply_chat_template and vLLM's /v1/chat/completions."""
+    import transformers
+
+    import openllm_ds
+    from openllm_ds.tokenizer.chat import SpecialTokens, encode_conversation, load_chat_template
+
+    export_dir, _ = trained_export
+    ours, srv = builtin
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(export_dir))
+    lm = openllm_ds.load(str(export_dir))
+    template = load_chat_template(export_dir, lm.tokenizer)
+    for messages in CONVERSATIONS:
+        ids = SpecialTokens(lm.tokenizer).encode(template.render(messages, add_generation_prompt=True))
+        assert ids[0] == 2 and len(ids) > 5
+        assert srv.completer.encode(srv.completer.render_chat(messages), add_prefix=False) == ids  # built-in server
+        assert lm.completer.encode(lm.completer.render_chat(messages), add_prefix=False) == ids  # load(...).chat's
+        assert list(hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                               return_dict=False)) == ids  # transformers
+        v = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0,
+                                           extra_body={"return_token_ids": True})
+        assert v.prompt_token_ids == ids  # vLLM
+        b = ours.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
+        assert b.usage.prompt_tokens == len(ids)
+        # training: the conversation with an answer starts with these very ids; the new answer has loss from its
+        # first token to its closing </s>, the "Assistant:" before it none
+        train_ids, labels = encode_conversation([*messages, {"role": "assistant", "content": "In France."}], template,
+                                                SpecialTokens(lm.tokenizer))
+        assert train_ids[:len(ids)] == ids and labels[len(ids) - 1] == -100
+        assert labels[len(ids):] == train_ids[len(ids):] and labels[-1] == 2
+
+
 def test_serve_stops_vllm_cleanly(vllm, client):
     proc, port, log_file = vllm
     assert client.completions.create(model=MODEL, prompt="The", max_tokens=2).usage.completion_tokens >= 1
