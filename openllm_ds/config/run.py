@@ -292,6 +292,9 @@ class FinetuneConfig:
     truncate: bool = setting(False, "keep the head of a conversation longer than the context (default: refused)")
     copy_drill: float = setting(0.0, "share of extra copy-drill sequences per epoch: a random run of tokens, then "
                                 "the same run again, loss on the second copy only (default 0)")
+    # the pipeline's SFT stage (pipeline/sft_stage.py): on in the tiny preset; squad_v1_chat questions asked before/after
+    in_pipeline: bool = False
+    pipeline_questions: int = 200
 
     def __post_init__(self):
         if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
