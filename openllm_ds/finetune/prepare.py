@@ -64,12 +64,12 @@ def prepare_sft(cfg: PrepareSftConfig) -> dict:
     from tqdm.auto import tqdm
 
     out = Path(cfg.output_dir).expanduser()
-    files = [p for p in list_squad_dir(cfg.squad_dir) if split_of(p.name) == "train"]
-    if not files:
-        raise DataError(f"--squad_dir {cfg.squad_dir} holds no training file (train-v1.1.json, ...); the dev files "
-                        "are kept for scoring")
     with OutputLock(out, "prepare-sft"):
         claim_output_dir(out, SFT_DATA, "--output_dir")
+        files = [p for p in list_squad_dir(cfg.squad_dir) if split_of(p.name) == "train"]
+        if not files:
+            raise DataError(f"--squad_dir {cfg.squad_dir} holds no training file (train-v1.1.json, ...); the dev files "
+                            "are kept for scoring")
         lines = {TRAIN_FILE: [], VALIDATION_FILE: []}
         passages = {TRAIN_FILE: set(), VALIDATION_FILE: set()}
         no_answer = 0
