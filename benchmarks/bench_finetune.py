@@ -107,7 +107,7 @@ def main() -> None:
             rows = [torch.randint(0, model.vocab_size, (B, T + 1), generator=g) for _ in range(t.gradient_accumulation_steps)]
             mb_pre = [(r[:, :-1], r[:, 1:]) for r in rows]
             mb_sft, pos, taken = batches.next_batch(pos)
-            for name, mb, n in (("pretrain", mb_pre, B * T * len(rows)), ("finetune", mb_sft, batches.tokens(taken)[0])):
+            for name, mb, n in (("pretrain", mb_pre, B * T * len(rows)), ("finetune", mb_sft, batches.step_tokens(taken)[0])):
                 t0 = time.perf_counter()
                 steps[name](mb)
                 times[name].append(time.perf_counter() - t0)

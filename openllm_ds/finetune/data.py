@@ -195,7 +195,7 @@ class SftBatches:
         tokens = int(sum(len(ids[i]) - 1 for i in batch))
         return micro_batches, DataPosition([[epoch, index + 1, taken + 1]]), [tokens]
 
-    def tokens(self, taken: list[int]) -> list[int]:
+    def step_tokens(self, taken: list[int]) -> list[int]:
         return taken
 
     def collate(self, ids: list[np.ndarray], labels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

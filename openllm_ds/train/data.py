@@ -223,7 +223,7 @@ class TrainBatches:
                          for k in range(self.accum)]
         return micro_batches, DataPosition(new), [slots.count(s) for s in range(len(self.tokens))]
 
-    def tokens(self, taken: list[int]) -> list[int]:
+    def step_tokens(self, taken: list[int]) -> list[int]:
         """The tokens of ``next_batch``'s windows per source."""
         return [k * self.seq_len for k in taken]
 

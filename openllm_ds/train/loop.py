@@ -114,7 +114,7 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path, sft=None)
         while state.step < t.max_steps:
             t0 = time.perf_counter()
             micro_batches, pos, taken = batches.next_batch(DataPosition(state.data))
-            step_tokens = batches.tokens(taken)
+            step_tokens = batches.step_tokens(taken)
             lr = engine.get_lr()[0]
             loss, grad_norm, skipped = train_step(engine, micro_batches, env, stage, inputs.precision)
             dt = time.perf_counter() - t0
