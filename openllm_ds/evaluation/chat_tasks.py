@@ -16,8 +16,8 @@ import random
 from tqdm import tqdm
 
 from openllm_ds.errors import UserError
-from openllm_ds.evaluation.qa_tasks import fit_prompt, random_span_predictions, read_squad, sample
-from openllm_ds.evaluation.squad_score import normalize_answer, score_predictions
+from openllm_ds.evaluation.qa_tasks import fit_prompt, read_squad, sample, squad_answer, squad_scores
+from openllm_ds.evaluation.squad_score import normalize_answer
 from openllm_ds.inference import greedy_continuation
 
 
@@ -49,26 +49,14 @@ def run_squad_chat(spec, model, tokenizer, progress: bool) -> dict:
         ids = chat_prompt_ids(tokenizer, q.context, q.question, spec.layout)
         ids, truncated = fit_prompt(ids[0], ids[1:], budget)
         num_truncated += truncated
-        text = greedy_continuation(model, tokenizer, ids, spec.max_new_tokens, stop_when)
-        for s in spec.stop:
-            text = text.split(s)[0]
-        answer = text.strip()
-        predictions[q.qid] = "" if normalize_answer(answer) in ("", no_answer) else answer
+        answer, predictions[q.qid] = squad_answer(
+            greedy_continuation(model, tokenizer, ids, spec.max_new_tokens, stop_when), spec.stop, no_answer)
         if len(examples) < 3:
             examples.append({"question": q.question, "prediction": answer, "gold": list(q.answers[:3])})
 
-    subset = [{"paragraphs": [{"context": q.context, "qas": [q.raw]} for q in chosen]}]
-    report = score_predictions(subset, predictions, version, warn=False)
-    baseline = score_predictions(subset, random_span_predictions(chosen, rng), version, warn=False)
     unanswerable = [q for q in chosen if not q.answers]
     out = {
-        "exact_match": report["exact_match"],
-        "f1": report["f1"],
-        **{k: v for k, v in report.items() if k.startswith(("HasAns_", "NoAns_"))},
-        "baseline": {"exact_match": baseline["exact_match"], "f1": baseline["f1"]},
-        "baseline_kind": "chance: a random span of the passage, as long as the median gold answer",
-        "num_examples": len(chosen),
-        "squad_version": version,
+        **squad_scores(chosen, predictions, version, rng),
         "num_shots": 0,
         "layout": spec.layout,
         "num_truncated_prompts": num_truncated,

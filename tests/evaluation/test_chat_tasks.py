@@ -16,11 +16,25 @@ from openllm_ds.evaluation.tasks import load_task, run_task
 from openllm_ds.finetune.prepare import user_turn
 
 
-def test_squad_chat_answers_as_the_chat_api_and_scores_them(trained_export, squad_dir, tmp_path, capsys):
+PASSAGES = [("Normandy is a region in the north of France.", "Where is Normandy?", "the north of France"),
+            ("The Normans conquered England in 1066.", "When did the Normans conquer England?", "1066"),
+            ("Oxygen is a chemical element with the symbol O.", "What is the symbol of oxygen?", "O"),
+            ("The Amazon river flows into the Atlantic Ocean.", "Where does the Amazon flow?", "the Atlantic Ocean")]
+
+
+def short_squad(path):
+    """A SQuAD v1.1 file of short passages: every prompt fits the test model's context of 128 tokens."""
+    paragraphs = [{"context": c, "qas": [{"id": f"q{i}", "question": q, "answers": [{"text": a, "answer_start": c.find(a)}]}]}
+                  for i, (c, q, a) in enumerate(PASSAGES)]
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return path
+
+
+def test_squad_chat_answers_as_the_chat_api_and_scores_them(trained_export, tmp_path, capsys):
     import random
 
     hf, _ = trained_export
-    spec = dataclasses.replace(load_task("squad_v1_chat", check_data=False), data=str(squad_dir / "dev-v1.1.json"),
+    spec = dataclasses.replace(load_task("squad_v1_chat", check_data=False), data=str(short_squad(tmp_path / "dev.json")),
                                limit=3, max_new_tokens=8)
     result = run_task(spec, str(hf), progress=False)
     questions, _ = read_squad(spec.data)
@@ -32,7 +46,7 @@ def test_squad_chat_answers_as_the_chat_api_and_scores_them(trained_export, squa
     scored = score_predictions([{"paragraphs": [{"context": q.context, "qas": [q.raw]} for q in chosen]}],
                                answers, "1.1", warn=False)
     assert result["num_examples"] == 3 and result["value"] == pytest.approx(scored["f1"])
-    assert result["metrics"]["num_shots"] == 0 and result["value"] <= result["baseline"] + 1e-9  # a base model: ~0
+    assert result["metrics"]["num_shots"] == 0 and result["metrics"]["num_truncated_prompts"] == 0
 
     # the CLI: --tasks squad_v1_chat --limit N on a base model (a copy: the harness writes the model dir's eval/)
     import shutil
