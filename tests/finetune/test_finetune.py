@@ -14,19 +14,12 @@ from openllm_ds.checkpoint import load_model
 from openllm_ds.cli import main
 from openllm_ds.tokenizer.chat import IGNORE_INDEX
 from openllm_ds.tokenizer.hf_files import CHAT_TEMPLATE
-from tests.helpers import file_bytes, logged
-
-PLACES = ["river", "castle", "harbour", "market", "church", "village", "bridge", "forest"]
+from helpers import SFT_PLACES, file_bytes, logged, place_conversation
 
 
 def conversations(n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.choice(PLACES, 2, replace=False)
-        out.append({"messages": [{"role": "user", "content": f"The {a} is beside the {b}.\n\nWhat is beside the {a}?"},
-                                 {"role": "assistant", "content": f"the {b}"}]})
-    return out
+    return [{"messages": place_conversation(*rng.choice(SFT_PLACES, 2, replace=False))} for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
