@@ -135,6 +135,20 @@ def cmd_train(args):
     return launch(cfg)
 
 
+def cmd_prepare_sft(args):
+    from openllm_ds.config import PrepareSftConfig, stage_config
+    from openllm_ds.finetune.prepare import prepare_sft
+
+    return prepare_sft(stage_config(PrepareSftConfig, args))
+
+
+def cmd_finetune(args):
+    from openllm_ds.finetune.run import finetune_run_config
+    from openllm_ds.train import launch
+
+    return launch(finetune_run_config(run_config_from_args(args)))
+
+
 def cmd_evaluate(args):
     from openllm_ds.config import EvaluateConfig, stage_config
     from openllm_ds.evaluation import evaluate
@@ -189,6 +203,8 @@ STAGE_HELP = {
     "train-tokenizer": "Stage 2: train a SentencePiece BPE tokenizer and write Hugging Face tokenizer files.",
     "tokenize": "Encode a corpus into binary token shards (EOS after each document), across Ray workers.",
     "train": "Stages 3-4: train the transformer with DeepSpeed ZeRO (locally, or Ray Train with --num_workers).",
+    "prepare-sft": "Stage 7: SQuAD's training questions as conversations (train.jsonl, validation.jsonl) for finetune.",
+    "finetune": "Stage 7: supervised fine-tuning on conversations (loss on the answers), on train's DeepSpeed loop.",
     "evaluate": "Stage 5: perplexity/loss/bits-per-byte on a text file, or harness tasks over checkpoints.",
     "generate": "Stage 5: generate text from a prompt (streams to the terminal).",
     "score-squad": "Stage 5: official SQuAD v1.1/v2.0 exact match and F1 of a predictions file.",
@@ -199,7 +215,7 @@ STAGE_HELP = {
 }
 COMMANDS: dict[str, Callable] = {
     "prepare": cmd_prepare, "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "train": cmd_train,
-    "evaluate": cmd_evaluate, "generate": cmd_generate, "score-squad": cmd_score_squad, "export": cmd_export,
+    "prepare-sft": cmd_prepare_sft, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "generate": cmd_generate, "score-squad": cmd_score_squad, "export": cmd_export,
     "serve": cmd_serve, "pipeline": cmd_pipeline,
 }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, TRAINED_SHAPE, free_port, generated_text, make_fake_run
+from helpers import ROOT, TRAINED_SHAPE, free_port, generated_text, make_fake_run, place_conversation, SFT_PLACES
 
 SHARED_DATA = Path(os.environ.get("OPENLLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SQUAD_DIR = SHARED_DATA / "squad"
@@ -144,10 +144,8 @@ def trained_export(prepared_data, tokenizer_dir, tmp_path_factory):
     """(Hugging Face export dir, model): TRAINED_SHAPE trained 150 steps on the training passages by a plain
     PyTorch loop (seconds), saved as a training output and exported with `openllm-ds export`."""
     import torch
-    from safetensors.torch import save_file
 
-    from openllm_ds.config import ExportConfig, ModelConfig, RunConfig, TrainConfig
-    from openllm_ds.export import export
+    from openllm_ds.config import ModelConfig
     from openllm_ds.model import Transformer
     from openllm_ds.tokenizer import load_tokenizer
 
@@ -169,19 +167,64 @@ def trained_export(prepared_data, tokenizer_dir, tmp_path_factory):
         loss.backward()
         opt.step()
     model.eval()
-    root = tmp_path_factory.mktemp("trained")
-    step = root / "run" / "checkpoints" / "step_00000150"
+    return export_trained(model, cfg, tokenizer_dir, tmp_path_factory.mktemp("trained"), 150, loss.item(), "trained-tiny")
+
+
+def export_trained(model, cfg, tokenizer_dir, root: Path, steps: int, loss: float, name: str):
+    """(Hugging Face export dir, model): ``model`` saved as a training output at step ``steps`` in ``root``/run (with
+    its tokenizer), exported with `openllm-ds export` to ``root``/hf."""
+    from safetensors.torch import save_file
+
+    from openllm_ds.config import ExportConfig, RunConfig, TrainConfig
+    from openllm_ds.export import export
+
+    step = root / "run" / "checkpoints" / f"step_{steps:08d}"
     step.mkdir(parents=True)
-    run = RunConfig(name="trained-tiny", model=cfg, train=TrainConfig(tokenizer_dir=str(tokenizer_dir), max_steps=150))
+    run = RunConfig(name=name, model=cfg, train=TrainConfig(tokenizer_dir=str(tokenizer_dir), max_steps=steps))
     run.save(root / "run" / "run_config.yaml")
     run.save(step / "run_config.yaml")
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
               str(step / "model.safetensors"))
-    (step / "train_state.json").write_text(json.dumps({"step": 150, "val_loss": loss.item(), "tokens_seen": 150 * 1024}))
+    (step / "train_state.json").write_text(json.dumps({"step": steps, "val_loss": loss, "tokens_seen": steps * 1024}))
     (root / "run" / "checkpoints" / "latest").write_text(step.name)
     shutil.copytree(tokenizer_dir, root / "run" / "tokenizer")
     export(ExportConfig(model_dir=str(root / "run"), format="huggingface", output_dir=str(root / "hf"), verify=True))
     return root / "hf", model
+
+
+@pytest.fixture(scope="session")
+def finetuned_export(trained_export, tokenizer_dir, tmp_path_factory):
+    """(Hugging Face export dir, model): trained_export's model fine-tuned 80 steps on SQuAD-style conversations by a
+    plain PyTorch loop over the SFT data path (tokenizer/chat.encode_conversation, finetune/data.collate: loss on the
+    answers), saved and exported as a training output (seconds)."""
+    import copy
+    import itertools
+
+    import numpy as np
+    import torch
+
+    from openllm_ds.finetune.data import collate
+    from openllm_ds.tokenizer import load_tokenizer
+    from openllm_ds.tokenizer.chat import SpecialTokens, encode_conversation, load_chat_template
+
+    _, base = trained_export
+    tok = load_tokenizer(tokenizer_dir)
+    template, special = load_chat_template(tokenizer_dir, tok), SpecialTokens(tok)
+    examples = [encode_conversation(place_conversation(a, b), template, special)
+                for a, b in itertools.permutations(SFT_PLACES, 2)]
+    model = copy.deepcopy(base).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(80):
+        batch = [examples[i] for i in rng.choice(len(examples), 16)]
+        x, y = collate([np.asarray(i) for i, _ in batch], [np.asarray(lab) for _, lab in batch], tok.pad_id, "cpu")
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return export_trained(model, base.cfg, tokenizer_dir, tmp_path_factory.mktemp("finetuned"), 80, loss.item(),
+                          "trained-tiny-sft")
 
 
 # A small model that needs no shared data: a 300-token tokenizer trained on generated sentences, and a random

@@ -187,3 +187,14 @@ def write_shards(root, stream: np.ndarray, cuts: list[int], vocab_size: int):
     meta = {"format": 2, "vocab_size": vocab_size, "dtype": dtype.name, "eos_id": 2, "tokenizer_sha256": "-",
             "source": {}, "num_tokens": int(stream.size), "num_documents": 1, "shards": shards}
     (Path(root) / "meta.json").write_text(json.dumps(meta))
+
+
+# ---- fine-tuning ------------------------------------------------------------------------------------
+
+SFT_PLACES = ("river", "castle", "harbour", "market", "church", "village", "bridge", "forest")
+
+
+def place_conversation(a: str, b: str) -> list[dict]:
+    """A SQuAD-style conversation: a one-sentence passage, a blank line, the question; the span as the answer."""
+    return [{"role": "user", "content": f"The {a} is beside the {b}.\n\nWhat is beside the {a}?"},
+            {"role": "assistant", "content": f"the {b}"}]

@@ -86,6 +86,8 @@ COMMANDS = [
     ("train --config t.yaml", "run"),
     ("train --config t.yaml --dry_run", "run"),
     ("train --config t.yaml --num_workers 1", "run"),  # Ray Train: its driver locks before Ray starts
+    ("prepare-sft --squad_dir squad --output_dir out", "out"),
+    ("finetune --model_dir model --data sft --output_dir out --ds_config {root}/ds_configs/zero0.json", "out"),
     ("export --model_dir {run} --format pytorch --output_dir out", "out"),
     ("evaluate --model_dir model --tasks task.yaml --num_workers 0", "model/eval"),
     ("pipeline --config tiny --squad_dir squad --work_dir out", "out"),
@@ -101,6 +103,9 @@ def workspace(tmp_path, small_run) -> Path:
     (cwd / "val.txt").write_text(generated_text(40, 4))
     (cwd / "t.yaml").write_text(TRAIN_YAML.format(tok=small_run / "tokenizer", root=ROOT, steps=2))
     (cwd / "task.yaml").write_text("kind: cloze\ndata: val.txt\n")
+    (cwd / "sft").mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        (cwd / "sft" / name).write_text('{"prompt": "Where?", "completion": "Here."}\n' * 4)
     shutil.copytree(small_run, cwd / "model")
     return cwd
 
@@ -109,7 +114,7 @@ def workspace(tmp_path, small_run) -> Path:
 def test_every_command_stops_at_a_held_output_dir(workspace, small_run, command, target):
     before = sorted(str(p.relative_to(workspace)) for p in workspace.rglob("*"))
     with OutputLock(workspace / target, "test-holder"):
-        argv = shlex.split(command.format(tok=small_run / "tokenizer", run=small_run))
+        argv = shlex.split(command.format(tok=small_run / "tokenizer", run=small_run, root=ROOT))
         r = subprocess.run([sys.executable, "-m", "openllm_ds", *argv], cwd=workspace, capture_output=True, text=True,
                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]

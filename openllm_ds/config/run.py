@@ -27,12 +27,13 @@ from openllm_ds.text import text_problem
 from openllm_ds.utils import read_json as read_json_file, read_yaml as read_yaml_file
 
 DOC_SEPARATORS = ("newline", "blank_line")
+TRAIN_AND_FINETUNE = ("train", "finetune")  # the train section's flags that finetune takes too
 ON_BAD_RECORD = ("error", "skip")
 # settings that name paths (or sources, which may be paths): `~` expanded once, where they are read
 PATH_KEYS = {"data.squad_dir", "data.output_dir", "data.cache_dir", "tokenizer.input", "tokenizer.output_dir",
              "tokenizer.shards_root", "train.output_dir", "train.data_file", "train.data_files", "train.eval_data",
              "train.tokenizer_dir", "train.ds_config", "train.resume", "train.init_from", "train.eval_tasks",
-             "export.model_dir", "export.output_dir"}
+             "export.model_dir", "export.output_dir", "finetune.model_dir", "finetune.data", "finetune.eval_data"}
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str | None = setting(None, "run directory (default models/NAME)")
+    output_dir: str | None = setting(None, "run directory (default models/NAME; finetune: models/NAME-sft)",
+                                      stages=TRAIN_AND_FINETUNE)
     # training data: any source (a text/JSONL/JSON/Parquet file, a folder, a glob, a saved or hf: dataset, a
     # token shards dir); or a mixture: data_files sampled by data_weights (default: equal)
     data_file: str = setting("data/clean/training_data.txt", "training data: a file (text, JSONL/JSON, .gz/.zst, "
@@ -185,7 +187,7 @@ class TrainConfig:
     allow_data_change: bool = False  # resume a checkpoint on other data (from the start of the new data's order)
     tokenizer_dir: str = setting("data/tokenizer", "tokenizer directory (default data/tokenizer)")
     ds_config: str = setting("ds_configs/zero2.json", "DeepSpeed JSON (ds_configs/zero0..3, *_offload); 'auto' values "
-                             "come from the run config")
+                             "come from the run config", stages=TRAIN_AND_FINETUNE)
     micro_batch_size: int = setting(8, "sequences per forward pass, on each rank (the micro batch)", flag="--batch_size")
     gradient_accumulation_steps: int = setting(1, "micro batches per optimizer step")
     learning_rate: float = setting(3e-4, "peak learning rate (warmup then cosine)")
@@ -201,19 +203,19 @@ class TrainConfig:
     # torch.compile the model through DeepSpeed's engine.compile(): faster steps after a one-off compile
     # (about a minute on a CPU, once per process); evaluation and generation stay eager
     compile: bool = False
-    seed: int = setting(42, "random seed")
-    eval_every: int = setting(100, "validate every N steps")
+    seed: int = setting(42, "random seed", stages=TRAIN_AND_FINETUNE)
+    eval_every: int = setting(100, "validate every N steps", stages=TRAIN_AND_FINETUNE)
     eval_batches: int = 20
-    save_every: int = setting(500, "checkpoint every N steps")
+    save_every: int = setting(500, "checkpoint every N steps", stages=TRAIN_AND_FINETUNE)
     keep_last: int = 3
     log_every: int = 10
-    resume: str = setting("auto", "auto (latest checkpoint in --output_dir) | none | a checkpoint dir")
+    resume: str = setting("auto", "auto (latest checkpoint in --output_dir) | none | a checkpoint dir", stages=TRAIN_AND_FINETUNE)
     # a new run starts from these weights (step 0, its own optimizer and schedule): a training output, one of its
     # checkpoints/step_* dirs, or a Hugging Face Llama dir (an export of ours or a compatible checkpoint)
     init_from: str | None = setting(None, "start a new run from these weights: a training output, a "
                                     "checkpoints/step_* dir or a Hugging Face Llama dir")
     num_workers: int = setting(0, "Ray workers that share the stage (0: this process, or the deepspeed launcher's): "
-                               "N DeepSpeed ranks under Ray Train")
+                               "N DeepSpeed ranks under Ray Train", stages=TRAIN_AND_FINETUNE)
     max_failures: int = 3  # Ray Train: worker-group restarts (resuming from latest) after a failure; -1 = no limit
     # loss spikes: spike_steps consecutive steps whose loss is non-finite or above spike_factor x its
     # running average roll the run back to the last good checkpoint and skip the batches since it;
@@ -267,6 +269,47 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """``openllm-ds finetune``: supervised fine-tuning on conversations, a mode of the training loop (the train
+    section's engine, checkpoints and launchers); these settings replace the train section's data, schedule and
+    batch (openllm_ds/finetune/run.py)."""
+
+    model_dir: str | None = setting(None, "the weights to start from: a training output, a checkpoints/step_* dir, "
+                                    "a Hugging Face or PyTorch export, a Hugging Face Llama dir (its tokenizer too)")
+    data: str = setting("data/sft", "conversations: a JSON Lines file ({\"messages\": [...]} or {\"prompt\", "
+                        "\"completion\"}; .gz/.zst), a glob, or a folder holding train.jsonl (default data/sft)",
+                        aliases=("--data_file",))
+    eval_data: str | None = setting(None, "validation conversations (default: validation.jsonl beside train.jsonl)")
+    lr: float = setting(1e-4, "peak learning rate (default 1e-4, below pretraining's), warmup then cosine",
+                        aliases=("--learning_rate",))
+    min_lr: float | None = setting(None, "the cosine's floor (default lr / 10)")
+    epochs: float = setting(2.0, "passes over the conversations (default 2; --max_steps instead)")
+    max_steps: int | None = setting(None, "optimizer steps (default: epochs x steps per epoch)")
+    warmup_steps: int = setting(50, "linear warmup steps (default 50)")
+    batch_size: int = setting(16, "conversations per micro batch on each rank (default 16), batched by length")
+    max_seq_len: int | None = setting(None, "context in tokens (default the base model's; RoPE lets it be longer: "
+                                      "the fine-tuned model and its exports carry it)")
+    truncate: bool = setting(False, "keep the head of a conversation longer than the context (default: refused)")
+    copy_drill: float = setting(0.0, "share of extra copy-drill sequences per epoch: a random run of tokens, then "
+                                "the same run again, loss on the second copy only (default 0)")
+    # the pipeline's SFT stage (pipeline/sft_stage.py): on in the tiny preset; squad_v1_chat questions asked before/after
+    in_pipeline: bool = False
+    pipeline_questions: int = 200
+
+    def __post_init__(self):
+        if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"finetune.lr must be > 0 and finetune.min_lr in [0, lr], got {self.lr} and {self.min_lr}")
+        if not self.epochs > 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ConfigError(f"finetune.epochs must be > 0 and finetune.max_steps >= 1, got {self.epochs} and "
+                              f"{self.max_steps}")
+        if self.warmup_steps < 0 or self.batch_size < 1 or (self.max_seq_len is not None and self.max_seq_len < 2):
+            raise ConfigError(f"finetune.warmup_steps must be >= 0, finetune.batch_size >= 1 and finetune.max_seq_len "
+                              f">= 2, got {self.warmup_steps}, {self.batch_size} and {self.max_seq_len}")
+        if not 0.0 <= self.copy_drill <= 10.0:
+            raise ConfigError(f"finetune.copy_drill must be in [0, 10] (a share of the epoch), got {self.copy_drill}")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """The pipeline's evaluation stage (``openllm-ds evaluate`` takes flags)."""
 
@@ -306,6 +349,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def output_dir(self) -> str:
@@ -336,7 +380,7 @@ def validation_source(data_file: str) -> str | None:
 
 _SECTION_CLASSES = {
     "data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig,
-    "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig,
+    "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "finetune": FinetuneConfig,
 }
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from openllm_ds.errors import ConfigError
 from openllm_ds.config.fields import parse_any_int, parse_csv, parse_float, parse_port, setting
-from openllm_ds.config.run import DataConfig, ExportConfig, TokenizerConfig, TrainConfig
+from openllm_ds.config.run import DataConfig, ExportConfig, FinetuneConfig, TokenizerConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,10 @@ class RunOptions:
     """What a run-config stage reads besides the sections' flags."""
 
     config: str | None = setting(None, "run preset YAML (configs/tiny.yaml, small.yaml, ...)",
-                                 stages=("prepare", "train-tokenizer", "train"))
+                                 stages=("prepare", "train-tokenizer", "train", "finetune"))
     model_config: str | None = setting(None, "model JSON (configs/medium_model.json): vocab_size, d_model, n_layers, "
                                        "n_heads, d_ff, max_seq_len, dropout", stages=("train",))
-    local_rank: int | None = setting(None, "set by the deepspeed launcher", stages=("train",), hidden=True)
+    local_rank: int | None = setting(None, "set by the deepspeed launcher", stages=("train", "finetune"), hidden=True)
     dry_run: bool = setting(False, "print the resolved config and make every check the run makes before its work "
                             "(tokenizer, data, checkpoint, output dir and its lock), writing nothing; exit 2 at the "
                             "first failure, as the run would", stages=("train",))
@@ -46,6 +47,30 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class PrepareSftConfig:
+    """``openllm-ds prepare-sft``: SQuAD's training questions as conversations (openllm_ds/finetune/prepare.py)."""
+
+    squad_dir: str | None = setting(None, "directory of SQuAD JSON files (train-v1.1.json; train-v2.0.json's "
+                                    "unanswerable questions get a fixed no-answer reply); files named *dev* are left "
+                                    "for scoring", required=True)
+    output_dir: str = setting("data/sft", "where train.jsonl and validation.jsonl go (default data/sft)")
+    layout: str = setting("passage_question", "the user turn: passage_question (the passage, a blank line, the "
+                          "question; default) | question_passage")
+    validation_share: float = setting(0.02, "share of the passages whose questions go to validation.jsonl "
+                                      "(default 0.02)", parse=parse_float)
+    seed: int = setting(0, "which passages are drawn for validation (default 0)")
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"--layout must be {' or '.join(LAYOUTS)}, got {self.layout!r}")
+        if not 0.0 < self.validation_share < 0.5:
+            raise ConfigError(f"--validation_share must be in (0, 0.5), got {self.validation_share}")
+
+
+LAYOUTS = ("passage_question", "question_passage")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """``openllm-ds evaluate``."""
 
@@ -59,6 +84,8 @@ class EvaluateConfig:
     tasks: tuple[str, ...] = setting((), "comma list of harness task YAMLs (eval/*.yaml) or task names",
                                      parse=parse_csv, metavar="TASKS")
     checkpoints: str | None = setting(None, "'all', 'latest' or a comma list of steps (with --tasks)")
+    limit: int | None = setting(None, "with --tasks: examples per task (questions, passages; default: each task's "
+                                "limit:)")
     num_workers: int = setting(2, "Ray workers that share the stage (default 2; 0: this process): tasks x checkpoints")
     output: str | None = setting(None, "JSON report path (also printed to stdout)")
 
@@ -135,6 +162,8 @@ STAGES: dict[str, list[tuple[type, str | None, str | None]]] = {
     "train-tokenizer": [(RunOptions, None, None), (TokenizerConfig, "tokenizer", "train-tokenizer")],
     "tokenize": [(TokenizeConfig, None, None), (TokenizerConfig, "tokenizer", "train-tokenizer")],
     "train": [(RunOptions, None, None), (TrainConfig, "train", "train"), (TokenizerConfig, "tokenizer", "train-tokenizer")],
+    "finetune": [(RunOptions, None, None), (FinetuneConfig, "finetune", "finetune"), (TrainConfig, "train", "train")],
+    "prepare-sft": [(PrepareSftConfig, None, None)],
     "evaluate": [(EvaluateConfig, None, None)],
     "generate": [(GenerateConfig, None, None)],
     "score-squad": [(ScoreSquadConfig, None, None)],
@@ -142,5 +171,5 @@ STAGES: dict[str, list[tuple[type, str | None, str | None]]] = {
     "serve": [(ServeConfig, None, None)],
     "pipeline": [(PipelineConfig, None, None)],
 }
-RUN_CONFIG_STAGES = ("prepare", "train-tokenizer", "train", "pipeline")  # they take section.key=value overrides
+RUN_CONFIG_STAGES = ("prepare", "train-tokenizer", "train", "finetune", "pipeline")  # they take section.key=value overrides
 

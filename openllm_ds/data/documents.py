@@ -348,3 +348,23 @@ def read_documents(source: str, options: ReadOptions = ReadOptions(), limit: int
     if not docs:
         raise DataError(f"{what} {source} holds no documents; check it, --text_field and --doc_separator")
     return docs
+
+
+def read_json_lines(source: str, what: str) -> Iterator[tuple[str, object]]:
+    """(where, object) of every non-blank line of the JSON Lines files of ``source`` (a file, .gz/.zst/..., a folder
+    or a glob of them), in order; ``where`` is "FILE line N". A line that is not JSON, a file that is not JSON Lines,
+    not UTF-8 or a corrupt archive is a DataError naming it. For records that are not documents (fine-tuning
+    conversations): the caller checks their fields."""
+    for f in resolve_sources([source], ReadOptions(), what):
+        if f.format != "jsonl":
+            raise DataError(f"{what} {f.shown} is not JSON Lines; pass .jsonl files (one JSON object a line; .gz and "
+                            ".zst too), a folder or a glob of them")
+        for line in _stream_lines(f, UnitCounts()):
+            text = _decode(f, line)
+            if is_blank(text):
+                continue
+            try:
+                obj = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise DataError(f"{_where(f, line)} is not valid JSON ({getattr(e, 'msg', e)}); fix the record") from None
+            yield _where(f, line), obj

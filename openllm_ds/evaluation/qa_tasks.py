@@ -91,30 +91,42 @@ def run_squad_qa(spec, model, tokenizer, progress: bool) -> dict:
         ids, truncated = fit_prompt(tokenizer.prompt_prefix_id,
                                     tokenizer.encode(shot_text + qa_prompt(q.context, q.question)), budget)
         num_truncated += truncated
-        text = greedy_continuation(model, tokenizer, ids, spec.max_new_tokens, stop_when)
-        for s in spec.stop:
-            text = text.split(s)[0]
-        answer = text.strip()
-        predictions[q.qid] = "" if normalize_answer(answer) in ("", no_answer) else answer
+        answer, predictions[q.qid] = squad_answer(
+            greedy_continuation(model, tokenizer, ids, spec.max_new_tokens, stop_when), spec.stop, no_answer)
         if len(examples) < 3:
             examples.append({"question": q.question, "prediction": predictions[q.qid], "gold": list(q.answers[:3])})
-
-    subset = [{"paragraphs": [{"context": q.context, "qas": [q.raw]} for q in chosen]}]
-    report = score_predictions(subset, predictions, version, warn=False)
-    baseline = score_predictions(subset, random_span_predictions(chosen, rng), version, warn=False)
-    breakdown = {k: v for k, v in report.items() if k.startswith(("HasAns_", "NoAns_"))}
     return {
-        "exact_match": report["exact_match"],
-        "f1": report["f1"],
-        **breakdown,
-        "baseline": {"exact_match": baseline["exact_match"], "f1": baseline["f1"]},
-        "baseline_kind": "chance: a random span of the passage, as long as the median gold answer",
-        "num_examples": len(chosen),
-        "squad_version": version,
+        **squad_scores(chosen, predictions, version, rng),
         "num_shots": len(shots),
         "num_truncated_prompts": num_truncated,
         "no_answer_rate": sum(p == "" for p in predictions.values()) / len(predictions),
         "examples": examples,
+    }
+
+
+def squad_answer(text: str, stop: tuple[str, ...], no_answer: str) -> tuple[str, str]:
+    """(the answer: generated text up to the first stop string, stripped; the prediction scored: "" when the
+    answer normalises to nothing or to the no-answer text)."""
+    for s in stop:
+        text = text.split(s)[0]
+    answer = text.strip()
+    return answer, "" if normalize_answer(answer) in ("", no_answer) else answer
+
+
+def squad_scores(chosen: list[SquadQuestion], predictions: dict[str, str], version: str, rng: random.Random) -> dict:
+    """Official EM/F1 (and the v2.0 HasAns_/NoAns_ breakdowns) of ``predictions`` on the questions ``chosen``, with
+    the random-span baseline."""
+    subset = [{"paragraphs": [{"context": q.context, "qas": [q.raw]} for q in chosen]}]
+    report = score_predictions(subset, predictions, version, warn=False)
+    baseline = score_predictions(subset, random_span_predictions(chosen, rng), version, warn=False)
+    return {
+        "exact_match": report["exact_match"],
+        "f1": report["f1"],
+        **{k: v for k, v in report.items() if k.startswith(("HasAns_", "NoAns_"))},
+        "baseline": {"exact_match": baseline["exact_match"], "f1": baseline["f1"]},
+        "baseline_kind": "chance: a random span of the passage, as long as the median gold answer",
+        "num_examples": len(chosen),
+        "squad_version": version,
     }
 
 

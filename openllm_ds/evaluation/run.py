@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from pathlib import Path
 
@@ -16,14 +18,15 @@ from openllm_ds.utils import atomic_write_json, check_output_file
 
 
 def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=None, batch_size=8, checkpoint=None,
-             tasks=(), checkpoints=None, num_workers=2, output=None) -> dict:
+             tasks=(), checkpoints=None, num_workers=2, output=None, limit=None) -> dict:
     """Without ``tasks``: the requested perplexity metrics of ``eval_data`` (default: the run's
     validation file) under the checkpoint at step ``checkpoint`` (default latest) or an export.
 
     With ``tasks`` (names in eval/ or YAML paths): every task on every checkpoint in
     ``checkpoints`` ("all" | "latest" | "10,20"; default: ``checkpoint`` or latest), across
     ``num_workers`` Ray workers (0: in this process); ``eval_data`` then adds a perplexity task
-    on that file. Returns the report; ``output`` also receives it as JSON.
+    on that file; ``limit`` replaces each task's number of examples. Returns the report; ``output`` also receives
+    it as JSON.
     """
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
@@ -32,6 +35,12 @@ def evaluate(model_dir, eval_data=None, metrics=("perplexity", "loss"), stride=N
     if output:
         check_output_file(output, "--output")  # before the evaluation, not after it
     tasks = tuple(tasks or ())
+    if limit is not None:
+        if limit < 1 or not tasks:
+            raise UserError(f"--limit sets the examples of each --tasks task: pass it with --tasks, >= 1 (got {limit})")
+        from openllm_ds.evaluation.tasks import load_task
+
+        tasks = tuple(dataclasses.replace(load_task(t), limit=limit) for t in tasks)
     if tasks:
         if checkpoints is None and checkpoint is not None:
             checkpoints = str(checkpoint)

@@ -3,7 +3,7 @@
 A task YAML::
 
     name: squad_v1_qa                         # default: the file name
-    kind: squad_qa                            # perplexity | squad_qa | cloze | answer_ranking
+    kind: squad_qa                            # perplexity | squad_qa | squad_chat | cloze | answer_ranking
     data: ../shared/data/squad/dev-v1.1.json  # see resolve_data_path for how relative paths resolve
     metric: f1                                # the headline metric (one of the kind's metrics)
     num_shots: 2                              # squad_qa: worked examples in the prompt
@@ -33,6 +33,7 @@ from openllm_ds.utils import read_yaml
 KINDS: dict[str, tuple[str, ...]] = {  # kind -> its metrics, the first is the default
     "perplexity": ("perplexity", "loss", "word_perplexity", "bits_per_byte"),
     "squad_qa": ("f1", "exact_match"),
+    "squad_chat": ("f1", "exact_match", "no_answer_accuracy"),
     "cloze": ("accuracy",),
     "answer_ranking": ("accuracy", "accuracy_norm"),
 }
@@ -51,6 +52,7 @@ class TaskSpec:
     max_new_tokens: int = 16
     stop: tuple[str, ...] = ("\n",)
     no_answer_text: str = "unanswerable"
+    layout: str = "passage_question"  # squad_chat: the user turn's layout (prepare-sft's --layout)
     num_choices: int = 4
     stride: int | None = None
     batch_size: int = 8
@@ -76,6 +78,10 @@ class TaskSpec:
         object.__setattr__(self, "stop", params.stop)
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"{where}: limit must be >= 1 or null (all), got {self.limit}")
+        from openllm_ds.config import LAYOUTS
+
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"{where}: layout must be {' or '.join(LAYOUTS)}, got {self.layout!r}")
         if self.stride is not None and self.stride < 1:
             raise ConfigError(f"{where}: stride must be >= 1 or null (half the context), got {self.stride}")
 
@@ -161,19 +167,20 @@ def load_task(task: str | Path | TaskSpec, check_data: bool = True) -> TaskSpec:
 
 def run_task_on_model(task, model, tokenizer, progress: bool = True) -> dict:
     """Run one task on a model in memory (e.g. from the trainer); returns the result dict."""
-    from openllm_ds.evaluation import qa_tasks
+    from openllm_ds.evaluation import chat_tasks, qa_tasks
 
     spec = load_task(task)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}; "
                         "use the tokenizer the model was trained with")
-    if spec.kind in ("squad_qa", "cloze") and spec.max_new_tokens > model.cfg.max_seq_len - 2:
+    if spec.kind in ("squad_qa", "squad_chat", "cloze") and spec.max_new_tokens > model.cfg.max_seq_len - 2:
         raise UserError(f"task {spec.name!r} ({spec.source or 'inline'}): max_new_tokens {spec.max_new_tokens} leaves "
                         f"no room for a prompt in the model's context of {model.cfg.max_seq_len} tokens; lower "
                         f"max_new_tokens to {max(1, model.cfg.max_seq_len // 4)} or so")
     runners = {
         "perplexity": run_perplexity,
         "squad_qa": qa_tasks.run_squad_qa,
+        "squad_chat": chat_tasks.run_squad_chat,
         "cloze": qa_tasks.run_cloze,
         "answer_ranking": qa_tasks.run_answer_ranking,
     }

@@ -20,7 +20,6 @@ A generation stops within one decode step when its ``cancel`` event is set (the 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from openllm_ds.inference.detokenize import Choice, PieceTexts, StepUpdate
 from openllm_ds.inference.sampling import SamplingParams
 from openllm_ds.model import generate
 from openllm_ds.tokenizer import Tokenizer
-from openllm_ds.tokenizer.chat import ChatTemplate
+from openllm_ds.tokenizer.chat import ChatTemplate, SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -80,10 +79,7 @@ class Completer:
         self._threads_before = torch.get_num_threads()
         if backend == "torch":
             torch.set_num_threads(self.num_threads)  # process-wide; close() gives the old value back
-        ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)
-        self._special = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}  # "<s>" -> 1, "</s>" -> 2, ...
-        # longest first, so that one special token that starts another never wins over it
-        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")")
+        self.special = SpecialTokens(tokenizer)
         self.on_close: list[Callable[[], None]] = []  # what close() also does (remove an on-the-fly ONNX export)
         self.pieces = PieceTexts(tokenizer)
 
@@ -99,13 +95,8 @@ class Completer:
 
         One pass over the text (a prompt of 250,000 "</s>" is as cheap as any other megabyte).
         """
-        ids: list[int] = [self.tokenizer.prompt_prefix_id] if add_prefix else []
-        for i, part in enumerate(self._special_re.split(text)):
-            if i % 2:  # the split's captured separators: special tokens
-                ids.append(self._special[part])
-            elif part:
-                ids += self.tokenizer.encode(part)
-        return ids
+        prefix = [self.tokenizer.prompt_prefix_id] if add_prefix else []
+        return prefix + self.special.encode(text)
 
     def render_chat(self, messages: list[dict]) -> str:
         if self.chat_template is None:

@@ -1,7 +1,8 @@
 """`openllm-ds pipeline`: every stage in order, skipping the ones whose outputs are complete.
 
 prepare -> train-tokenizer -> tokenize -> train -> evaluate -> export (the export table's pipeline formats:
-huggingface, onnx) -> report (``report.py``).
+huggingface, onnx) -> with ``finetune.in_pipeline``, the SFT stage (``sft_stage.py``: prepare-sft -> finetune ->
+squad_v1_chat before and after -> its Hugging Face export) -> report (``report.py``).
 
 A stage is skipped when its completion marker exists and its fingerprint (the config it ran
 with and the hashes of its inputs) is unchanged; fingerprints live in ``runs/NAME/state.json``.
@@ -238,6 +239,9 @@ def _run_stages(cfg: RunConfig, force: bool) -> dict:
                                                        output_dir=str(exports / fmt), overwrite=True)),
             force,
         )
+    from openllm_ds.pipeline.sft_stage import run_sft_stage
+
+    sft = run_sft_stage(cfg, state, stats, out_dir, ckpt_fp, _fingerprint, force)
     baseline = unigram_perplexity(sources[0].train, sources[0].val)
     evaluation = {**evaluation, "unigram_baseline_perplexity": baseline}
     samples = [
@@ -245,9 +249,10 @@ def _run_stages(cfg: RunConfig, force: bool) -> dict:
         for p in ("The university", "In 1905, the")
     ]
     report = write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluation, harness, samples,
-                           out_dir, sources)
+                           out_dir, sources, sft)
     return {"report": str(report.resolve()), "evaluation": evaluation, "harness": harness,
-            "exports": {k: str((exports / k).resolve()) for k in exported}}
+            "exports": {k: str((exports / k).resolve()) for k in exported},
+            **({"finetune": {"scores": sft["scores"], "export": str(Path(sft["export"]).resolve())}} if sft else {})}
 
 
 def write_heldout_documents(cfg: RunConfig, path: Path) -> Path:

@@ -23,7 +23,7 @@ def unigram_perplexity(train, val) -> float:
 
 
 def write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluation, harness, samples,
-                  out_dir, sources) -> Path:
+                  out_dir, sources, sft: dict | None = None) -> Path:
     import yaml
 
     ev, tr = evaluation, train_summary
@@ -63,6 +63,9 @@ def write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluati
     if baselines:
         lines += ["", "Baselines: " + "; ".join(baselines) + "."]
     lines += ["", "## Sample generations (greedy)", ""] + [f"- {s!r}" for s in samples]
+    from openllm_ds.pipeline.sft_stage import sft_report_lines
+
+    lines += sft_report_lines(sft)
     plot = _plot_losses(out_dir / "tensorboard", run_dir / "loss.png")
     if plot:
         lines += ["", "## Loss curves", "", f"![loss curves]({plot.name})"]

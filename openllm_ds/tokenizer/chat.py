@@ -1,6 +1,11 @@
 """Chat messages -> text, with the chat_template of the model's tokenizer_config.json: one renderer for serving,
 ``openllm_ds.load(...).chat`` and training on conversations, so a served model sees the prompt it was trained on.
 
+Text -> ids: ``SpecialTokens.encode`` is the one rule (special-token text such as "</s>" is its id, as transformers
+and vLLM map it; the rest SentencePiece's ids), used by the server's prompts and by ``encode_conversation``, which
+gives a conversation's ids with its training labels: the loss covers every assistant turn's content and the EOS that
+closes it, nothing else.
+
 The template is rendered with jinja2's sandbox as transformers' ``apply_chat_template`` does
 (jinja2 comes with PyTorch). Without jinja2 our own template (the tokenizer stage's CHAT_TEMPLATE)
 is rendered by a small Python equivalent; any other template then needs jinja2.
@@ -8,6 +13,7 @@ is rendered by a small Python equivalent; any other template then needs jinja2.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from openllm_ds.errors import UserError
@@ -16,6 +22,7 @@ from openllm_ds.text import check_text
 from openllm_ds.tokenizer.tokenizer import Tokenizer
 from openllm_ds.utils import read_json, read_text
 
+IGNORE_INDEX = -100  # a label the loss skips (the model's cross-entropy ignores it)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # OpenAI's -> ours
 
 
@@ -118,3 +125,73 @@ def load_chat_template(tokenizer_dir: str | Path, tokenizer: Tokenizer) -> ChatT
 def _token(cfg: dict, key: str, default: str) -> str:
     v = cfg.get(key, default)
     return v.get("content", default) if isinstance(v, dict) else str(v)
+
+
+class SpecialTokens:
+    """The tokenizer's special tokens by their text ("<s>" -> 1, "</s>" -> 2, ...), and ``encode``: text -> ids with
+    those texts as their ids."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)
+        self.ids = {tokenizer.sp.id_to_piece(i): i for i in ids if i >= 0}
+        # longest first, so that one special token that starts another never wins over it
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.ids, key=len, reverse=True)) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        """One pass over the text (a prompt of 250,000 "</s>" is as cheap as any other megabyte)."""
+        ids: list[int] = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:  # the split's captured separators: special tokens
+                ids.append(self.ids[part])
+            elif part:
+                ids += self.tokenizer.encode(part)
+        return ids
+
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """``encode``'s ids, and where each token starts in ``text`` (a character offset)."""
+        ids: list[int] = []
+        starts: list[int] = []
+        pos = 0
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self.ids[part])
+                starts.append(pos)
+            elif part:
+                raw = part.encode("utf-8")
+                proto = self.tokenizer.sp.encode(check_text(part, "text"), return_type="proto")
+                for piece in proto.pieces:
+                    ids.append(piece.id)
+                    starts.append(pos + len(raw[:piece.begin].decode("utf-8", "ignore")))
+            pos += len(part)
+        return ids, starts
+
+
+def encode_conversation(messages: list[dict], template: ChatTemplate, special: SpecialTokens
+                        ) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a whole conversation as ``template`` renders it (no generation prompt): the ids are those
+    of the rendered text, as the server and transformers tokenise it; ``labels[i]`` is ``ids[i]`` where token ``i``
+    belongs to an assistant turn's answer (its content and the EOS that closes it), else IGNORE_INDEX (the BOS, the
+    system and user turns, the "Assistant:" prefixes). A label is the target at its own position: shift by one
+    for next-token prediction. A template whose earlier turns are not a prefix of the whole is a UserError."""
+    text = template.render(messages, add_generation_prompt=False)
+    spans = []  # (start, end) of each answer in ``text``
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = template.render(messages[:i], add_generation_prompt=True) if i else None
+        upto = template.render(messages[:i + 1], add_generation_prompt=False)
+        if before is None or not upto.startswith(before) or not text.startswith(upto):
+            raise UserError("the chat template does not render a conversation turn by turn (each turn's text a prefix "
+                            "of the next), so its answers cannot be told apart for training; use the tokenizer "
+                            "stage's template (tokenizer_config.json's chat_template)")
+        spans.append((len(before), len(upto)))
+    ids, starts = special.encode_with_starts(text)
+    labels = [IGNORE_INDEX] * len(ids)
+    k = 0
+    for j, s in enumerate(starts):
+        while k < len(spans) and s >= spans[k][1]:
+            k += 1
+        if k < len(spans) and spans[k][0] <= s:
+            labels[j] = ids[j]
+    return ids, labels

@@ -223,6 +223,10 @@ class TrainBatches:
                          for k in range(self.accum)]
         return micro_batches, DataPosition(new), [slots.count(s) for s in range(len(self.tokens))]
 
+    def step_tokens(self, taken: list[int]) -> list[int]:
+        """The tokens of ``next_batch``'s windows per source."""
+        return [k * self.seq_len for k in taken]
+
     def read(self, windows: list[tuple[int, int]]) -> torch.Tensor:
         T = self.seq_len
         rows = np.stack([self.tokens[s][w * T:w * T + T + 1] for s, w in windows])

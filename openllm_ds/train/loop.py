@@ -29,6 +29,7 @@ from openllm_ds.train.metrics import RunLog, exp_loss, flops_per_token, memory_m
 from openllm_ds.train.optim import build_lr_scheduler, param_groups
 from openllm_ds.train.preflight import RunInputs, RunLock, check_lengths, check_run_inputs
 from openllm_ds.train.spikes import SpikeGuard
+from openllm_ds.tokenizer.chat import IGNORE_INDEX
 from openllm_ds.utils import OutputKind, atomic_dir, keep_freed_memory
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,21 +45,26 @@ def train(cfg: RunConfig, hold_lock: bool = True) -> dict:
         keep_freed_memory()  # no page faults for every step's fresh buffers
     out = Path(cfg.output_dir).resolve()
     with RunLock(out, env, holder=hold_lock):
+        sft = None
+        if cfg.finetune.model_dir:  # a fine-tune: conversations instead of token shards (finetune/run.py)
+            from openllm_ds.finetune.run import load_sft
+
+            cfg, sft = load_sft(cfg, env)
         cfg, inputs = check_run_inputs(cfg, env)
-        return _train(cfg, env, inputs, out)
+        return _train(cfg, env, inputs, out, sft)
 
 
-def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
+def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path, sft=None) -> dict:
     log = RunLog(env, out)
 
     t = cfg.train
-    sources = load_sources(cfg, inputs.tokenizer.sha256, env)
-    check_lengths(cfg, sources, env.world_size)
+    if sft is not None:
+        from openllm_ds.finetune.run import sft_data
+
+        sources, batches, eval_sets, data_sha256, notes = sft_data(cfg, inputs.tokenizer, env, sft)
+    else:
+        sources, batches, eval_sets, data_sha256, notes = token_data(cfg, inputs, env)
     T = cfg.model.max_seq_len
-    batches = TrainBatches([s.train for s in sources], [s.weight for s in sources], T, t.micro_batch_size,
-                           t.gradient_accumulation_steps, env, t.seed)
-    eval_sets = [EvalWindows(s.val, T, t.eval_batches * t.micro_batch_size, t.micro_batch_size, env) for s in sources]
-    data_sha256 = data_fingerprint(sources)
 
     engine, num_params = build_engine(cfg, inputs, env)
     stage = zero_stage(inputs.ds_config)
@@ -87,11 +93,15 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
 
     peak = peak_flops(env.torch_device, PRECISION_DTYPES[inputs.precision]).flops
     flops_tok = flops_per_token(cfg.model, num_params)
-    tokens_per_step = batches.global_batch * T
     log.info(f"model: {num_params:,} parameters ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
              f"{cfg.model.n_heads} heads, context {T}); {env.world_size} rank(s) on {env.device}, {inputs.precision}, "
              f"ZeRO-{stage}; global batch {batches.global_batch} x {T} tokens; "
              f"{batches.steps_per_epoch} steps per epoch; output {out}")
+    if notes.get("finetune"):
+        n = notes["finetune"]
+        log.info(f"fine-tuning {n['base_model']} on {n['conversations']:,} conversations ({t.max_steps} steps); "
+                 f"padding {n['padding_share']:.1%} of the batches; {n['truncated']} conversation(s) longer than the "
+                 f"context truncated")
     if len(sources) > 1:
         log.info("data: " + ", ".join(f"{s.name} {s.weight:.1%} ({len(s.train):,} tokens)" for s in sources))
 
@@ -104,16 +114,17 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
         while state.step < t.max_steps:
             t0 = time.perf_counter()
             micro_batches, pos, taken = batches.next_batch(DataPosition(state.data))
+            step_tokens = batches.step_tokens(taken)
             lr = engine.get_lr()[0]
             loss, grad_norm, skipped = train_step(engine, micro_batches, env, stage, inputs.precision)
             dt = time.perf_counter() - t0
             state.step += 1
             state.data = pos.sources
-            state.source_tokens = [n + k * T for n, k in zip(state.source_tokens, taken)]
-            state.tokens_seen += tokens_per_step
+            state.source_tokens = [n + k for n, k in zip(state.source_tokens, step_tokens)]
+            state.tokens_seen += sum(step_tokens)
             state.nonfinite_skipped += skipped
-            run_tokens += tokens_per_step
-            tokens_per_sec = tokens_per_step / dt
+            run_tokens += sum(step_tokens)
+            tokens_per_sec = sum(step_tokens) / dt
             log.step(state.step, loss, tokens_per_sec)
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 log.scalars(state.step, {
@@ -174,8 +185,21 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path) -> dict:
                      "train_tokens": len(s.train), "validation": s.val_name, "val_loss": v}
                     for s, share, v in zip(sources, token_shares(state),
                                            state.source_eval_losses or [None] * len(sources))],
+        **notes,
     }
     return summary
+
+
+def token_data(cfg: RunConfig, inputs: RunInputs, env: DistEnv):
+    """Pretraining's data: (sources, batches of windows, validation windows, data fingerprint, notes: none)."""
+    t = cfg.train
+    sources = load_sources(cfg, inputs.tokenizer.sha256, env)
+    check_lengths(cfg, sources, env.world_size)
+    T = cfg.model.max_seq_len
+    batches = TrainBatches([s.train for s in sources], [s.weight for s in sources], T, t.micro_batch_size,
+                           t.gradient_accumulation_steps, env, t.seed)
+    eval_sets = [EvalWindows(s.val, T, t.eval_batches * t.micro_batch_size, t.micro_batch_size, env) for s in sources]
+    return sources, batches, eval_sets, data_fingerprint(sources), {}
 
 
 def token_shares(state: TrainState) -> list[float]:
@@ -321,14 +345,16 @@ def skip_nonfinite_update(engine) -> float:
 
 @torch.no_grad()
 def validate(engine, windows: EvalWindows, env: DistEnv) -> float:
-    """Mean next-token loss over the fixed validation windows (all ranks)."""
+    """Mean next-token loss over the fixed validation windows (all ranks), over the targets that count (a
+    fine-tune's answer tokens; IGNORE_INDEX targets have no loss)."""
     engine.eval()
     total, count = 0.0, 0
     with torch.compiler.set_stance("force_eager"):  # a compiled model would compile its eval mode too
         for x, y in windows.batches():
             loss = engine(x, y)
-            total += float(loss) * y.numel()
-            count += y.numel()
+            n = int((y != IGNORE_INDEX).sum())
+            total += float(loss) * n
+            count += n
     total, count = all_reduce_sum([total, count], env)
     engine.train()
     return total / count

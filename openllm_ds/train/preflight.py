@@ -85,7 +85,8 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv, dry_run: bool = False) -> tup
                           "(or train the tokenizer with that --vocab_size)")
     for key, spec in data_keys(cfg):
         check_source_exists(key, spec)
-    check_validation_apart(cfg)
+    if not cfg.finetune.model_dir:  # a fine-tune's validation conversations are its own (prepare-sft splits them)
+        check_validation_apart(cfg)
     eval_tasks = load_eval_tasks(t.eval_tasks)
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is None and t.init_from:  # a resumed run goes on from its own checkpoint instead

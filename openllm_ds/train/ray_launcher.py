@@ -60,7 +60,11 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     if t.init_from:
         absolute["init_from"] = path(t.init_from)
     tokenizer = dataclasses.replace(cfg.tokenizer, shards_root=path(cfg.tokenizer.shards_root))
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, **absolute), tokenizer=tokenizer)
+    ft = cfg.finetune
+    if ft.model_dir:  # a fine-tune (finetune/run.py): its base weights and conversations
+        ft = dataclasses.replace(ft, model_dir=path(ft.model_dir), data=source(ft.data),
+                                 eval_data=source(ft.eval_data) if ft.eval_data else None)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, **absolute), tokenizer=tokenizer, finetune=ft)
 
 
 def train_with_ray(cfg: RunConfig) -> dict:

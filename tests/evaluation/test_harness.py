@@ -25,7 +25,8 @@ from openllm_ds.tokenizer import load_tokenizer
 from helpers import biased, eval_run, tiny_config  # the fake training outputs
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = {"wikitext2_ppl", "validation_ppl", "squad_v1_qa", "squad_v2_qa", "squad_cloze", "squad_answer_ranking"}
+SHIPPED = {"wikitext2_ppl", "validation_ppl", "squad_v1_qa", "squad_v2_qa", "squad_cloze", "squad_answer_ranking",
+           "squad_v1_chat", "squad_v2_chat"}
 
 
 def task_yaml(path: Path, **fields) -> Path:
@@ -80,7 +81,7 @@ def test_task_yaml_errors_name_the_file_and_field(tmp_path, docs_file):
         load_task(task_yaml(tmp_path / "b.yaml", kind="cloze", data=str(docs_file), metric="f1"))
     with pytest.raises(UserError, match=r"c\.yaml lacks 'kind:'"):
         load_task(task_yaml(tmp_path / "c.yaml", data=str(docs_file)))
-    with pytest.raises(UserError, match=r"kind 'mmlu' is not one of perplexity, squad_qa, cloze, answer_ranking"):
+    with pytest.raises(UserError, match=r"kind 'mmlu' is not one of perplexity, squad_qa, squad_chat, cloze, answer_ranking"):
         load_task(task_yaml(tmp_path / "d.yaml", kind="mmlu", data=str(docs_file)))
     with pytest.raises(UserError, match=r"data file 'nowhere\.txt' not found"):
         load_task(task_yaml(tmp_path / "e.yaml", kind="perplexity", data="nowhere.txt"))

@@ -19,9 +19,11 @@ from openllm_ds.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "train-tokenizer", "tokenize", "train", "evaluate", "harness", "export-huggingface", "export-onnx"]
+SFT_STAGES = ["prepare-sft", "finetune", "squad_v1_chat-before", "squad_v1_chat-after", "export-huggingface-sft"]
 OVERRIDES = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192", "model.max_seq_len=64",
              "train.micro_batch_size=8", "train.max_steps=20", "train.warmup_steps=5", "train.eval_every=10",
-             "train.save_every=10", "train.eval_batches=4"]
+             "train.save_every=10", "train.eval_batches=4", "finetune.max_steps=4", "finetune.batch_size=4",
+             "finetune.max_seq_len=128", "finetune.warmup_steps=1", "finetune.pipeline_questions=4"]
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +67,8 @@ def test_pipeline_end_to_end_resumes_and_skips(squad_dir, tmp_path, capsys, monk
     monkeypatch.setattr(export_mod, "export", real_export)
     assert main(pipeline_argv(squad_dir, work)) == 0  # picks up where it stopped
     second = capsys.readouterr()
-    assert stage_lines(second.out) == {**{s: "skipped" for s in STAGES[:-1]}, "export-onnx": "running"}
+    assert stage_lines(second.out) == {**{s: "skipped" for s in STAGES[:-1]}, "export-onnx": "running",
+                                       **{s: "running" for s in SFT_STAGES}}
     result = json.loads(second.out[second.out.index("\n{\n") + 1:])
 
     cfg = load_run_config(ROOT / "configs/tiny.yaml", dict(o.split("=", 1) for o in OVERRIDES))
@@ -86,9 +89,17 @@ def test_pipeline_end_to_end_resumes_and_skips(squad_dir, tmp_path, capsys, monk
     assert "| squad_answer_ranking | 20 | accuracy |" in report
     assert "| export-onnx |" in report and "## Sample generations (greedy)" in report
     assert (work / "runs/tiny/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the SFT stage: SQuAD conversations, a fine-tune of the trained model, squad_v1_chat before and after, the export
+    sft = result["finetune"]
+    assert sft["scores"]["before"]["num_examples"] == sft["scores"]["after"]["num_examples"] == 4
+    assert sft["scores"]["before"]["step"] == 20 and sft["scores"]["after"]["step"] == 4
+    assert json.loads((work / "exports/huggingface-sft/config.json").read_text())["max_position_embeddings"] == 128
+    assert "## Fine-tuning (SFT)" in report and "| squad_v1_chat F1 |" in report
+    assert "- padding share of the batches:" in report and "Sample conversations" in report
+    assert (work / "data/sft/train.jsonl").is_file() and (work / "models/tiny-sft/checkpoints/latest").is_file()
 
     assert main(pipeline_argv(squad_dir, work)) == 0
-    assert stage_lines(capsys.readouterr().out) == {s: "skipped" for s in STAGES}
+    assert stage_lines(capsys.readouterr().out) == {s: "skipped" for s in STAGES + SFT_STAGES}
 
     # a changed setting the finished run can take (a cadence): nothing to train, the report stays whole
     state = json.loads((work / "runs/tiny/state.json").read_text())

@@ -1,4 +1,4 @@
-"""vLLM serving the Hugging Face export of a trained tiny model, started by `openllm-ds serve` (engine auto picks
+"""vLLM serving the Hugging Face export of a trained and fine-tuned tiny model (conftest's finetuned_export), started by `openllm-ds serve` (engine auto picks
 vLLM where it is installed: its CPU build here, from `scripts/setup.sh --vllm`), against the official openai
 client; its greedy tokens against the built-in server's and `openllm-ds generate`'s; and the prompt convention
 (generation starts after </s>) compared by the first generated token's logits across generate, evaluation, the
@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import free_port
+from helpers import free_port, place_conversation
 from openllm_ds.model import generate
 from openllm_ds.serve import start_server
 from openllm_ds.serve.vllm import vllm_python, vllm_unavailable_reason
@@ -40,9 +40,9 @@ if vllm_python() is None:
 
 
 @pytest.fixture(scope="module")
-def vllm(trained_export, tmp_path_factory):
+def vllm(finetuned_export, tmp_path_factory):
     """`openllm-ds serve --engine auto` on the export, with the key in OPENLLM_API_KEY; (process, port, log file)."""
-    export_dir, _ = trained_export
+    export_dir, _ = finetuned_export
     assert vllm_unavailable_reason(export_dir) is None, vllm_unavailable_reason(export_dir)
     port = free_port()
     log_file = tmp_path_factory.mktemp("vllm") / "serve.log"
@@ -71,8 +71,8 @@ def client(vllm):
 
 
 @pytest.fixture(scope="module")
-def builtin(trained_export):
-    with start_server(trained_export[0], context_length=128, model_name=MODEL) as srv:
+def builtin(finetuned_export):
+    with start_server(finetuned_export[0], context_length=128, model_name=MODEL) as srv:
         yield openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=120), srv
 
 
@@ -92,9 +92,12 @@ def test_vllm_answers_the_openai_client(vllm, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
-    full = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
-    assert full.object == "text_completion" and full.usage.completion_tokens >= 1
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True))
+    # the fine-tuned model may close a plain completion after a word: ignore_eos streams all 12 tokens
+    full = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert full.object == "text_completion" and full.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text and len(chunks) > 3
     messages = [{"role": "user", "content": "Who were the Normans?"}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
@@ -104,11 +107,11 @@ def test_vllm_answers_the_openai_client(vllm, client):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
 
 
-def test_greedy_tokens_equal_builtin_and_generate(client, builtin, trained_export, tokenizer_dir):
+def test_greedy_tokens_equal_builtin_and_generate(client, builtin, finetuned_export, tokenizer_dir):
     from openllm_ds.evaluation import generate_text
     from openllm_ds.tokenizer import load_tokenizer
 
-    export_dir, model = trained_export
+    export_dir, model = finetuned_export
     ours, srv = builtin
     tok = load_tokenizer(tokenizer_dir)
     for prompt in PROMPTS:
@@ -123,7 +126,7 @@ def test_greedy_tokens_equal_builtin_and_generate(client, builtin, trained_expor
     assert len({tuple(greedy(model, tok.encode_prompt(p), 16)) for p in PROMPTS}) >= 3  # not one answer for all
 
 
-def test_one_prompt_convention_first_token_logits(client, builtin, trained_export, tokenizer_dir):
+def test_one_prompt_convention_first_token_logits(client, builtin, finetuned_export, tokenizer_dir):
     """Where generation starts: after </s>, the same ids and the same first-token logits in generate, evaluation,
     the built-in server, transformers (`generate(**tok(text))`), vLLM and the lm-eval YAMLs."""
     import transformers
@@ -131,7 +134,7 @@ def test_one_prompt_convention_first_token_logits(client, builtin, trained_expor
     from openllm_ds.evaluation.qa_tasks import fit_prompt, qa_prompt
     from openllm_ds.tokenizer import load_tokenizer
 
-    export_dir, model = trained_export
+    export_dir, model = finetuned_export
     ours, srv = builtin
     tok = load_tokenizer(tokenizer_dir)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(export_dir))
@@ -172,6 +175,61 @@ def test_one_prompt_convention_first_token_logits(client, builtin, trained_expor
             assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode_prompt(
                 qa_prompt("Normandy is in France.", "Where is Normandy?")), name
             assert task["doc_to_text"] == "Context: {{context}}\nQuestion: {{question}}\nAnswer:"
+
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who were the Normans?"},
+     {"role": "assistant", "content": "A people of Normandy."}, {"role": "user", "content": "When?"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Où est Köln? 東京は?"}],
+    [{"role": "user", "content": "Normandy is in France.\n\nWhere is Normandy?"}],
+]
+
+
+def test_one_chat_template_gives_the_same_prompt_ids_everywhere(client, builtin, finetuned_export):
+    """A conversation's prompt ids: the same in training (tokenizer/chat.encode_conversation), the built-in server,
+    `openllm_ds.load(...).chat`, transformers' apply_chat_template and vLLM's /v1/chat/completions."""
+    import transformers
+
+    import openllm_ds
+    from openllm_ds.tokenizer.chat import SpecialTokens, encode_conversation, load_chat_template
+
+    export_dir, _ = finetuned_export
+    ours, srv = builtin
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(export_dir))
+    lm = openllm_ds.load(str(export_dir))
+    template = load_chat_template(export_dir, lm.tokenizer)
+    for messages in CONVERSATIONS:
+        ids = SpecialTokens(lm.tokenizer).encode(template.render(messages, add_generation_prompt=True))
+        assert ids[0] == 2 and len(ids) > 5
+        assert srv.completer.encode(srv.completer.render_chat(messages), add_prefix=False) == ids  # built-in server
+        assert lm.completer.encode(lm.completer.render_chat(messages), add_prefix=False) == ids  # load(...).chat's
+        assert list(hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                               return_dict=False)) == ids  # transformers
+        v = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0,
+                                           extra_body={"return_token_ids": True})
+        assert v.prompt_token_ids == ids  # vLLM
+        b = ours.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
+        assert b.usage.prompt_tokens == len(ids)
+        # training: the conversation with an answer starts with these very ids; the new answer has loss from its
+        # first token to its closing </s>, the "Assistant:" before it none
+        train_ids, labels = encode_conversation([*messages, {"role": "assistant", "content": "In France."}], template,
+                                                SpecialTokens(lm.tokenizer))
+        assert train_ids[:len(ids)] == ids and labels[len(ids) - 1] == -100
+        assert labels[len(ids):] == train_ids[len(ids):] and labels[-1] == 2
+
+
+def test_the_finetuned_export_answers_a_squad_style_chat_alike_in_vllm_and_builtin(client, builtin):
+    """`openllm-ds serve` on the fine-tuned export: a SQuAD-style question (a passage, a blank line, the question)
+    through the openai client gets the same greedy answer from vLLM and the built-in server, ended by the </s> the
+    fine-tune taught it to close its answers with."""
+    ours, _ = builtin
+    for a, b in (("river", "forest"), ("market", "church")):
+        messages = place_conversation(a, b)[:1]
+        v = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+        o = ours.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+        assert v.choices[0].message.content == o.choices[0].message.content
+        assert v.choices[0].finish_reason == o.choices[0].finish_reason == "stop"
+        assert 1 <= v.usage.completion_tokens < 24 and v.choices[0].message.content.strip()
 
 
 def test_serve_stops_vllm_cleanly(vllm, client):
