@@ -126,8 +126,8 @@ def train_tokens_per_sec(py: str, out: Path, args: list[str], steps: int) -> flo
             "--max_steps", str(steps), "--eval_every", str(steps), "--save_every", str(steps), "--resume", "none",
             "train.log_every=1", "train.eval_batches=2", "tokenizer.num_workers=0", *args]
     run(argv, f"training {out.name}")
-    rates = [json.loads(line)["train/tokens_per_sec"] for line in (out / "train_log.jsonl").read_text().splitlines()
-             if "train/tokens_per_sec" in line]
+    rates = [json.loads(line)["perf/tokens_per_s"] for line in (out / "train_log.jsonl").read_text().splitlines()
+             if "perf/tokens_per_s" in line]
     return statistics.median(rates[4:])
 
 

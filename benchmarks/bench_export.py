@@ -5,7 +5,7 @@
 
 1. Generation at batch 1: our KV-cache ``openllm_ds.model.generate`` against transformers'
    ``generate`` (greedy, KV cache on) on the Hugging Face export of the same weights, and
-   onnxruntime with decoder_with_past. Exactly ``--new_tokens`` tokens each (no EOS stop);
+   onnxruntime with model.onnx (its past inputs). Exactly ``--new_tokens`` tokens each (no EOS stop);
    tokens/s = new tokens / wall time of the whole call (prefill included), median of R runs.
    The greedy tokens of all three are compared.
 2. One forward pass (input_ids -> logits): PyTorch against onnxruntime with model.onnx, the
@@ -129,7 +129,7 @@ def generation_rows(hf_dir: Path, onnx_dir: Path, args) -> list[str]:
         "|---|---:|---:|---:|---|",
         f"| transformers `generate` (export, KV cache) | {n / t_hf:.1f} | {1e3 * t_hf / n:.2f} | 1.00x | {'yes' if same_hf else 'NO'} |",
         f"| ours `openllm_ds.model.generate` (KV cache) | {n / t_ours:.1f} | {1e3 * t_ours / n:.2f} | {t_hf / t_ours:.2f}x | - |",
-        f"| onnxruntime decoder_with_past ({lm.variant}) | {n / t_onnx:.1f} | {1e3 * t_onnx / n:.2f} | {t_hf / t_onnx:.2f}x | {'yes' if same_onnx else 'NO'} |",
+        f"| onnxruntime model.onnx ({lm.variant}) | {n / t_onnx:.1f} | {1e3 * t_onnx / n:.2f} | {t_hf / t_onnx:.2f}x | {'yes' if same_onnx else 'NO'} |",
     ]
 
 

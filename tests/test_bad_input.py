@@ -354,7 +354,12 @@ CASES = [
     # ---- generate --------------------------------------------------------------------------------
     Case("generate", "an ONNX export whose config.json is a JSON list", 2, "generate --model_dir onnx --prompt Hi",
          r"onnx/config\.json must hold an object, not a list; re-export the model \(--format onnx\)", (),
-         files={"onnx/config.json": "[]", "onnx/decoder_with_past.onnx": GARBAGE}),
+         files={"onnx/config.json": "[]", "onnx/model.onnx": GARBAGE}),
+    Case("generate", "an ONNX export of the layout before optimum's", 2, "generate --model_dir onnx --prompt Hi",
+         r"onnx is an ONNX export of an older layout \(decoder_with_past\.onnx, no Llama config\.json\); re-export it "
+         r"from its training output: openllm-ds export --model_dir models/NAME --format onnx --output_dir onnx "
+         r"--overwrite", (), files={"onnx/config.json": '{"vocab_size": 8000, "d_model": 64}',
+                                    "onnx/model.onnx": GARBAGE, "onnx/decoder_with_past.onnx": GARBAGE}),
     Case("generate", "negative temperature", 2, "generate --model_dir model --prompt Hi --temperature -1",
          r"--temperature must be a number in \[0, 2\] \(0: greedy\), got -1\.0", ()),
     Case("generate", "temperature NaN", 2, "generate --model_dir model --prompt Hi --temperature nan",

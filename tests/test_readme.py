@@ -14,7 +14,8 @@ from openllm_ds.cli import build_parser, build_train_parser, run_config_from_arg
 ROOT = Path(__file__).resolve().parents[1]
 # commands of other tools, not ours to parse
 OTHER_TOOLS = ("scripts/setup.sh", "scripts/gpu_wheels.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm", "lm_eval",
-               "pip install", "export RAY_AUTH_MODE=")
+               "pip install", "export RAY_AUTH_MODE=",
+               ".venv-gguf/bin/python", ".venv-optimum/bin/python")
 
 
 def readme_commands() -> list[str]:
@@ -72,7 +73,7 @@ def check_ray_job_outputs(script: str, args: list[str], monkeypatch) -> None:
 def test_the_readme_has_its_two_fresh_machine_commands():
     assert "scripts/setup.sh" in COMMANDS and ".venv/bin/python -m pytest -q" in COMMANDS
     assert ".venv/bin/openllm-ds pipeline --config configs/tiny.yaml" in COMMANDS
-    test_command = "scripts/setup.sh --vllm && .venv/bin/python -m pytest -q"
+    test_command = "scripts/setup.sh --vllm --gguf --optimum && .venv/bin/python -m pytest -q"
     assert test_command in (ROOT / "README.md").read_text() and test_command in (ROOT / ".ci/run").read_text()
 
 

@@ -21,8 +21,10 @@ validation loss) beside their weights:
 - Hugging Face: ``config.json`` (LlamaForCausalLM) and ``model.safetensors``; any Llama checkpoint as
   transformers saves one reads the same way, also in shards named by ``model.safetensors.index.json``;
 - PyTorch: ``config.json`` (our ModelConfig fields) and ``model.pt``;
-- ONNX: ``config.json`` (our ModelConfig fields), ``model.onnx`` and ``decoder_with_past.onnx`` (and their
-  optimised and int8 variants).
+- ONNX, in optimum's layout: ``config.json`` (LlamaForCausalLM), ``generation_config.json`` and ``model.onnx``
+  (input_ids, attention_mask, position_ids and the past keys/values -> logits and the present ones; and its
+  optimised and int8 variants). An export of the older layout (``decoder_with_past.onnx``, our ModelConfig fields
+  in config.json) is refused with the command that rewrites it.
 """
 
 from __future__ import annotations
@@ -52,12 +54,12 @@ TOKENIZER_FILES = (
 EXPORT_FILES = (*TOKENIZER_FILES, EXPORT_INFO, "config.json", "generation_config.json", WEIGHTS, "README.md",
                 PYTORCH_WEIGHTS)
 
-ONNX_MODEL = "model.onnx"  # input_ids (B, T) -> logits (B, T, V)
-ONNX_DECODER = "decoder_with_past.onnx"  # input_ids and the past keys/values -> logits and the present ones
-ONNX_VARIANTS = {  # variant -> (model file, decoder file)
-    "fp32": (ONNX_MODEL, ONNX_DECODER),
-    "optimized": ("model.optimized.onnx", "decoder_with_past.optimized.onnx"),
-    "int8": ("model.int8.onnx", "decoder_with_past.int8.onnx"),
+ONNX_MODEL = "model.onnx"  # optimum's decoder: input_ids, attention_mask, position_ids, past -> logits, present
+ONNX_OLD_DECODER = "decoder_with_past.onnx"  # the layout before optimum's (refused, with the command to re-export)
+ONNX_VARIANTS = {  # variant -> its graph file
+    "fp32": ONNX_MODEL,
+    "optimized": "model.optimized.onnx",
+    "int8": "model.int8.onnx",
 }
 
 
@@ -84,7 +86,7 @@ def is_pytorch_export(path: Path) -> bool:
 
 
 def is_onnx_export(path: Path) -> bool:
-    return (Path(path) / ONNX_DECODER).is_file() and (Path(path) / "config.json").is_file()
+    return (Path(path) / ONNX_MODEL).is_file() and (Path(path) / "config.json").is_file()
 
 
 def is_export_file(name: str) -> bool:
@@ -159,7 +161,7 @@ def resolve_checkpoint(model_dir: str | Path, step: int | None = None) -> Path:
     if not found:
         raise UserError(
             f"--model_dir {root} holds no checkpoint (no {CHECKPOINTS}/{LATEST}, no {CHECKPOINTS}/step_*/{WEIGHTS}) "
-            "and is not an export (config.json + model.safetensors, model.pt or decoder_with_past.onnx); train first "
+            "and is not an export (config.json + model.safetensors, model.pt or model.onnx); train first "
             "or point at an export"
         )
     return found[-1][1]

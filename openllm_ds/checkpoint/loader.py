@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from openllm_ds.checkpoint.layout import (ANY_STEP_DIR, CHECKPOINTS, EXPORT_INFO, TRAIN_STATE, WEIGHTS,
+from openllm_ds.checkpoint.layout import (ANY_STEP_DIR, CHECKPOINTS, EXPORT_INFO, ONNX_OLD_DECODER, TRAIN_STATE, WEIGHTS,
                                           checkpoint_step, is_hf_export, is_onnx_export, is_pytorch_export,
                                           is_zero_tag, read_train_state, resolve_checkpoint)
 from openllm_ds.checkpoint.weights import load_hf_weights, load_pytorch_weights, load_state_dict, load_zero_shards
@@ -102,14 +102,18 @@ def weights_source(model_dir: str | Path, step: int | None = None) -> WeightsSou
 def _export_source(root: Path) -> WeightsSource:
     card = read_json(root / EXPORT_INFO, "re-export the model", expect=dict) if (root / EXPORT_INFO).is_file() else {}
     figures = {k: card[k] for k in ("val_loss", "tokens_seen") if card.get(k) is not None}
-    if is_hf_export(root):
+    if is_hf_export(root) or is_onnx_export(root):  # a Llama config.json (ONNX: optimum's layout)
         from openllm_ds.model.hf_map import from_hf_config
 
-        cfg = from_hf_config(read_json(root / "config.json", "re-export the model", expect=dict),
-                             str(root / "config.json"))
-        kind = "huggingface"
-    else:  # PyTorch and ONNX exports store our ModelConfig's fields
-        kind = "pytorch" if is_pytorch_export(root) else "onnx"
+        kind = "huggingface" if is_hf_export(root) else "onnx"
+        hf = read_json(root / "config.json", f"re-export the model (--format {kind})", expect=dict)
+        if kind == "onnx" and "model_type" not in hf:
+            raise UserError(f"{root} is an ONNX export of an older layout ({ONNX_OLD_DECODER}, no Llama config.json); "
+                            f"re-export it from its training output: openllm-ds export --model_dir models/NAME --format onnx "
+                            f"--output_dir {root} --overwrite")
+        cfg = from_hf_config(hf, str(root / "config.json"))
+    else:  # PyTorch exports store our ModelConfig's fields
+        kind = "pytorch"
         fields = read_json(root / "config.json", f"re-export the model (--format {kind})", expect=dict)
         try:
             cfg = ModelConfig(**fields)

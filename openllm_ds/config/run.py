@@ -22,7 +22,7 @@ import yaml
 
 from openllm_ds.config.fields import INT64, parse_workers, setting
 from openllm_ds.errors import ConfigError
-from openllm_ds.export.formats import FORMATS, format_choices
+from openllm_ds.export.formats import FORMATS, GGUF_TYPES, format_choices, pipeline_formats
 from openllm_ds.text import text_problem
 from openllm_ds.utils import read_json as read_json_file, read_yaml as read_yaml_file
 
@@ -330,6 +330,9 @@ class ExportConfig:
     verify: bool = setting(True, "load the export back and compare logits (default on)")
     optimize_for_inference: bool = setting(False, "onnx: apply onnxruntime graph optimisations")
     quantize_int8: bool = setting(False, "onnx: int8 dynamic quantisation")
+    gguf_type: str | None = setting(None, "gguf: f32 | f16 (default) | q8_0", metavar="TYPE")
+    # the formats `openllm-ds pipeline` exports (a YAML list); `export` itself takes --format
+    formats: tuple[str, ...] = pipeline_formats()
     overwrite: bool = setting(False, "replace a non-empty output dir")
     checkpoint: int | None = setting(None, "training step (default: latest)")
 
@@ -338,6 +341,11 @@ class ExportConfig:
             raise ConfigError(f"export.format must be {format_choices(' or ')} (--format), got {self.format!r}")
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"export.dtype must be fp32, fp16 or bf16 (--dtype), got {self.dtype!r}")
+        if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
+            raise ConfigError(f"export.gguf_type must be {', '.join(GGUF_TYPES)} (--gguf_type), got {self.gguf_type!r}")
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ConfigError(f"export.formats must list formats of {format_choices(', ')}, got {list(self.formats)}")
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,9 @@ def hf_config(src: LoadedModel, dtype: str) -> dict:
     return cfg
 
 
-def export_huggingface(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool = True) -> dict:
-    from safetensors.torch import save_file
-
-    save_file(hf_state_dict(src, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+def write_hf_files(src: LoadedModel, out: Path, dtype: str) -> None:
+    """What transformers (and optimum) read beside the weights: config.json (Llama), generation_config.json and the
+    tokenizer files with the prompt convention."""
     atomic_write_json(out / "config.json", hf_config(src, dtype))
     tok = src.tokenizer
     atomic_write_json(out / "generation_config.json", {
@@ -56,6 +55,13 @@ def export_huggingface(src: LoadedModel, out: Path, dtype: str = "fp32", verify:
     copy_tokenizer_files(src, out)
     # the prompt convention, and model_max_length = the model's context (the tokenizer has no limit)
     apply_prompt_convention(out, tok.prompt_prefix_id, src.model_config.max_seq_len)
+
+
+def export_huggingface(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool = True) -> dict:
+    from safetensors.torch import save_file
+
+    save_file(hf_state_dict(src, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_hf_files(src, out, dtype)
     atomic_write_json(out / EXPORT_INFO, {**export_info(src), "format": "huggingface", "dtype": dtype})
     atomic_write_text(out / "README.md", model_card(src, dtype))
     report = {"dtype": dtype}

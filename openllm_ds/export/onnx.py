@@ -1,23 +1,25 @@
-"""ONNX export with torch.onnx's dynamo exporter (torch.export), run and checked with onnxruntime.
+"""ONNX export in optimum's layout, with torch.onnx's dynamo exporter (torch.export), run and checked with onnxruntime.
 
-Files: model.onnx (input_ids -> logits, dynamic batch and sequence), decoder_with_past.onnx (the
-same plus past/present key-values per layer, dynamic past length, 0 included: one graph serves
-prefill and decoding), config.json (ModelConfig fields), the tokenizer files and openllm_ds.json
-(graph inputs/outputs and which files exist). ``--optimize_for_inference`` adds
-``*.optimized.onnx``: onnxruntime's extended graph optimisations (fusions, constant folding) saved
-offline, portable across CPUs. ``--quantize_int8`` adds ``*.int8.onnx``: dynamic int8 quantisation
-of the MatMul weights with activations quantised at run time.
+Files: ``model.onnx``, the decoder optimum's ``ORTModelForCausalLM`` loads and our ``--backend onnx`` serves:
+inputs ``input_ids`` (batch, sequence), ``attention_mask`` (batch, past + sequence; 0 marks left padding),
+``position_ids`` (batch, sequence) and ``past_key_values.{i}.key|value`` (batch, kv_heads, past, head_dim; a past
+of length 0 is the prefill step), outputs ``logits`` and ``present.{i}.key|value``. Beside it: ``config.json``
+(LlamaForCausalLM, as the Hugging Face export writes it), ``generation_config.json``, the tokenizer files with the
+prompt convention, and openllm_ds.json (the graph's inputs and outputs, which files exist).
+``--optimize_for_inference`` adds ``model.optimized.onnx``: onnxruntime's extended graph optimisations (fusions,
+constant folding) saved offline, portable across CPUs. ``--quantize_int8`` adds ``model.int8.onnx``: dynamic int8
+quantisation of the MatMul weights with activations quantised at run time.
 
-Verification (on by default): every written graph is run with onnxruntime on real text against
-PyTorch's logits, and greedy KV-cache generation with decoder_with_past must reproduce
-``openllm_ds.model.generate`` (the torch model) token for token. fp32 graphs must match to ``FP32_TOLERANCE``; int8 graphs
-are approximations and must stay within ``INT8_RELATIVE_TOLERANCE`` of the largest |logit|.
+Verification (on by default): every written graph is run with onnxruntime on real text against PyTorch's logits
+(one text, a left-padded batch of two, a prefill then a step with the past), and greedy KV-cache generation must
+reproduce ``openllm_ds.model.generate`` (the torch model) token for token. fp32 graphs must match to
+``FP32_TOLERANCE``; int8 graphs are approximations and must stay within ``INT8_RELATIVE_TOLERANCE`` of the largest
+|logit|.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -28,9 +30,10 @@ import torch.nn as nn
 
 from openllm_ds.errors import UserError, VerificationError
 from openllm_ds.checkpoint import EXPORT_INFO, LoadedModel
-from openllm_ds.checkpoint.layout import ONNX_DECODER, ONNX_MODEL, ONNX_VARIANTS, past_names, present_names
+from openllm_ds.checkpoint.layout import ONNX_MODEL, ONNX_VARIANTS, past_names, present_names
 from openllm_ds.checkpoint.onnx import OnnxCausalLM
-from openllm_ds.export.common import copy_tokenizer_files, encode_for_verification, export_info, verification_texts
+from openllm_ds.export.common import encode_for_verification, export_info, verification_texts
+from openllm_ds.export.huggingface import write_hf_files
 from openllm_ds.model import generate
 from openllm_ds.utils import atomic_write_json
 
@@ -40,28 +43,17 @@ VERIFY_GENERATE_STEPS = 8
 EXTERNAL_DATA_BYTES = 1 << 30  # larger graphs keep their weights in a .data file beside them (2 GiB protobuf limit)
 
 
-class LogitsGraph(nn.Module):
-    """input_ids (B, T) -> logits (B, T, V)."""
+class CausalLMGraph(nn.Module):
+    """optimum's decoder: (input_ids (B, T), attention_mask (B, P + T), position_ids (B, T), past k, v per layer
+    (B, nkv, P, hs)) -> (logits (B, T, V), present k, v per layer (B, nkv, P + T, hs))."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids):
-        return self.model(input_ids)
-
-
-class DecoderWithPastGraph(nn.Module):
-    """(input_ids (B, T), past k, v per layer (B, nkv, P, hs)) -> (logits, present k, v per layer)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        # With a cache the model takes its explicit causal-mask path, which is also right for P = 0.
-        logits, present = self.model.forward_with_past(input_ids, cache)
+        logits, present = self.model.forward_with_past(input_ids, cache, attention_mask, position_ids)
         return (logits, *[t for kv in present for t in kv])
 
 
@@ -82,45 +74,46 @@ def _quiet_exporter():
 
 
 def export_graphs(model: nn.Module, out: Path) -> dict:
-    """Write model.onnx and decoder_with_past.onnx; return the I/O description for openllm_ds.json."""
+    """Write model.onnx; return the I/O description for openllm_ds.json."""
     from torch.export import Dim
 
     cfg = model.cfg
     if cfg.max_seq_len < 8:
         raise UserError(f"ONNX export needs model.max_seq_len >= 8, got {cfg.max_seq_len}")
-    # Distinct example sizes (B=2, T=3, P=4) so torch.export keeps batch, sequence and past apart.
+    # Distinct example sizes (B=2, T=3, P=4) so torch.export keeps batch, sequence and past apart; the mask's length
+    # (P + T) is left for torch.export to relate to them.
     batch = Dim("batch_size")
     seq = Dim("sequence_length", max=cfg.max_seq_len)
     past_len = Dim("past_sequence_length", max=cfg.max_seq_len - 1)
     ids = torch.randint(0, cfg.vocab_size, (2, 3))
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    positions = torch.arange(4, 7).expand(2, 3)
     past = tuple(torch.zeros(2, cfg.num_kv_heads, 4, cfg.head_dim) for _ in range(2 * cfg.n_layers))
     external = model.num_params() * 4 > EXTERNAL_DATA_BYTES
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(
-            LogitsGraph(model).eval(), (ids,), str(out / ONNX_MODEL), input_names=["input_ids"], output_names=["logits"],
-            dynamic_shapes=({0: batch, 1: seq},), dynamo=True, external_data=external, verbose=False,
-        )
-        torch.onnx.export(
-            DecoderWithPastGraph(model).eval(), (ids, *past), str(out / ONNX_DECODER),
-            input_names=["input_ids", *past_names(cfg.n_layers)],
+            CausalLMGraph(model).eval(), (ids, mask, positions, *past), str(out / ONNX_MODEL),
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names(cfg.n_layers)],
             output_names=["logits", *present_names(cfg.n_layers)],
-            dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past)),
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq},
+                            tuple({0: batch, 2: past_len} for _ in past)),
             dynamo=True, external_data=external, verbose=False,
         )
     import onnx
 
     opset = next(o.version for o in onnx.load(str(out / ONNX_MODEL), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    kv_shape = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
     return {
         "opset": opset,
         "external_data": external,
-        "model": {"inputs": {"input_ids": ["batch_size", "sequence_length"]},
-                  "outputs": {"logits": ["batch_size", "sequence_length", cfg.vocab_size]}},
-        "decoder_with_past": {
+        "model": {
             "inputs": {"input_ids": ["batch_size", "sequence_length"],
-                       "past_key_values.{i}.key|value": ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]},
+                       "attention_mask": ["batch_size", "past_sequence_length + sequence_length"],
+                       "position_ids": ["batch_size", "sequence_length"],
+                       "past_key_values.{i}.key|value": kv_shape},
             "outputs": {"logits": ["batch_size", "sequence_length", cfg.vocab_size],
                         "present.{i}.key|value": ["batch_size", cfg.num_kv_heads, "past_sequence_length + sequence_length", cfg.head_dim]},
-            "note": "past_sequence_length 0 (empty past) is the prefill step; positions start at past_sequence_length",
+            "note": "past_sequence_length 0 (empty past) is the prefill step; attention_mask 0 marks left padding",
         },
     }
 
@@ -156,16 +149,13 @@ def export_onnx(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool =
     io = export_graphs(src.model, out)
     variants = ["fp32"]
     if optimize:
-        for a, b in zip(ONNX_VARIANTS["fp32"], ONNX_VARIANTS["optimized"]):
-            optimize_graph(out / a, out / b)
+        optimize_graph(out / ONNX_VARIANTS["fp32"], out / ONNX_VARIANTS["optimized"])
         variants.append("optimized")
     if quantize_int8:
-        for a, b in zip(ONNX_VARIANTS["fp32"], ONNX_VARIANTS["int8"]):
-            quantize_graph(out / a, out / b)
+        quantize_graph(out / ONNX_VARIANTS["fp32"], out / ONNX_VARIANTS["int8"])
         variants.append("int8")
-    atomic_write_json(out / "config.json", dataclasses.asdict(src.model_config))
-    copy_tokenizer_files(src, out)
-    files = {v: dict(zip(("model", "decoder_with_past"), ONNX_VARIANTS[v])) for v in variants}
+    write_hf_files(src, out, "fp32")  # config.json (Llama), generation_config.json, the tokenizer files
+    files = {v: ONNX_VARIANTS[v] for v in variants}
     atomic_write_json(out / EXPORT_INFO, {**export_info(src), "format": "onnx", "dtype": "fp32", "onnx": {**io, "files": files}})
     report = {"dtype": "fp32", "variants": variants, "opset": io["opset"]}
     if verify:
@@ -176,7 +166,8 @@ def export_onnx(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool =
 
 
 def verify_onnx(out: Path, src: LoadedModel, variant: str = "fp32") -> dict:
-    """Logits of both graphs against PyTorch on real text, then greedy KV-cache generation."""
+    """Logits against PyTorch on real text (one text; a left-padded batch of two; a prefill, then the rest with its
+    past), then greedy KV-cache generation."""
     lm = OnnxCausalLM(out, variant=variant)
     model = src.model
     texts = verification_texts(src)
@@ -193,11 +184,17 @@ def verify_onnx(out: Path, src: LoadedModel, variant: str = "fp32") -> dict:
         total += got.shape[0] * got.shape[1]
 
     with torch.no_grad():
-        for ids in encoded:  # model.onnx, one text at a time
+        for ids in encoded:  # one text at a time, empty past
             compare(lm.logits([ids]), model(torch.tensor([ids])))
-        n = min(len(encoded[0]), len(encoded[1]))  # a batch of two, and decoder_with_past step by step
+        short, long = sorted(encoded[:2], key=len)  # a batch of two, the shorter one padded on the left
+        pad = len(long) - len(short)
+        padded = np.array([[0] * pad + short, long], dtype=np.int64)
+        mask = np.array([[0] * pad + [1] * len(short), [1] * len(long)], dtype=np.int64)
+        got = lm.logits(padded, mask)
+        compare(got[:1, pad:], model(torch.tensor([short])))
+        compare(got[1:], model(torch.tensor([long])))
+        n = min(len(encoded[0]), len(encoded[1]))  # a prefill, then the rest after its past
         batch = torch.tensor([encoded[0][:n], encoded[1][:n]])
-        compare(lm.logits(batch.numpy()), model(batch))
         split = max(1, n // 2)
         ref_logits, ref_cache = model.forward_with_past(batch[:, :split], [])
         got_logits, present = lm.decode(batch[:, :split].numpy(), lm.empty_past(2))
@@ -208,19 +205,20 @@ def verify_onnx(out: Path, src: LoadedModel, variant: str = "fp32") -> dict:
         prompt = batch[:, : max(1, min(n, model.cfg.max_seq_len - VERIFY_GENERATE_STEPS))]
         want = torch.stack(list(generate(model, prompt, VERIFY_GENERATE_STEPS, temperature=0)), 1)
         got = torch.stack(list(generate(lm, prompt, VERIFY_GENERATE_STEPS, temperature=0)), 1)
+    file = out / ONNX_VARIANTS[variant]
     result = {"max_abs_diff": max_diff, "max_abs_logit": max_ref, "argmax_agreement": agree / total,
               "generated_tokens": int(want.numel()), "generation_matches": bool(torch.equal(want, got))}
     if variant == "int8":
         tol = INT8_RELATIVE_TOLERANCE * max_ref
         result["tolerance"] = tol
         if not max_diff <= tol:
-            raise VerificationError(f"{out / ONNX_VARIANTS[variant][0]}: int8 logits differ by {max_diff:.3g} "
+            raise VerificationError(f"{file}: int8 logits differ by {max_diff:.3g} "
                                     f"(> {INT8_RELATIVE_TOLERANCE:.0%} of the largest logit, {max_ref:.3g})")
         return {"verified": True, **result}
     result["tolerance"] = FP32_TOLERANCE
     if not max_diff < FP32_TOLERANCE:
-        raise VerificationError(f"{out / ONNX_VARIANTS[variant][0]}: onnxruntime logits differ from PyTorch by {max_diff:.3g}")
+        raise VerificationError(f"{file}: onnxruntime logits differ from PyTorch by {max_diff:.3g}")
     if not result["generation_matches"]:
-        raise VerificationError(f"{out / ONNX_DECODER}: KV-cache generation with onnxruntime gives {got.tolist()}, "
+        raise VerificationError(f"{file}: KV-cache generation with onnxruntime gives {got.tolist()}, "
                                 f"PyTorch {want.tolist()}")
     return {"verified": True, **result}

@@ -43,7 +43,7 @@ def export(cfg: ExportConfig, checkpoint: int | None = None) -> dict:
     if cfg.dtype not in fmt.dtypes:
         allowed = [f.name for f in FORMATS.values() if cfg.dtype in f.dtypes]
         raise UserError(f"--dtype {cfg.dtype} applies to {' and '.join(allowed)} exports; {fmt.name.upper()} export is "
-                        f"{' or '.join(fmt.dtypes)}" + (" (add --quantize_int8 for a smaller model)" if fmt.name == "onnx" else ""))
+                        f"{' or '.join(fmt.dtypes)}" + (f" ({fmt.dtype_hint})" if fmt.dtype_hint else ""))
     if checkpoint is None:
         checkpoint = cfg.checkpoint
     out = Path(cfg.output_dir or f"exports/{cfg.format}")

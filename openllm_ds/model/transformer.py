@@ -41,6 +41,16 @@ class KVCache:
         return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
+def padding_mask(attention_mask: torch.Tensor, T: int, dtype) -> torch.Tensor:
+    """The additive attention bias (B, 1, T, S) of the last T of S positions: each query sees the keys up to its own
+    position whose ``attention_mask`` (B, S) is 1. A large negative rather than -inf: a padding query that sees no
+    key then averages them (its output is never used) instead of turning into NaN."""
+    S = attention_mask.size(1)
+    causal = torch.ones(T, S, dtype=torch.bool, device=attention_mask.device).tril(diagonal=S - T)
+    allowed = causal & attention_mask.bool()[:, None, None, :]
+    return (~allowed).to(dtype) * torch.finfo(dtype).min
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -76,7 +86,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, kv: KVCache | tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x, cos, sin, kv: KVCache | tuple[torch.Tensor, torch.Tensor] | None = None, mask=None):
+        """``mask``: an additive (B, 1, T, S) attention bias (0 or a large negative), for padded batches."""
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
@@ -90,7 +101,9 @@ class Attention(nn.Module):
         if nkv != nh:
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         S = k.size(2)
-        if T == S:
+        if mask is not None:  # padding and causality, as the caller built them
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif T == S:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         elif T == 1:  # one new query attends to every cached key: no mask needed
             y = F.scaled_dot_product_attention(q, k, v)
@@ -121,8 +134,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, kv=None):
-        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, kv)
+    def forward(self, x, cos, sin, kv=None, mask=None):
+        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, mask)
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
         return x, new_kv
@@ -173,21 +186,27 @@ class Transformer(nn.Module):
         cache.pos += idx.size(1)
         return self.lm_head(self.norm(x[:, -1:]))  # the next token needs the last position only
 
-    def forward_with_past(self, idx, past: PastKV) -> tuple[torch.Tensor, PastKV]:
-        """The ONNX graphs' form: logits (B, T, V) of ``idx`` after the per-layer past (k, v) (an empty list: none),
-        and the present (k, v) of the past and ``idx`` together."""
+    def forward_with_past(self, idx, past: PastKV, attention_mask=None, position_ids=None) -> tuple[torch.Tensor, PastKV]:
+        """The ONNX graph's form: logits (B, T, V) of ``idx`` after the per-layer past (k, v) (an empty list: none),
+        and the present (k, v) of the past and ``idx`` together. ``attention_mask`` (B, P + T; 0 = padding) and
+        ``position_ids`` (B, T) serve left-padded batches, as Hugging Face's models take them."""
         present: PastKV = []
-        x = self._trunk(idx, past=past, present=present)
+        x = self._trunk(idx, past=past, present=present, attention_mask=attention_mask, position_ids=position_ids)
         return self.lm_head(self.norm(x)), present
 
-    def _trunk(self, idx, cache: KVCache | None = None, past: PastKV | None = None, present: PastKV | None = None):
+    def _trunk(self, idx, cache: KVCache | None = None, past: PastKV | None = None, present: PastKV | None = None,
+               attention_mask=None, position_ids=None):
         """The hidden states (B, T, C) after the last block."""
         B, T = idx.shape
         start = cache.pos if cache is not None else past[0][0].size(2) if past else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         dtype = self.embed_tokens.weight.dtype
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if position_ids is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        else:  # each row's own positions (B, 1, T, hs): a left-padded row starts at 0 after its padding
+            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        mask = None if attention_mask is None else padding_mask(attention_mask, T, dtype)
         if cos.dtype != dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.embed_tokens(idx)  # (B, T, C)
@@ -197,7 +216,7 @@ class Transformer(nn.Module):
             if cache is not None:
                 x = layer(x, cos, sin, cache)[0]
             elif past is not None:
-                x, kv = layer(x, cos, sin, past[i] if i < len(past) else None)
+                x, kv = layer(x, cos, sin, past[i] if i < len(past) else None, mask)
                 present.append(kv)
             elif self.gradient_checkpointing and self.training:
                 fn = lambda h, blk=layer: blk(h, cos, sin)[0]  # noqa: E731

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from openllm_ds.config import RunConfig
-from openllm_ds.export.formats import FORMATS
+from openllm_ds.export.formats import FORMATS, config_for_format
 from openllm_ds.pipeline.report import harness_results, unigram_perplexity, write_report
 from openllm_ds.output_lock import OutputLock
 from openllm_ds.paths import normal_path, same_path
@@ -231,12 +231,14 @@ def _run_stages(cfg: RunConfig, force: bool) -> dict:
         force,
     )
     exported = {}
-    for fmt in (name for name, f in FORMATS.items() if f.in_pipeline):  # the export table's pipeline formats
+    for fmt in cfg.export.formats:  # export.formats (default: the export table's pipeline formats)
+        fmt_cfg = config_for_format(cfg.export, fmt, model_dir=str(out_dir), output_dir=str(exports / fmt),
+                                    overwrite=True)
+        options = {field: getattr(fmt_cfg, field) for _, field in FORMATS[fmt].options}  # e.g. gguf_type
         exported[fmt] = state.run(
-            f"export-{fmt}", _fingerprint(ckpt_fp, fmt),
+            f"export-{fmt}", _fingerprint(ckpt_fp, fmt, *([options] if options else [])),
             lambda fmt=fmt: any((exports / fmt).glob("*")),
-            lambda fmt=fmt: export(dataclasses.replace(cfg.export, model_dir=str(out_dir), format=fmt,
-                                                       output_dir=str(exports / fmt), overwrite=True)),
+            lambda fmt_cfg=fmt_cfg: export(fmt_cfg),
             force,
         )
     from openllm_ds.pipeline.sft_stage import run_sft_stage
@@ -249,7 +251,7 @@ def _run_stages(cfg: RunConfig, force: bool) -> dict:
         for p in ("The university", "In 1905, the")
     ]
     report = write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluation, harness, samples,
-                           out_dir, sources, sft)
+                           out_dir, sources, exported=exported, sft=sft)
     return {"report": str(report.resolve()), "evaluation": evaluation, "harness": harness,
             "exports": {k: str((exports / k).resolve()) for k in exported},
             **({"finetune": {"scores": sft["scores"], "export": str(Path(sft["export"]).resolve())}} if sft else {})}

@@ -23,7 +23,7 @@ def unigram_perplexity(train, val) -> float:
 
 
 def write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluation, harness, samples,
-                  out_dir, sources, sft: dict | None = None) -> Path:
+                  out_dir, sources, exported: dict | None = None, sft: dict | None = None) -> Path:
     import yaml
 
     ev, tr = evaluation, train_summary
@@ -62,6 +62,9 @@ def write_report(run_dir, cfg, state, stats, tok_report, train_summary, evaluati
     baselines = sorted({f"{r['task']}: {r['baseline_kind']}" for r in harness})
     if baselines:
         lines += ["", "Baselines: " + "; ".join(baselines) + "."]
+    lines += ["", "## Exports", "", "| format | directory | files | size |", "|---|---|---:|---:|"]
+    lines += [f"| {fmt} | `{r['output_dir']}` | {len(r['files'])} | {r['bytes'] / 2**20:.1f} MiB |"
+              for fmt, r in (exported or {}).items() if r]
     lines += ["", "## Sample generations (greedy)", ""] + [f"- {s!r}" for s in samples]
     from openllm_ds.pipeline.sft_stage import sft_report_lines
 

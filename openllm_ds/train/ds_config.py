@@ -142,10 +142,14 @@ def build_ds_config(cfg: RunConfig, world_size: int, device: str) -> dict:
                            ("warmup_type", "linear")):
             _fill(sched, key, value)
 
-    tb = ds.setdefault("tensorboard", {})
-    _resolve(tb, "enabled", True)
-    _resolve(tb, "output_path", str(Path(cfg.output_dir).resolve() / "tensorboard"))
-    _resolve(tb, "job_name", "")  # events directly in <output>/tensorboard/
+    # The run's TensorBoard is written by the trainer (train/metrics.py: the project's scalars, grouped, with units).
+    # DeepSpeed's own monitor, when a JSON turns it on, writes its "Train/Samples" group (the same loss and lr again)
+    # beside them as a run of its own, deepspeed/, listed after the trainer's.
+    tb = ds.get("tensorboard")
+    if tb is not None:
+        _resolve(tb, "enabled", False)
+        _resolve(tb, "output_path", str(Path(cfg.output_dir).resolve() / "tensorboard"))
+        _resolve(tb, "job_name", "deepspeed")
 
     left = _auto_keys(ds)
     if left:

@@ -25,7 +25,7 @@ from openllm_ds.train.data import DataPosition, DataSource, EvalWindows, TrainBa
 from openllm_ds.train.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, import_deepspeed,
                                          init_distributed)
 from openllm_ds.train.ds_config import zero_stage
-from openllm_ds.train.metrics import RunLog, exp_loss, flops_per_token, memory_mb, peak_flops
+from openllm_ds.train.metrics import RunLog, exp_loss, flops_per_token, memory_gb, peak_flops
 from openllm_ds.train.optim import build_lr_scheduler, param_groups
 from openllm_ds.train.preflight import RunInputs, RunLock, check_lengths, check_run_inputs
 from openllm_ds.train.spikes import SpikeGuard
@@ -91,7 +91,8 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path, sft=None)
     resumed_step = state.step
     state.world_size, state.zero_stage, state.global_batch = env.world_size, stage, batches.global_batch
 
-    peak = peak_flops(env.torch_device, PRECISION_DTYPES[inputs.precision]).flops
+    peak_source = peak_flops(env.torch_device, PRECISION_DTYPES[inputs.precision])
+    peak = peak_source.flops
     flops_tok = flops_per_token(cfg.model, num_params)
     log.info(f"model: {num_params:,} parameters ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
              f"{cfg.model.n_heads} heads, context {T}); {env.world_size} rank(s) on {env.device}, {inputs.precision}, "
@@ -109,7 +110,12 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path, sft=None)
     loss = None
     guard = SpikeGuard(t.spike_factor, t.spike_steps)
     run_start, run_tokens = time.perf_counter(), 0
-    log.start(engine, state.step, t.max_steps, t.log_every)
+    log.start(state.step, t.max_steps, t.log_every, {
+        "parameters": f"{num_params:,}", "layers / d_model / heads / context": f"{cfg.model.n_layers} / "
+        f"{cfg.model.d_model} / {cfg.model.n_heads} / {T}", "ranks": env.world_size, "device": env.device,
+        "precision": inputs.precision, "ZeRO stage": stage, "global batch (sequences)": batches.global_batch,
+        "tokens per step": f"{tokens_per_step:,}", "training FLOPs per token": f"{flops_tok:.4g}",
+        "peak FLOP/s per rank (perf/mfu's denominator)": peak_source.source, "max steps": t.max_steps})
     try:
         while state.step < t.max_steps:
             t0 = time.perf_counter()
@@ -129,10 +135,11 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path, sft=None)
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 log.scalars(state.step, {
                     "train/loss": loss, "train/perplexity": exp_loss(loss), "train/lr": lr,
-                    "train/grad_norm": grad_norm, "train/loss_scale": loss_scale(engine),
-                    "train/tokens_per_sec": tokens_per_sec,
-                    "train/mfu": flops_tok * tokens_per_sec / (peak * env.world_size),
-                    "train/memory": memory_mb(env.torch_device),
+                    "train/grad_norm": grad_norm,
+                    **({"train/loss_scale": loss_scale(engine)} if inputs.precision == "fp16" else {}),
+                    "perf/tokens_per_s": tokens_per_sec,
+                    "perf/mfu": flops_tok * tokens_per_sec / (peak * env.world_size),
+                    "perf/memory_gb": memory_gb(env.torch_device),
                     **({f"data/share/{s.name}": share for s, share in zip(sources, token_shares(state))}
                        if len(sources) > 1 else {}),
                 })

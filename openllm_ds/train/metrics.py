@@ -1,9 +1,12 @@
 """Throughput, MFU and memory numbers, and the run's log: console (tqdm), TensorBoard, train_log.jsonl.
 
-Only rank 0 writes anything; ``RunLog`` is where that is decided. TensorBoard scalars go through
-DeepSpeed's monitor (``engine.monitor.write_events``), configured by the "tensorboard" block of the
-generated DeepSpeed config to write into ``<output>/tensorboard/``. Every logged step is also
-appended to ``<output>/train_log.jsonl`` at full float precision.
+Only rank 0 writes anything; ``RunLog`` is where that is decided. TensorBoard gets the project's scalars only
+(``SCALARS``: groups ``train/``, ``perf/``, ``eval/``, each tag with its unit in its name or its description), written
+by our own ``SummaryWriter`` into ``<output>/tensorboard/``; DeepSpeed's monitor stays off (its ``Train/Samples``
+group repeated our loss and lr; ``train/ds_config.py``), and what is constant for a run (parameters, precision,
+batch, peak FLOP/s, ...) goes once into the text plugin (``run/config``), with the scalars' descriptions
+(``run/scalars``). Every logged step is also appended to ``<output>/train_log.jsonl`` at full float precision, under
+the same tags.
 """
 
 from __future__ import annotations
@@ -26,6 +29,23 @@ from openllm_ds.config import ModelConfig
 from openllm_ds.train.distributed import DistEnv
 
 LOG_FILE = "train_log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+# The project's scalars: tag -> what it is, with its unit (TensorBoard's text plugin shows this table as run/scalars).
+# Tags outside it: data/share/<source> (a mixture's token shares), eval/<source>/loss, harness/<task>/<metric>,
+# train/rollbacks, train/rollback_to_step.
+SCALARS = {
+    "train/loss": "training loss: mean cross-entropy per token, nats",
+    "train/perplexity": "exp(train/loss)",
+    "train/lr": "learning rate of the step (warmup, then cosine decay)",
+    "train/grad_norm": "global L2 norm of the gradients, before clipping",
+    "train/loss_scale": "fp16 dynamic loss scale (fp16 runs only)",
+    "perf/tokens_per_s": "training tokens per second, all ranks together",
+    "perf/mfu": "model FLOPs utilisation: achieved / peak FLOP/s of all ranks, a fraction (0.4 = 40%)",
+    "perf/memory_gb": "peak CUDA memory allocated on a GPU, resident memory of the process on a CPU; GiB (2^30 bytes)",
+    "eval/loss": "validation loss: mean cross-entropy per token, nats",
+    "eval/perplexity": "exp(eval/loss)",
+}
 
 
 def flops_per_token(cfg: ModelConfig, num_params: int) -> float:
@@ -176,13 +196,13 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return 2.0 * n**3 / best
 
 
-def memory_mb(device: torch.device) -> float:
-    """Peak allocated CUDA memory, or this process's resident memory on CPU."""
+def memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or this process's resident memory on CPU, in GiB."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**30
     import psutil
 
-    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
 
 
 def exp_loss(loss: float) -> float:
@@ -201,7 +221,7 @@ class RunLog:
     def __init__(self, env: DistEnv, output_dir: Path):
         self.enabled = env.is_rank_zero
         self.output_dir = output_dir
-        self.monitor = None
+        self.writer = None  # TensorBoard's SummaryWriter, from start() on
         self.bar = None
         # DeepSpeed's INFO lines (config dumps, per-op notices) and torch's deprecation notices about
         # the collectives DeepSpeed calls would bury the progress bar
@@ -216,12 +236,17 @@ class RunLog:
         else:
             print(msg, flush=True)
 
-    def start(self, engine, first_step: int, max_steps: int, log_every: int) -> None:
-        """A progress bar on a terminal; elsewhere (Ray workers, CI logs) one line every ``log_every`` steps."""
-        self.monitor = engine.monitor
+    def start(self, first_step: int, max_steps: int, log_every: int, run_info: dict[str, object]) -> None:
+        """A progress bar on a terminal; elsewhere (Ray workers, CI logs) one line every ``log_every`` steps.
+        ``run_info``: what is constant for this run (name -> value), written once into TensorBoard's text plugin."""
         self.first_step, self.max_steps, self.log_every = first_step, max_steps, log_every
         if self.enabled:
             drop_partial_last_line(self.output_dir / LOG_FILE)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR))
+            self.writer.add_text("run/config", markdown_table(("", "value"), run_info.items()), first_step)
+            self.writer.add_text("run/scalars", markdown_table(("tag", "what it is, unit"), SCALARS.items()), first_step)
         self.started = time.perf_counter()
         if self.enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -248,8 +273,10 @@ class RunLog:
         """TensorBoard scalars and one JSON line; ``values`` keys are TensorBoard tags."""
         if not self.enabled:
             return
-        if self.monitor is not None:
-            self.monitor.write_events([(tag, float(v), step) for tag, v in values.items()])
+        if self.writer is not None:
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, float(v), step)
+            self.writer.flush()  # a killed run keeps what it logged
         with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **{k: _json_float(v) for k, v in values.items()}}) + "\n")
 
@@ -257,12 +284,15 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        tb = getattr(self.monitor, "tb_monitor", None)
-        writer = getattr(tb, "summary_writer", None)
-        if writer is not None:
-            writer.flush()
-            writer.close()
-            tb.summary_writer = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def markdown_table(header: tuple[str, str], rows) -> str:
+    """Two columns, as TensorBoard's text plugin renders Markdown."""
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows])
 
 
 def drop_partial_last_line(path: Path) -> None:

@@ -125,9 +125,9 @@ def test_setup_without_a_gpu_takes_the_default_torch(tmp_path):
 
 
 def results_with_nan() -> dict:
-    rows = [{"step": 1, "train/loss": 9.0, "train/loss_scale": 65536.0, "train/tokens_per_sec": 1000.0},
-            {"step": 2, "train/loss": "nan", "train/loss_scale": 32768.0, "train/tokens_per_sec": 1100.0},
-            {"step": 3, "train/loss": "inf", "train/loss_scale": 16384.0, "train/tokens_per_sec": 1200.0}]
+    rows = [{"step": 1, "train/loss": 9.0, "train/loss_scale": 65536.0, "perf/tokens_per_s": 1000.0},
+            {"step": 2, "train/loss": "nan", "train/loss_scale": 32768.0, "perf/tokens_per_s": 1100.0},
+            {"step": 3, "train/loss": "inf", "train/loss_scale": 16384.0, "perf/tokens_per_s": 1200.0}]
     run = {"name": "small-fp16-zero2-ckpt", "preset": "small", "precision": "fp16", "checkpointing": True,
            "compile": False, "gpus": 1, "steps": 3, "ok": True, "deterministic": False, "wall_s": 9.0, "params": 10,
            "tokens_per_step": 100, "tokens_per_sec": 1100.0, "mfu": float("nan"), "hfu": float("nan"),

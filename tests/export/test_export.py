@@ -270,7 +270,7 @@ def test_tokenizer_vocab_mismatch_is_refused(tmp_path, tokenizer_dir):
 
 
 def test_unknown_format_and_dtype(tied_run, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="export.format must be huggingface, pytorch or onnx"):
+    with pytest.raises(ConfigError, match="export.format must be huggingface, pytorch, onnx or gguf"):
         ExportConfig(model_dir=str(tied_run[0]), format="tflite")
     code = cli_main(["export", "--model_dir", str(tied_run[0]), "--format", "tflite", "--output_dir", str(tmp_path / "o")])
     assert code == 2 and "export.format must be" in capsys.readouterr().err

@@ -30,16 +30,38 @@ def format_help() -> str:
 
 
 def test_the_table_is_what_the_config_and_the_cli_offer():
-    assert list(FORMATS) == ["huggingface", "pytorch", "onnx"]
-    assert "huggingface | pytorch | onnx" in format_help()
-    with pytest.raises(ConfigError, match=r"export\.format must be huggingface, pytorch or onnx \(--format\)"):
-        ExportConfig(format="gguf")
+    assert list(FORMATS) == ["huggingface", "pytorch", "onnx", "gguf"]
+    assert "huggingface | pytorch | onnx | gguf" in format_help()
+    with pytest.raises(ConfigError, match=r"export\.format must be huggingface, pytorch, onnx or gguf \(--format\)"):
+        ExportConfig(format="safetensors")
     assert [f.name for f in FORMATS.values() if f.in_pipeline] == ["huggingface", "onnx"]
+
+
+def test_the_pipelines_export_formats(tmp_path):
+    """export.formats (default: the table's pipeline formats) is checked against the table; each format gets the
+    section with the other formats' options back at their defaults."""
+    from openllm_ds.config import load_run_config
+    from openllm_ds.export.formats import config_for_format
+
+    assert ExportConfig().formats == ("huggingface", "onnx")
+    with pytest.raises(ConfigError, match=r"export\.formats must list formats of huggingface, pytorch, onnx, gguf, "
+                                          r"got \['gguf', 'ggml'\]"):
+        ExportConfig(formats=("gguf", "ggml"))
+    with pytest.raises(ConfigError, match=r"export\.gguf_type must be f32, f16, q8_0 \(--gguf_type\), got 'q4_0'"):
+        ExportConfig(gguf_type="q4_0")
+    (tmp_path / "run.yaml").write_text("export:\n  formats: [huggingface, gguf]\n  gguf_type: q8_0\n"
+                                       "  quantize_int8: true\n")
+    section = load_run_config(str(tmp_path / "run.yaml")).export
+    assert section.formats == ("huggingface", "gguf")
+    gguf = config_for_format(section, "gguf", output_dir="exports/gguf")
+    assert (gguf.format, gguf.gguf_type, gguf.quantize_int8, gguf.output_dir) == ("gguf", "q8_0", False, "exports/gguf")
+    onnx = config_for_format(section, "onnx")
+    assert (onnx.gguf_type, onnx.quantize_int8) == (None, True)
 
 
 def test_a_new_format_is_one_writer_plus_one_row(monkeypatch, tmp_path, tokenizer_dir):
     monkeypatch.setitem(FORMATS, "npz", ExportFormat("npz", f"{__name__}:write_npz", "numpy.load", dtypes=("fp32",)))
-    assert "huggingface | pytorch | onnx | npz" in format_help()
+    assert "huggingface | pytorch | onnx | gguf | npz" in format_help()
     make_fake_run(tmp_path / "run", tokenizer_dir)
     report = export(ExportConfig(model_dir=str(tmp_path / "run"), format="npz", output_dir=str(tmp_path / "out")))
     assert report["format"] == "npz" and report["verified"] is True and "weights.npz" in report["files"]

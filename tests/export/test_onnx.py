@@ -1,4 +1,5 @@
-"""ONNX export: both graphs against PyTorch with plain onnxruntime, KV-cache generation, optimised and int8 files."""
+"""ONNX export in optimum's layout: the graph against PyTorch with plain onnxruntime (padding, past, KV-cache
+generation), optimised and int8 files. optimum itself loads it in tests/export/test_optimum.py."""
 
 from __future__ import annotations
 
@@ -32,15 +33,19 @@ def onnx_export(tmp_path_factory, tokenizer_dir):
 def test_report_and_files(onnx_export):
     out, model, report = onnx_export
     assert report["variants"] == ["fp32", "optimized", "int8"]
-    for name in ("model.onnx", "decoder_with_past.onnx", "model.optimized.onnx", "decoder_with_past.optimized.onnx",
-                 "model.int8.onnx", "decoder_with_past.int8.onnx", "config.json", "tokenizer.model", "openllm_ds.json"):
+    for name in ("model.onnx", "model.optimized.onnx", "model.int8.onnx", "config.json", "generation_config.json",
+                 "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "openllm_ds.json"):
         assert (out / name).is_file(), name
+    assert not list(out.glob("decoder_with_past*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2 and config["use_cache"]
+    assert json.loads((out / "generation_config.json").read_text())["bos_token_id"] == 2
     ver = report["verification"]
     for v in ("fp32", "optimized"):
         assert ver[v]["verified"] and ver[v]["max_abs_diff"] < 1e-4 and ver[v]["generation_matches"]
     assert ver["int8"]["max_abs_diff"] <= 0.05 * ver["int8"]["max_abs_logit"]
     info = json.loads((out / "openllm_ds.json").read_text())
-    assert info["step"] == 10 and info["onnx"]["files"]["int8"]["decoder_with_past"] == "decoder_with_past.int8.onnx"
+    assert info["step"] == 10 and info["onnx"]["files"]["int8"] == "model.int8.onnx"
     # int8 weights: the files shrink (the fp32 embedding stays)
     assert (out / "model.int8.onnx").stat().st_size < 0.6 * (out / "model.onnx").stat().st_size
     # the optimised graph is smaller (fused nodes)
@@ -48,44 +53,53 @@ def test_report_and_files(onnx_export):
     assert nodes["model.optimized.onnx"] < nodes["model.onnx"]
 
 
-def test_model_onnx_dynamic_batch_and_sequence(onnx_export):
+def test_graph_inputs_outputs_and_dynamic_shapes(onnx_export):
+    """optimum's names and shapes; any batch and length, a past of length 0."""
     out, model, _ = onnx_export
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    (inp,), (outp,) = sess.get_inputs(), sess.get_outputs()
-    assert inp.name == "input_ids" and inp.shape == ["batch_size", "sequence_length"]
-    assert outp.name == "logits" and outp.shape == ["batch_size", "sequence_length", 8000]
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    kv = [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *kv]
+    assert inputs["input_ids"] == inputs["position_ids"] == ["batch_size", "sequence_length"]
+    assert inputs[kv[0]] == ["batch_size", 2, "past_sequence_length", 16]
+    outputs = [o.name for o in sess.get_outputs()]
+    assert outputs == ["logits", *[n.replace("past_key_values", "present") for n in kv]]
     g = torch.Generator().manual_seed(1)
-    for shape in ((3, 17), (1, 128), (2, 1)):
-        ids = torch.randint(4, 8000, shape, generator=g)
-        got = sess.run(None, {"input_ids": ids.numpy()})[0]
+    for b, t in ((3, 17), (1, 128), (2, 1)):
+        ids = torch.randint(4, 8000, (b, t), generator=g)
+        feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((b, t), np.int64),
+                 "position_ids": np.arange(t, dtype=np.int64)[None].repeat(b, 0),
+                 **{n: np.zeros((b, 2, 0, 16), np.float32) for n in kv}}
+        logits, *present = sess.run(None, feeds)
         with torch.no_grad():
             want = model(ids).numpy()
-        assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+        assert logits.shape == want.shape and np.abs(logits - want).max() < 1e-4 and present[0].shape == (b, 2, t, 16)
 
 
 @pytest.mark.parametrize("variant", ["fp32", "optimized"])
-def test_decoder_with_past_greedy_matches_generate(onnx_export, tokenizer_dir, variant):
+def test_left_padded_batch_then_greedy_steps_match_generate(onnx_export, tokenizer_dir, variant):
+    """Two prompts of different lengths, the shorter padded on the left: the mask really masks (each row's greedy
+    tokens are those of the prompt alone), step by step through the past, as optimum drives the graph."""
     out, model, _ = onnx_export
     from openllm_ds.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    file = "decoder_with_past.onnx" if variant == "fp32" else "decoder_with_past.optimized.onnx"
-    sess = ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
-    past_names = [i.name for i in sess.get_inputs()][1:]
-    assert past_names == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
-    prompts = [tok.encode("The Normans gave their name to Normandy"), tok.encode("Super Bowl 50 was played in")]
-    n = min(map(len, prompts))
-    ids = np.array([p[:n] for p in prompts], dtype=np.int64)
-    past = [np.zeros((2, 2, 0, 16), np.float32) for _ in past_names]  # empty past: the prefill step
-    tokens = []
+    lm = OnnxCausalLM(out, variant=variant)
+    prompts = [tok.encode_prompt("The Normans gave their name to Normandy"), tok.encode_prompt("Super Bowl 50 was")]
+    width = max(map(len, prompts))
+    ids = np.array([[3] * (width - len(p)) + p for p in prompts], dtype=np.int64)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+    past, tokens = lm.empty_past(2), []
     for step in range(12):
-        outs = sess.run(None, {"input_ids": ids, **dict(zip(past_names, past))})
-        logits, past = outs[0], outs[1:]
-        assert past[0].shape == (2, 2, n + step, 16)
+        logits, past = lm.decode(ids, past, mask)
+        assert past[0].shape == (2, 2, width + step, 16)
         ids = logits[:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
         tokens.append(ids[:, 0])
-    want = torch.stack(list(generate(model, torch.tensor([p[:n] for p in prompts]), 12, temperature=0)), 1)
-    assert np.array_equal(np.stack(tokens, 1), want.numpy())
+    got = np.stack(tokens, 1)
+    for row, p in enumerate(prompts):
+        want = torch.stack(list(generate(model, torch.tensor([p]), 12, temperature=0)), 1)[0]
+        assert got[row].tolist() == want.tolist()
 
 
 def test_onnx_sampling_matches_torch_with_the_same_seed(onnx_export):
@@ -106,7 +120,7 @@ def test_int8_graphs_stay_close(onnx_export):
         want = model(ids).numpy()
     got = lm.logits(ids.numpy())
     assert 0 < np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # quantised: close, not equal
-    prefill, present = lm.decode(ids.numpy(), lm.empty_past(2))
+    prefill, present = lm.decode(ids.numpy(), lm.empty_past(2))  # the prefill step: an empty past
     assert np.abs(prefill - want).max() <= 0.05 * np.abs(want).max() and present[0].shape == (2, 2, 64, 16)
 
 

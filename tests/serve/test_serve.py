@@ -248,7 +248,7 @@ def test_api_key(completer):
 def test_onnx_backend_gives_the_torch_answers(hf_export, client):
     with start_server(hf_export[0], backend="onnx", context_length=128, model_name=MODEL) as srv:
         tmp = srv.completer.on_close[0].args[0]  # the temporary export's dir (export.temporary_export)
-        assert (tmp / "onnx" / "decoder_with_past.onnx").is_file() and srv.completer.backend == "onnx"
+        assert (tmp / "onnx" / "model.onnx").is_file() and srv.completer.backend == "onnx"
         onnx_client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
         for prompt in PROMPTS[:3]:
             kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
@@ -265,9 +265,12 @@ def test_torch_backend_serves_a_pytorch_export(hf_export, completer, tmp_path):
     params = SamplingParams(max_tokens=10, temperature=0)
     assert pt_completer.complete(ids, params) == completer.complete(ids, params)
     with pytest.raises(UserError, match="is an ONNX export; serve it with --backend onnx"):
+        from openllm_ds.config import ModelConfig
+        from openllm_ds.model.hf_map import to_hf_config
+
         (tmp_path / "fake_onnx").mkdir()
-        for name in ("decoder_with_past.onnx", "config.json"):
-            (tmp_path / "fake_onnx" / name).write_text("{}")
+        (tmp_path / "fake_onnx" / "model.onnx").write_text("{}")
+        (tmp_path / "fake_onnx" / "config.json").write_text(json.dumps(to_hf_config(ModelConfig())))
         load_completer(tmp_path / "fake_onnx", "torch")
 
 

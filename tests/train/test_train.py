@@ -48,15 +48,17 @@ def test_loss_falls_on_real_data(tiny_run):
 
 
 def test_tensorboard_scalars(tiny_run):
+    """The project's groups only (no DeepSpeed Train/Samples), units in the tags, run constants as text."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from openllm_ds.train.metrics import SCALARS
 
     cfg, summary = tiny_run
     acc = EventAccumulator(str(Path(cfg.output_dir) / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {f"train/{k}" for k in ("loss", "perplexity", "lr", "grad_norm", "loss_scale", "tokens_per_sec",
-                                       "mfu", "memory")} | {"eval/loss", "eval/perplexity"}
-    assert expected <= tags
+    assert tags == set(SCALARS) - {"train/loss_scale"}  # fp32: no loss scale, a constant 1 before
+    assert {t.split("/")[0] for t in tags} == {"train", "perf", "eval"}
     evals = acc.Scalars("eval/loss")
     assert [e.step for e in evals] == [20, 40, 60]
     assert evals[-1].value == pytest.approx(summary["val_loss"], rel=1e-6)
@@ -65,9 +67,14 @@ def test_tensorboard_scalars(tiny_run):
     lr = {e.step: e.value for e in acc.Scalars("train/lr")}
     assert lr[1] == pytest.approx(3e-3 / 10) and lr[10] == pytest.approx(3e-3)
     assert lr[60] == pytest.approx(3e-3 * 0.1)  # cosine down to learning_rate * min_lr_ratio
-    assert all(e.value == 1.0 for e in acc.Scalars("train/loss_scale"))  # fp32: no loss scaling
-    assert all(0 < e.value < 1 for e in acc.Scalars("train/mfu"))
-    assert all(e.value > 50 for e in acc.Scalars("train/memory"))  # MB of resident memory
+    assert all(0 < e.value < 1 for e in acc.Scalars("perf/mfu"))
+    assert all(0.05 < e.value < 64 for e in acc.Scalars("perf/memory_gb"))  # GiB of resident memory
+    assert all(e.value > 0 for e in acc.Scalars("perf/tokens_per_s"))
+    texts = {t: acc.Tensors(t)[0].tensor_proto.string_val[0].decode() for t in acc.Tags()["tensors"]}
+    assert {"run/config/text_summary", "run/scalars/text_summary"} <= set(texts)
+    assert "| precision | fp32 |" in texts["run/config/text_summary"]
+    assert f"| parameters | {summary['num_params']:,} |" in texts["run/config/text_summary"]
+    assert "| perf/memory_gb | " in texts["run/scalars/text_summary"]
     assert all(0 < e.value < 100 for e in acc.Scalars("train/grad_norm"))
 
 

@@ -1,5 +1,6 @@
 """DeepSpeed config generation, the batch triplet, the schedule, parameter groups and batch sampling."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -56,7 +57,19 @@ def test_auto_values_come_from_the_run_config():
     zero = ds["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
         == (64 * 64, int(0.9 * 64 * 64), 640)
-    assert ds["tensorboard"] == {"enabled": True, "output_path": "/tmp/run-x/tensorboard", "job_name": ""}
+    assert "tensorboard" not in ds  # the trainer writes the run's TensorBoard; DeepSpeed's monitor stays off
+
+
+def test_a_deepspeed_monitor_turned_on_writes_a_run_of_its_own(tmp_path):
+    cfg = run_cfg(ROOT / "ds_configs/zero2.json")
+    base = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    for enabled, want in (("auto", False), (True, True)):
+        cfg_file = tmp_path / f"ds-{enabled}.json"
+        cfg_file.write_text(json.dumps({**base, "tensorboard": {"enabled": enabled, "output_path": "auto",
+                                                                "job_name": "auto"}}))
+        ds = build_ds_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ds_config=str(cfg_file))),
+                             world_size=1, device="cpu")
+        assert ds["tensorboard"] == {"enabled": want, "output_path": "/tmp/run-x/tensorboard", "job_name": "deepspeed"}
 
 
 def test_precision_resolution():
