@@ -114,7 +114,7 @@ def _train(cfg: RunConfig, env: DistEnv, inputs: RunInputs, out: Path, sft=None)
         "parameters": f"{num_params:,}", "layers / d_model / heads / context": f"{cfg.model.n_layers} / "
         f"{cfg.model.d_model} / {cfg.model.n_heads} / {T}", "ranks": env.world_size, "device": env.device,
         "precision": inputs.precision, "ZeRO stage": stage, "global batch (sequences)": batches.global_batch,
-        "tokens per step": f"{tokens_per_step:,}", "training FLOPs per token": f"{flops_tok:.4g}",
+        "tokens per step (global batch x context)": f"{batches.global_batch * T:,}", "training FLOPs per token": f"{flops_tok:.4g}",
         "peak FLOP/s per rank (perf/mfu's denominator)": peak_source.source, "max steps": t.max_steps})
     try:
         while state.step < t.max_steps:

@@ -129,7 +129,7 @@ def test_a_failed_checkpoint_write_stops_clearly_and_the_previous_one_loads(
 
     from openllm_ds.checkpoint import load_model
     from openllm_ds.train import checkpointing
-    from openllm_ds.train.__main__ import main
+    from openllm_ds.cli import main
 
     argv = [*train_flags(prepared_data, tokenizer_dir, tmp_path, max_steps=6), "train.save_every=2"]
     real_save, real_write = checkpointing.save_checkpoint, checkpointing.write_safetensors
@@ -168,7 +168,7 @@ def test_a_failed_checkpoint_write_stops_clearly_and_the_previous_one_loads(
             return real_write(tensors, path)
 
         monkeypatch.setattr(checkpointing, "write_safetensors", write)
-    assert main(argv) == 2
+    assert main(["train", *argv]) == 2
     err = capsys.readouterr().err
     assert "could not write checkpoint" in err and f"step_00000004 ({full})" in err
     assert "the previous checkpoint step_00000002 is intact" in err and "--resume auto" in err
@@ -177,6 +177,6 @@ def test_a_failed_checkpoint_write_stops_clearly_and_the_previous_one_loads(
     assert load_model(tmp_path).step == 2
 
     monkeypatch.undo()
-    assert main(argv) == 0  # space again: the run resumes from step 2 and finishes
+    assert main(["train", *argv]) == 0  # space again: the run resumes from step 2 and finishes
     assert printed_summary(capsys.readouterr().out)["resumed_from_step"] == 2
     assert load_model(tmp_path).step == 6

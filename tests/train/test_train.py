@@ -173,7 +173,7 @@ def test_a_nonfinite_step_is_skipped(token_shards, prepared_data, tokenizer_dir,
 
 def test_persistent_nonfinite_loss_stops_with_the_last_checkpoint_intact(token_shards, prepared_data, tokenizer_dir,
                                                                           tmp_path, monkeypatch, capsys):
-    from openllm_ds.train.__main__ import main
+    from openllm_ds.cli import main
 
     nan_loss_from(monkeypatch, bad_calls=set(range(5, 100)))  # from step 5 on, after the rollback too
     argv = ["--data_file", str(prepared_data / "training_data.txt"), "--tokenizer_dir", str(tokenizer_dir),
@@ -181,7 +181,7 @@ def test_persistent_nonfinite_loss_stops_with_the_last_checkpoint_intact(token_s
             "model.vocab_size=8000", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=192",
             "model.max_seq_len=64", "train.eval_batches=2", "train.spike_steps=3", "train.max_rollbacks=1",
             "train.warmup_steps=2", f"train.ds_config={ROOT / 'ds_configs/zero2.json'}"]
-    assert main(argv) == 2
+    assert main(["train", *argv]) == 2
     captured = capsys.readouterr()
     # first time: steps 5-7 bad -> back to step 4, batches 5-7 skipped; the loss stays NaN -> stop
     assert "step 7: steps 5-7 had non-finite or spiking losses (nan, nan, nan" in captured.out
