@@ -388,7 +388,7 @@ CASES = [
          files={"dev.json": SQUAD, "preds.json": '["Normans"]'}),
     # ---- export ----------------------------------------------------------------------------------
     Case("export", "unknown format", 2, "export --model_dir model --format tflite",
-         r"export\.format must be huggingface, pytorch or onnx \(--format\), got 'tflite'", ("exports",)),
+         r"export\.format must be huggingface, pytorch, onnx or gguf \(--format\), got 'tflite'", ("exports",)),
     Case("export", "output_dir holds an earlier export, no --overwrite", 2,
          "export --model_dir model --format pytorch --output_dir out",
          r"--output_dir out holds an earlier export \(model\.pt\); pass --overwrite to replace it", (),
