@@ -90,6 +90,14 @@ def tokenizer_dir(prepared_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tok(tokenizer_dir):
+    """tokenizer_dir's tokenizer, loaded."""
+    from openllm_ds.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def token_shards(prepared_data, tokenizer_dir) -> dict[str, Path]:
     """Token shards of both splits, at the default place beside each text file."""
     from openllm_ds.tokenizer import tokenize_corpus

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,24 @@ def place_conversation(a: str, b: str) -> list[dict]:
     """A SQuAD-style conversation: a one-sentence passage, a blank line, the question; the span as the answer."""
     return [{"role": "user", "content": f"The {a} is beside the {b}.\n\nWhat is beside the {a}?"},
             {"role": "assistant", "content": f"the {b}"}]
+
+
+@contextmanager
+def killed_after_checkpoint(monkeypatch, step: int):
+    """Inside the block the training loop's save of step ``step`` is followed by a KeyboardInterrupt, as if the
+    process were killed right after that checkpoint; the real save is back after the block."""
+    from openllm_ds.train import loop
+
+    real_save = loop.save_checkpoint
+
+    def save_then_die(engine, cfg, state, env, stage):
+        path = real_save(engine, cfg, state, env, stage)
+        if state.step == step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(loop, "save_checkpoint", real_save)

@@ -20,14 +20,8 @@ from openllm_ds.errors import UserError
 from openllm_ds.evaluation import evaluate, generate_text, perplexity
 from openllm_ds.evaluation.sliding_window import sliding_windows
 from openllm_ds.model import Transformer, generate
-from openllm_ds.tokenizer import load_tokenizer
 
 from helpers import biased, eval_run, tiny_config
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from openllm_ds.evaluation import qa_tasks
 from openllm_ds.evaluation.harness import resolve_steps
 from openllm_ds.evaluation.tasks import KINDS, available_tasks
 from openllm_ds.model import Transformer
-from openllm_ds.tokenizer import load_tokenizer
 from helpers import biased, eval_run, tiny_config  # the fake training outputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,11 +31,6 @@ SHIPPED = {"wikitext2_ppl", "validation_ppl", "squad_v1_qa", "squad_v2_qa", "squ
 def task_yaml(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump(fields))
     return path
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

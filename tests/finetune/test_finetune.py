@@ -14,7 +14,7 @@ from openllm_ds.checkpoint import load_model
 from openllm_ds.cli import main
 from openllm_ds.tokenizer.chat import IGNORE_INDEX
 from openllm_ds.tokenizer.hf_files import CHAT_TEMPLATE
-from helpers import SFT_PLACES, file_bytes, logged, place_conversation
+from helpers import SFT_PLACES, file_bytes, killed_after_checkpoint, logged, place_conversation
 
 
 def conversations(n: int, seed: int) -> list[dict]:
@@ -38,22 +38,11 @@ def finetune(hf, data, out, *extra):
 
 def test_finetune_from_an_hf_export_resumes_exactly_and_exports_its_context(trained_export, sft_dir, tmp_path,
                                                                               monkeypatch, capsys):
-    from openllm_ds.train import loop
-
     hf, _ = trained_export
     before = file_bytes(hf)
     assert finetune(hf, sft_dir, tmp_path / "straight", "--max_steps", "6") == 0
-    real_save = loop.save_checkpoint
-
-    def save_then_die_at_4(engine, cfg, state, env, stage):
-        path = real_save(engine, cfg, state, env, stage)
-        if state.step == 4:
-            raise KeyboardInterrupt  # the process is killed right after the step-4 checkpoint
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_at_4)
-    assert finetune(hf, sft_dir, tmp_path / "resumed", "--max_steps", "6") == 130
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    with killed_after_checkpoint(monkeypatch, 4):  # the process is killed right after the step-4 checkpoint
+        assert finetune(hf, sft_dir, tmp_path / "resumed", "--max_steps", "6") == 130
     assert finetune(hf, sft_dir, tmp_path / "resumed", "--max_steps", "6") == 0
     out = capsys.readouterr().out
     summary = json.loads(out[out.rindex("\n{") + 1:])

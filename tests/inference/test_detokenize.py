@@ -13,14 +13,8 @@ from openllm_ds.config import ModelConfig
 from openllm_ds.model import generate
 from openllm_ds.inference import Choice, Completer, PieceTexts, SamplingParams
 from openllm_ds.inference.detokenize import PROMPT_CONTEXT_TOKENS
-from openllm_ds.tokenizer import load_tokenizer
 
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
 
 
 def full_text(tok, prompt_ids: list[int], ids: list[int]) -> str:

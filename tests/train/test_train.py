@@ -19,9 +19,9 @@ from openllm_ds.errors import ConfigError, DataError, UserError
 from openllm_ds.model import Transformer
 from openllm_ds.tokenizer import TokenShards
 from openllm_ds.train import TrainingError, train
-from openllm_ds.train import checkpointing, loop
+from openllm_ds.train import loop
 
-from helpers import logged, tiny_cfg
+from helpers import killed_after_checkpoint, logged, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,18 +113,8 @@ def test_stop_and_resume_repeats_the_uninterrupted_losses(token_shards, prepared
     assert f"model: {straight['num_params']:,} parameters" in capsys.readouterr().out
 
     cfg = tiny_cfg(prepared_data, tokenizer_dir, tmp_path / "resumed", **common)
-    real_save = checkpointing.save_checkpoint
-
-    def save_then_die_at_6(engine, cfg_, state, env, stage):
-        path = real_save(engine, cfg_, state, env, stage)
-        if state.step == 6:
-            raise KeyboardInterrupt  # the process is killed right after the step-6 checkpoint
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_at_6)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    with killed_after_checkpoint(monkeypatch, 6), pytest.raises(KeyboardInterrupt):
+        train(cfg)  # the process is killed right after the step-6 checkpoint
     ckpt = Path(cfg.output_dir) / "checkpoints"
     # a save of step 9 that died half-way: DeepSpeed files but no latest pointing at it
     partial = ckpt / "step_00000009"

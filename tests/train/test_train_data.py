@@ -13,9 +13,9 @@ from openllm_ds.cli import main
 from openllm_ds.config import load_run_config
 from openllm_ds.errors import ConfigError, UserError
 from openllm_ds.tokenizer import TokenShards
-from openllm_ds.train import checkpointing, loop, train
+from openllm_ds.train import train
 
-from helpers import ROOT, logged
+from helpers import ROOT, killed_after_checkpoint, logged
 
 pytestmark = pytest.mark.slow
 
@@ -97,18 +97,8 @@ def test_a_weighted_mixture_samples_resumes_and_validates_per_source(prepared_da
 
     # killed right after the step-8 checkpoint, then resumed: the same losses and shares, bit for bit
     cfg = run_cfg(tokenizer_dir, tmp_path / "resumed", **mix)
-    real_save = checkpointing.save_checkpoint
-
-    def save_then_die_at_8(engine, cfg_, state, env, stage):
-        path = real_save(engine, cfg_, state, env, stage)
-        if state.step == 8:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_at_8)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(monkeypatch, 8), pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed = train(cfg)
     assert resumed["resumed_from_step"] == 8
     for key in ("train/loss", "data/share/wiki", "eval/wiki/loss"):
