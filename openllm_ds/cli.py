@@ -212,6 +212,7 @@ STAGE_HELP = {
     "serve": "Serve an export with an OpenAI-compatible API (vLLM where installed, else the built-in server; "
              "--replicas N: N of them on Ray Serve).",
     "pipeline": "All stages: prepare, tokenizer, tokenize, train, evaluate, export; skips completed stages.",
+    "lm-eval": "EleutherAI's lm-evaluation-harness (its own flags) with the shipped openllm_* tasks found by name.",
 }
 COMMANDS: dict[str, Callable] = {
     "prepare": cmd_prepare, "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "train": cmd_train,
@@ -235,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "serve":
             sp.add_argument("--max_length", type=parse_int, dest="context_length", action=_ContextLengthAlias,
                             help=argparse.SUPPRESS)
+    # lm-eval's own flags pass through untouched (main hands them over before parsing); listed here for --help
+    sub.add_parser("lm-eval", help=STAGE_HELP["lm-eval"], description=STAGE_HELP["lm-eval"]).add_argument(
+        "lm_eval_args", nargs=argparse.REMAINDER, help="e.g. --model hf --model_args pretrained=exports/huggingface "
+                                                       "--tasks openllm_squad_v1 --limit 200")
     return p
 
 
@@ -279,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     rank_zero = env_setting("RANK") in (None, "0")
     try:
         check_argv(argv)
+        if argv[:1] == ["lm-eval"] and not {"-h", "--help"} & set(argv[1:2]):
+            from openllm_ds.evaluation.lm_eval_tasks import run_lm_eval
+
+            return run_lm_eval(argv[1:])
         args = build_parser().parse_args(argv)
         expand_path_flags(args)
         result = args.func(args)

@@ -13,7 +13,7 @@ from openllm_ds.cli import build_parser, build_train_parser, run_config_from_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 # commands of other tools, not ours to parse
-OTHER_TOOLS = ("scripts/setup.sh", "scripts/gpu_wheels.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm", "lm_eval",
+OTHER_TOOLS = ("scripts/setup.sh", "scripts/gpu_wheels.sh", ".venv/bin/python -m pytest", "tensorboard", "ray start", "python -m vllm",
                "pip install", "export RAY_AUTH_MODE=",
                ".venv-gguf/bin/python", ".venv-optimum/bin/python")
 
@@ -32,7 +32,7 @@ def readme_commands() -> list[str]:
 def ours(argv: list[str]) -> tuple[str, list[str]] | None:
     """('cli' | 'train', args) for a command line that runs this project's code; None for another tool's."""
     if argv[0] in ("openllm-ds", ".venv/bin/openllm-ds"):
-        return "cli", argv[1:]
+        return ("lm-eval", argv[2:]) if argv[1] == "lm-eval" else ("cli", argv[1:])
     if argv[0] == "deepspeed":  # the documented launch: deepspeed ... --module openllm_ds train ...
         at = argv.index("--module")
         assert argv[at + 1:at + 3] == ["openllm_ds", "train"], argv
@@ -93,6 +93,13 @@ def test_readme_command_parses(command, monkeypatch):
         import gpu_acceptance
 
         gpu_acceptance.parse_args(args)
+        return
+    if which == "lm-eval":  # lm-eval's own flags: the openllm_* tasks it names ship, with the prompt convention kept
+        from openllm_ds.evaluation import lm_eval_tasks
+
+        tasks = args[args.index("--tasks") + 1].split(",")
+        assert tasks and set(tasks) <= set(lm_eval_tasks.task_files()), tasks
+        assert "add_bos_token=False" in args[args.index("--model_args") + 1].split(","), command
         return
     if which == "train":
         parsed = build_train_parser().parse_args(args)

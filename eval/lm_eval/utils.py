@@ -1,12 +1,31 @@
 """Functions the lm-evaluation-harness task YAMLs in this folder name with `!function utils.<name>`.
 
-They reuse openllm_ds's SQuAD scoring, so run lm_eval from the repository root with the package
-importable (`pip install -e .` or `PYTHONPATH=.`).
+Each task's data file is a path in its YAML's `metadata` (`data_key` in `dataset_kwargs` names which),
+overridden with lm-eval's `--metadata '{"squad_v1_file": "PATH"}'`; `openllm_ds.evaluation.lm_eval_tasks.data_file`
+resolves it (the working directory, then the repository root) or names the fix. Run the tasks with
+`openllm-ds lm-eval ...`, which finds this folder by itself; the SQuAD scoring is openllm_ds's own.
 """
 
+from openllm_ds.evaluation.lm_eval_tasks import data_file
 from openllm_ds.evaluation.squad_score import exact_match_score, f1_score, normalize_answer
 
 NO_ANSWER_TEXT = "unanswerable"  # what the worked examples answer to an unanswerable question
+
+
+def text_dataset(task_name, data_key, **metadata):
+    """A text file, one row per line, as the `test` split (lm-eval's `custom_dataset`)."""
+    import datasets
+
+    path = data_file(task_name, data_key, **metadata)
+    return datasets.load_dataset("text", data_files={"test": str(path)})
+
+
+def squad_dataset(task_name, data_key, **metadata):
+    """A SQuAD JSON file's articles as the `validation` split (flattened to questions by `flatten_squad`)."""
+    import datasets
+
+    path = data_file(task_name, data_key, **metadata)
+    return datasets.load_dataset("json", data_files={"validation": str(path)}, field="data")
 
 
 def drop_blank_lines(dataset):

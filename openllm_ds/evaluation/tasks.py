@@ -114,23 +114,22 @@ def available_tasks() -> dict[str, Path]:
     return found
 
 
-def resolve_data_path(data: str, yaml_file: Path | None) -> Path:
-    """A task's data path: absolute as written; a relative one is tried against the working
-    directory, then the repository root the YAML belongs to (the parent of eval/), then the
-    YAML's own folder. The first that exists wins."""
+def resolve_data_path(data: str, yaml_file: Path | None, fix: str = "") -> Path:
+    """A task's data path: absolute as written; a relative one is tried against the working directory, then
+    the repository root the YAML belongs to (the parent of its eval/ folder), then the YAML's own folder.
+    The first that exists wins; else a UserError naming every place tried and ``fix``."""
     p = Path(data).expanduser()
-    if p.is_absolute():
-        candidates = [p]
-    else:
-        candidates = [Path.cwd() / p]
-        if yaml_file is not None:
-            candidates += [yaml_file.resolve().parent.parent / p, yaml_file.resolve().parent / p]
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p]
+    if yaml_file is not None and not p.is_absolute():
+        folder = yaml_file.resolve().parent
+        root = next((d.parent for d in (folder, folder.parent) if d.name == "eval"), folder.parent)
+        candidates += [root / p, folder / p]
     for c in candidates:
         if c.exists():
             return c.resolve()
     tried = ", ".join(dict.fromkeys(str(c) for c in candidates))
-    raise UserError(f"task {yaml_file or ''}: data file {data!r} not found (tried {tried}); "
-                    "fix 'data:' in the task YAML or create the file (e.g. `openllm-ds prepare`)")
+    fix = fix or "fix 'data:' in the task YAML or create the file (e.g. `openllm-ds prepare`)"
+    raise UserError(f"task {yaml_file or ''}: data file {data!r} not found (tried {tried}); {fix}")
 
 
 def load_task(task: str | Path | TaskSpec, check_data: bool = True) -> TaskSpec:

@@ -295,11 +295,10 @@ def test_lm_eval_task_yamls_are_well_formed(squad_dir, wikitext_test):
     assert {f.stem for f in files} == {"openllm_validation_ppl", "openllm_wikitext2_ppl", "openllm_squad_v1", "openllm_squad_v2"}
     for f in files:
         cfg = yaml.load(f.read_text(), Loader=_TaskLoader)
-        assert cfg["task"] == f.stem
+        assert cfg["task"] == f.stem == cfg["dataset_kwargs"]["task_name"]
         assert cfg["output_type"] in ("loglikelihood_rolling", "generate_until")
-        assert cfg["dataset_path"] in ("text", "json")
-        split = cfg.get("test_split") or cfg["validation_split"]
-        data = Path(cfg["dataset_kwargs"]["data_files"][split])
+        # the data file: a path in metadata (the key dataset_kwargs.data_key names), read by a custom_dataset
+        data = Path(cfg["metadata"][cfg["dataset_kwargs"]["data_key"]])
         if data.parts[0] == "..":
             assert (ROOT / data).is_file()
         for key, value in cfg.items():
@@ -307,10 +306,56 @@ def test_lm_eval_task_yamls_are_well_formed(squad_dir, wikitext_test):
                 assert value[0] == "!function" and callable(getattr(utils, value[1].split(".", 1)[1])), key
         metrics = {m["metric"] for m in cfg["metric_list"]}
         if cfg["output_type"] == "generate_until":
-            assert cfg["dataset_kwargs"]["field"] == "data" and metrics == {"exact_match", "f1"}
+            assert cfg["custom_dataset"] == ("!function", "utils.squad_dataset") and cfg["validation_split"] == "validation"
+            assert metrics == {"exact_match", "f1"}
             assert cfg["generation_kwargs"]["until"] == ["\n"] and cfg["generation_kwargs"]["do_sample"] is False
         else:
+            assert cfg["custom_dataset"] == ("!function", "utils.text_dataset") and cfg["test_split"] == "test"
             assert metrics == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+
+def test_lm_eval_tasks_and_their_data_are_found_from_any_directory(squad_dir, docs_file, tmp_path, monkeypatch, capsys):
+    """`openllm-ds lm-eval` finds the shipped tasks by name, and each task's data file from the working directory
+    or the repository root, or from --metadata (JSON or key=value); a missing file, a directory or bad --metadata
+    stops before lm-eval loads anything, with the key to pass."""
+    from openllm_ds.cli import main
+    from openllm_ds.evaluation import lm_eval_tasks
+    from openllm_ds.presets import shipped_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert lm_eval_tasks.tasks_dir() == shipped_dir("eval") / "lm_eval"
+    assert set(lm_eval_tasks.task_files()) == {"openllm_validation_ppl", "openllm_wikitext2_ppl", "openllm_squad_v1",
+                                               "openllm_squad_v2"}
+    squad_v1 = squad_dir / "dev-v1.1.json"
+    (elsewhere / "data").mkdir()
+    (elsewhere / "data" / "v1.json").write_bytes(squad_v1.read_bytes())
+    tasks = ["--tasks", "openllm_squad_v1,openllm_validation_ppl,hellaswag"]  # hellaswag: lm-eval's own, not checked
+    found = lm_eval_tasks.check_data([*tasks, "--metadata", json.dumps({"validation_file": str(docs_file),
+                                                                        "squad_v1_file": "data/v1.json"})])
+    assert found == [("openllm_squad_v1", elsewhere / "data" / "v1.json"), ("openllm_validation_ppl", docs_file.resolve())]
+    found = lm_eval_tasks.check_data([*tasks, "--metadata", f"validation_file={docs_file}", "squad_v1_file=data/v1.json",
+                                      "--limit", "3"])
+    assert found == [("openllm_squad_v1", elsewhere / "data" / "v1.json"), ("openllm_validation_ppl", docs_file.resolve())]
+    if (ROOT.parent / "shared" / "data" / "squad" / "dev-v1.1.json").is_file():  # the YAML's default, from the clone root
+        assert lm_eval_tasks.check_data(["--tasks=openllm_squad_v1"]) == [
+            ("openllm_squad_v1", (ROOT.parent / "shared" / "data" / "squad" / "dev-v1.1.json").resolve())]
+
+    bad = {
+        ("--metadata", '{"squad_v1_file": "missing.json"}'): ["'missing.json' not found", str(elsewhere / "missing.json"),
+                                                              "--metadata '{\"squad_v1_file\": \"PATH\"}'"],
+        ("--metadata", '{"squad_v1_file": "data"}'): ["squad_v1_file", "is a directory, not a file"],
+        ("--metadata", '{"squad_v1_file": '): ["--metadata", "is not JSON"],
+        ("--metadata", "squad_v1_file"): ["neither a JSON object nor key=value"],
+        ("--metadata", '{"squad_v1_file": 3}'): ["squad_v1_file", "must be a file path, got 3"],
+    }
+    pytest.importorskip("lm_eval")  # the CLI checks that lm-eval is there first
+    for flags, words in bad.items():
+        assert main(["lm-eval", "--model", "hf", "--tasks", "openllm_squad_v1", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and all(w in err for w in words), (flags, err)
+    assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == [Path("data"), Path("data/v1.json")]
 
 
 def test_lm_eval_utils_on_the_real_files(squad_dir, wikitext_test, tmp_path):
@@ -334,12 +379,12 @@ def test_lm_eval_utils_on_the_real_files(squad_dir, wikitext_test, tmp_path):
     assert len(utils.drop_blank_lines(text["test"])) == len(read_documents(wikitext_test))
 
 
-def test_lm_eval_runs_the_local_tasks_on_an_export(tmp_path, tokenizer_dir, tok, docs_file, squad_dir, monkeypatch):
+def test_lm_eval_runs_the_local_tasks_on_an_export(tmp_path, tokenizer_dir, tok, docs_file, squad_dir, monkeypatch, capsys):
+    """The README's `openllm-ds lm-eval` command, from a directory that is not the repository: the tasks by name,
+    the data from --metadata, lm-eval's own results file."""
     pytest.importorskip("lm_eval")
     export_mod = pytest.importorskip("openllm_ds.export")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
+    from openllm_ds.cli import main
     from openllm_ds.config import ExportConfig
 
     # context 256: room for a passage and lm-eval's 32 generated tokens
@@ -347,18 +392,16 @@ def test_lm_eval_runs_the_local_tasks_on_an_export(tmp_path, tokenizer_dir, tok,
                         zero_final_norm=True)
     hf = tmp_path / "hf"
     export_mod.export(ExportConfig(model_dir=str(run), format="huggingface", output_dir=str(hf)))
-    include = tmp_path / "tasks"
-    include.mkdir()
-    shutil.copy(ROOT / "eval" / "lm_eval" / "utils.py", include)
-    for name in ("openllm_validation_ppl", "openllm_squad_v1"):  # same YAMLs, data paths made absolute
-        text = (ROOT / "eval" / "lm_eval" / f"{name}.yaml").read_text()
-        text = text.replace("data/clean/validation_data.txt", str(docs_file))
-        text = text.replace("../shared/data/squad/", str(squad_dir) + "/")
-        (include / f"{name}.yaml").write_text(text)
-    monkeypatch.chdir(tmp_path)
-    out = simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32", tasks=["openllm_validation_ppl", "openllm_squad_v1"],
-                          task_manager=TaskManager(include_path=str(include)), limit=4, device="cpu", batch_size=2)
-    res = out["results"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    metadata = {"validation_file": str(docs_file), "squad_v1_file": str(squad_dir / "dev-v1.1.json")}
+    rc = main(["lm-eval", "--model", "hf", "--model_args", f"pretrained={hf},dtype=float32,add_bos_token=False",
+               "--tasks", "openllm_validation_ppl,openllm_squad_v1", "--metadata", json.dumps(metadata),
+               "--limit", "4", "--device", "cpu", "--batch_size", "2", "--output_path", str(elsewhere / "results")])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    [results] = (elsewhere / "results").rglob("results_*.json")
+    res = json.loads(results.read_text())["results"]
     # a uniform model: every token costs ln V; lm-eval scores each line on its own, BOS as context
     docs = [d for d in docs_file.read_text(encoding="utf-8").split("\n") if d.strip()][:4]
     nll = sum(len(tok.encode(d)) for d in docs) * math.log(tok.vocab_size)

@@ -172,6 +172,12 @@ def test_a_wheel_installed_alone_runs_every_stage_from_anywhere(tmp_path, token_
     where = run("-c", "import openllm_ds, openllm_ds.checkpoint as c; print(openllm_ds.__file__, c.__file__)").split()
     assert where == [str(package / "__init__.py"), str(package / "checkpoint" / "__init__.py")]
     assert "train-tokenizer" in run("-m", "openllm_ds", "--help")
+    # the lm-eval tasks ship too, found by name, with the utils their YAMLs name
+    tasks = run("-c", "import importlib.util as u\nfrom openllm_ds.evaluation.lm_eval_tasks import task_files, tasks_dir\n"
+                      "s = u.spec_from_file_location('utils', tasks_dir() / 'utils.py'); m = u.module_from_spec(s)\n"
+                      "s.loader.exec_module(m); print(sorted(task_files()), m.squad_dataset.__name__, tasks_dir())").split()
+    assert tasks[-1] == str(package / "presets" / "eval" / "lm_eval") and tasks[-2] == "squad_dataset"
+    assert tasks[:-2] == ["['openllm_squad_v1',", "'openllm_squad_v2',", "'openllm_validation_ppl',", "'openllm_wikitext2_ppl']"]
     run("-m", "openllm_ds", "train", "--config", "tiny", "--data_file", str(token_shards["train"]),
         "--eval_data", str(token_shards["val"]), "--tokenizer_dir", str(tokenizer_dir), "--output_dir", "run",
         "--max_steps", "2", "--batch_size", "2", "train.eval_every=2", "train.save_every=2", "train.log_every=1",
