@@ -11,8 +11,9 @@ deduplicated, streamed.
                        documents; no text is read or encoded again
     finish   (driver)  meta.json, written last, from the per-unit counts
 
-Who does the work: ``runners.py`` (``--num_workers``: 0 = this process; N Ray actors; ``auto`` = this process below
-a size where Ray's start-up cannot be won back, else one actor per CPU).
+Who does the work: ``runners.py`` (``--num_workers``: 0 = this process, on a thread per CPU; N Ray actors; ``auto`` =
+this process on one machine, and with a Ray cluster below a size where Ray's start-up cannot be won back, else one
+actor per CPU of the cluster).
 
 The output depends only on the inputs, the tokenizer and the options: a unit's files are a function of the unit (and
 of which of its documents came earlier) alone, units are fixed by ``unit_bytes`` (not by the number of workers), and
@@ -155,7 +156,8 @@ def _tokenize(outputs: list[Output], tok, tokenizer_dir, options, dedup, holdout
             atomic_write_json(tmp / META_FILE, meta)  # last: its presence marks the dir complete
             metas.append(meta)
     seconds = time.perf_counter() - start
-    how = "in this process" if workers == 0 else f"with {getattr(runner, 'num_workers', workers)} Ray worker(s)"
+    how = (f"in this process ({runner.threads} thread{'s' if runner.threads > 1 else ''})" if workers == 0
+           else f"with {getattr(runner, 'num_workers', workers)} Ray worker(s)")
     timing = f" in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.1f} MB/s) {how}"
     for o, meta in zip(outputs, metas):
         c = meta["counts"]

@@ -255,25 +255,28 @@ def sha256s(shards_dir) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("key", sorted(json.loads((FIXTURE / "expected_shards.json").read_text(encoding="utf-8"))))
-def test_the_fixture_corpus_gives_the_recorded_shards(key, tmp_path):
+def test_the_fixture_corpus_gives_the_recorded_shards(key, tmp_path, monkeypatch):
     """tests/fixtures/corpus tokenized with its own tiny tokenizer: the shard files' sha256s, counts and the
     source digest recorded in expected_shards.json by the two-pass version (hash, then encode) this one
-    replaced, whoever does the work and in whatever pieces."""
+    replaced, whoever does the work (this process on 1 or 5 threads, Ray) and in whatever pieces."""
+    from openllm_ds.tokenizer import runners
+
     want = json.loads((FIXTURE / "expected_shards.json").read_text(encoding="utf-8"))[key]
     name, unit_bytes = key.rsplit("-", 1)
     case = FIXTURE_CASES[name]
     kwargs = {k: v for k, v in case.items() if k != "inputs"}
     # Ray's 2 workers for the case with units, duplicates and a held-out share; pieces of 7 or 41 bytes (a unit read
     # in many calls) write the same files as pieces of the unit's size
-    for workers, piece_bytes in [(0, 10**9), (0, 7)] + ([(2, 41)] if key == "lines_and_records-200" else []):
-        out = tmp_path / f"w{workers}-{piece_bytes}"
+    for workers, piece_bytes, threads in [(0, 10**9, 5), (0, 7, 1), (0, 7, 5)] + ([(2, 41, 0)] if key == "lines_and_records-200" else []):
+        monkeypatch.setattr(runners, "local_threads", lambda: threads)
+        out = tmp_path / f"w{workers}-{piece_bytes}-{threads}"
         meta = tokenize_corpus([str(FIXTURE / i) for i in case["inputs"]], FIXTURE / "tokenizer", out,
                                num_workers=workers, unit_bytes=int(unit_bytes), piece_bytes=piece_bytes, **kwargs)
-        assert sha256s(out) == want["files"], (workers, piece_bytes)
+        assert sha256s(out) == want["files"], (workers, piece_bytes, threads)
         got = {"num_tokens": meta["num_tokens"], "num_documents": meta["num_documents"], "counts": meta["counts"],
                "heldout_documents": meta.get("heldout", {}).get("num_documents", 0),
                "source_sha256": meta["source_sha256"]}
-        assert got == {k: want[k] for k in got}, (workers, piece_bytes)
+        assert got == {k: want[k] for k in got}, (workers, piece_bytes, threads)
 
 
 @pytest.mark.parametrize("name, separator", [("lines.txt", "newline"), ("lines.txt", "blank_line"),
@@ -466,18 +469,31 @@ def test_finishing_a_unit_again_gives_the_same_files(tmp_path):
     assert out["cut"][0]["shards"]["train"]["num_documents"] == 5 and out["cut"][0]["digest"] == out["whole"][0]["digest"]
 
 
-def test_auto_workers_use_ray_only_where_it_can_win(passages, tokenizer_dir, tmp_path, capsys):
-    """--num_workers auto (the default): this process below AUTO_RAY_BYTES of input or for a single piece, else one
-    Ray worker per CPU (at most one per piece); the threshold and the measurement behind it: README, bench_corpus."""
-    from openllm_ds.tokenizer.runners import AUTO_RAY_BYTES, choose_workers
+def test_auto_workers_use_ray_only_where_it_can_win(passages, tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """--num_workers auto (the default): on one machine (no Ray cluster named) this process, on a thread per CPU plus
+    one, up to AUTO_LOCAL_MAX_BYTES; with a cluster (RAY_ADDRESS, or Ray started here) this process below
+    AUTO_RAY_BYTES of input or for a single piece, else one Ray worker per CPU (at most one per piece); the thresholds
+    and the measurements behind them: README, bench_corpus."""
+    import os
 
-    assert choose_workers("auto", AUTO_RAY_BYTES - 1, 100) == 0
-    assert choose_workers("auto", AUTO_RAY_BYTES, 1) == 0
-    assert choose_workers("auto", AUTO_RAY_BYTES, 8) == "auto"
-    assert choose_workers(2, 10, 1) == 2 and choose_workers(0, 10**12, 10**5) == 0
+    from openllm_ds.tokenizer import runners
+    from openllm_ds.tokenizer.runners import AUTO_LOCAL_MAX_BYTES, AUTO_RAY_BYTES, choose_workers
+
+    for cluster in (False, True):
+        monkeypatch.setattr(runners, "ray_cluster_named", lambda: cluster)
+        assert choose_workers("auto", AUTO_RAY_BYTES - 1, 100) == 0
+        assert choose_workers("auto", AUTO_RAY_BYTES, 1) == 0
+        assert choose_workers("auto", AUTO_RAY_BYTES, 8) == ("auto" if cluster else 0)
+        assert choose_workers("auto", AUTO_LOCAL_MAX_BYTES, 8) == "auto"
+        assert choose_workers(2, 10, 1) == 2 and choose_workers(0, 10**12, 10**5) == 0
+    monkeypatch.undo()
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert runners.ray_cluster_named()
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert runners.local_threads() == len(os.sched_getaffinity(0)) + 1
     src = write_lines(tmp_path / "docs.txt", passages[:20])
     meta = tokenize_corpus(src, tokenizer_dir)
-    assert "in this process" in capsys.readouterr().out and meta["nodes"] == []
+    assert "in this process (1 thread)" in capsys.readouterr().out and meta["nodes"] == []  # one piece: one thread
     with pytest.raises(UserError, match=r"--num_workers must be auto or >= 0"):
         tokenize_corpus(src, tokenizer_dir, tmp_path / "x", num_workers="some")
     from openllm_ds.config import load_run_config
