@@ -11,8 +11,8 @@ is a process of its own, timed from start to exit (Python's and Ray's start-up i
 and format run one after another:
   - the baseline: a plain SentencePiece loop in one process, no Ray, streaming (read a line, parse it for JSON Lines,
     encode it, append the ids with EOS; ids written every 1 MB);
-  - `openllm-ds tokenize --num_workers auto` (the default) and `--num_workers N` for each N of --workers
-    (deduplication on, the default). Peak RSS is the tokenize process's own (the driver's VmHWM); the Ray workers
+  - `openllm-ds tokenize --num_workers auto` (the default: on one machine, this process on a thread per CPU plus
+    one) and `--num_workers N` (N Ray workers) for each N of --workers (deduplication on, the default). Peak RSS is the tokenize process's own (the driver's VmHWM); the Ray workers
     are other processes. The shards of every row of one corpus are checked byte-equal.
 Ray's start-up: `tokenize` of a one-document file with 1 worker minus with 0 (nothing to encode, so nothing hides
 it). The `auto` threshold: text files of --threshold_mb sizes, in this process (0) against 2 Ray workers.
@@ -182,10 +182,10 @@ def corpus_rows(py: str, tmp: Path, tok: Path, lines: list[str], sizes: list[int
             src.unlink()
             assert len(set(digests.values())) == 1, f"{name}: the workers' shards differ: {digests}"
     small, large = min(sizes), max(sizes)
-    for w in workers:
+    for w in ["auto", *workers]:
         print(f"\nDriver peak RSS, {small} MB -> {large:,} MB of text with {w} worker(s): {rss[small, formats[0], w]:,.0f} "
               f"-> {rss[large, formats[0], w]:,.0f} MB ({rss[large, formats[0], w] / rss[small, formats[0], w] - 1:+.1%}).")
-    print("Shards of every row of one corpus byte-equal (auto, " + ", ".join(workers) + " workers).")
+    print("Shards of every row of one corpus byte-equal (" + ", ".join(["auto", *workers]) + " workers).")
 
 
 def start_up_and_threshold(py: str, tmp: Path, tok: Path, lines: list[str], threshold_mb: list[int]) -> None:
@@ -276,7 +276,8 @@ def main() -> None:
         tok = tmp / "tok"
         train_tokenizer(TokenizerConfig(input=str(train_txt), output_dir=str(tok), vocab_size=8000))
         start_up_and_threshold(py, tmp, tok, lines, ints(args.threshold_mb))
-        corpus_rows(py, tmp, tok, lines, ints(args.sizes_mb), args.formats.split(","), args.workers.split(","))
+        corpus_rows(py, tmp, tok, lines, ints(args.sizes_mb), args.formats.split(","),
+                    [w for w in args.workers.split(",") if w.strip()])
         if args.train_steps:
             training_rows(py, tmp, tok, lines, args.train_steps)
 

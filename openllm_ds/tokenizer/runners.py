@@ -39,7 +39,8 @@ from openllm_ds.utils import init_ray
 MAX_RESTARTS = 3  # a Ray worker that dies is restarted (and its piece or unit redone) this many times
 AUTO_RAY_BYTES = 32 * 10**6  # --num_workers auto with a Ray cluster: less input than this is tokenized in this process
 # --num_workers auto on one machine: up to this much input in this process, whose memory holds 24 bytes of hash per
-# document until the duplicates are found (about 75 MB at 2 GB of passages); above it Ray's driver holds references
+# document until the duplicates are found, about 80 at the sort's peak (+120 MB at 1 GB of passages, measured);
+# above it the hashes stay in Ray's object store
 AUTO_LOCAL_MAX_BYTES = 2 * 10**9
 
 
@@ -79,7 +80,8 @@ class Job:
     def unit_results(self, piece_results: dict[int, dict], drops_per: np.ndarray, finish_here,
                      finish_remote=None) -> list[dict]:
         """Every unit's counts, shard files and digest: ``finish_here(unit)``, or, for a unit whose pieces must be
-        joined or which lost documents, ``finish_remote(units)`` when given (Ray: the actors, where the marks are)."""
+        joined or which lost documents, ``finish_remote(units)`` when given (Ray: the actors, where the marks are; in
+        this process: its threads)."""
         results = []
         for u, pieces in enumerate(self.unit_pieces):
             rs = [piece_results[p] for p in pieces]
@@ -128,8 +130,8 @@ def raise_error(result: dict) -> None:
 
 
 class InProcess:
-    """Every piece and unit in this process (``num_workers=0``): the pieces on ``threads`` threads (``local_threads``),
-    their results taken in piece order; the first error cancels the pieces not yet started."""
+    """Every piece and unit in this process (``num_workers=0``): the pieces, then the units to join, on ``threads``
+    threads (``local_threads``), results taken in order; the first error cancels the work not yet started."""
 
     def __init__(self, job: Job, sp, threads: int | None = None):
         self.job, self.sp, self.nodes = job, sp, set()
@@ -145,11 +147,12 @@ class InProcess:
                 raise_error(result)
                 results[p] = result
                 hashes.append(h)
+            drops = duplicates_in_bucket(*hashes) if job.dedup else np.empty(0, np.uint64)
+            del hashes
+            return job.unit_results(results, drops_per_piece(drops, len(job.pieces)), lambda u: job.finish(u, drops),
+                                    lambda units: list(pool.map(lambda u: job.finish(u, drops), units)))
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # after an error: the running pieces end, no new one starts
-        drops = duplicates_in_bucket(*hashes) if job.dedup else np.empty(0, np.uint64)
-        del hashes
-        return job.unit_results(results, drops_per_piece(drops, len(job.pieces)), lambda u: job.finish(u, drops))
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error: the running calls end, no new one starts
 
 
 class OnRay:
