@@ -164,8 +164,8 @@ def export_gguf(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool =
     writer.add_add_space_prefix(add_space_prefix(src))
     if template:
         writer.add_chat_template(template)
-    types = {}
-    for name, w in gguf_tensors(src).items():
+    types, tensors = {}, gguf_tensors(src)
+    for name, w in tensors.items():
         qtype = tensor_type(name, w, gguf_type)
         types[name] = qtype.name
         writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
@@ -181,7 +181,8 @@ def export_gguf(src: LoadedModel, out: Path, dtype: str = "fp32", verify: bool =
                                                    "modelfile_template": modelfile}})
     report = {"gguf_type": gguf_type, "tensors": len(types), "chat_template": bool(template),
               "modelfile_template": modelfile}
-    report["verification"] = verify_gguf(out / GGUF_FILE, src, gguf_type) if verify else {"skipped": "--no-verify"}
+    report["verification"] = (verify_gguf(out / GGUF_FILE, src, gguf_type, tensors, pieces) if verify
+                              else {"skipped": "--no-verify"})
     return report
 
 
@@ -191,15 +192,17 @@ def model_chat_template(src: LoadedModel):
     return load_chat_template(src.tokenizer_dir, src.tokenizer)
 
 
-def verify_gguf(path: Path, src: LoadedModel, gguf_type: str) -> dict:
-    """Read the file back: the vocabulary and every tensor (dequantised) against the model's."""
+def verify_gguf(path: Path, src: LoadedModel, gguf_type: str, tensors: dict[str, np.ndarray],
+                pieces: list[bytes]) -> dict:
+    """Read the file back: the vocabulary and every tensor (dequantised) against what was written from the model
+    (``tensors``: ``gguf_tensors``; ``pieces``: ``vocabulary``'s)."""
     gguf = _gguf()
     reader = gguf.GGUFReader(str(path))
     fields = reader.fields
     tokens = [t.encode("utf-8") for t in fields["tokenizer.ggml.tokens"].contents()]
-    if tokens != vocabulary(src)[0]:
+    if tokens != pieces:
         raise VerificationError(f"{path}: the token list read back differs from {src.tokenizer_dir / 'tokenizer.model'}")
-    want = gguf_tensors(src)
+    want = dict(tensors)
     worst = 0.0
     for t in reader.tensors:
         if t.name not in want:
