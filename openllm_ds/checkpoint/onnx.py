@@ -92,8 +92,7 @@ class OnnxCausalLM:
         B, T = ids.shape
         P = past[0].shape[2]
         mask = np.ones((B, P + T), dtype=np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, P:] if attention_mask is not None else \
-            np.broadcast_to(np.arange(P, P + T, dtype=np.int64), (B, T))
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, P:]  # all ones: P, P + 1, ...
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions),
                  **dict(zip(self._past_names, past))}
         out = self._session().run(["logits", *self._present_names], feeds)
