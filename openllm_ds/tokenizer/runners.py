@@ -130,12 +130,13 @@ def raise_error(result: dict) -> None:
 
 
 class InProcess:
-    """Every piece and unit in this process (``num_workers=0``): the pieces, then the units to join, on ``threads``
-    threads (``local_threads``), results taken in order; the first error cancels the work not yet started."""
+    """Every piece and unit in this process (``num_workers=0``): the pieces, then the units to join, on
+    ``local_threads()`` threads (at most one per piece), results taken in order; the first error cancels the work not
+    yet started."""
 
-    def __init__(self, job: Job, sp, threads: int | None = None):
+    def __init__(self, job: Job, sp):
         self.job, self.sp, self.nodes = job, sp, set()
-        self.threads = max(1, min(threads or local_threads(), len(job.pieces)))
+        self.threads = max(1, min(local_threads(), len(job.pieces)))
 
     def run(self) -> list[dict]:
         job, results, hashes = self.job, {}, []
@@ -160,8 +161,9 @@ class OnRay:
     actor one piece at a time, then one unit at a time to finish, and keeps small results and references.
 
     Start-up: when this process starts Ray (no instance yet), a thread of this process encodes pieces (the same code,
-    so the same bytes) while Ray starts; it takes no new piece once the actors exist. Ray's start (3-5 s on a 2-core
-    machine) is then spent on the corpus instead of waiting.
+    so the same bytes) while Ray starts; it takes no new piece once the actors exist. Ray's start (``ray.init`` 2.5 s, and
+    10 s to a first result of `tokenize` on a quiet 2-core machine; benchmarks/results.md) is then spent on the
+    corpus instead of waiting.
 
     Why actors fed by the driver rather than a Ray Data pipeline: a piece is a second of work and its result a few
     numbers, so there is nothing for Ray Data's streaming executor to stream; starting it cost 8 s of a 300 MB run on
