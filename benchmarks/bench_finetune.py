@@ -58,7 +58,7 @@ def ensure_tokenizer(tokenizer_dir: Path, squad_dir: Path, tmp: Path) -> Path:
 
 def engine_step(cfg, env):
     ds = build_ds_config(cfg, env.world_size, env.device)
-    ds["tensorboard"]["enabled"] = False
+    ds.pop("tensorboard", None)  # no DeepSpeed monitor while timing (the shipped JSONs have none)
     engine, _ = build_engine(cfg, RunInputs(None, ds, "fp32", None), env)
     stage = zero_stage(ds)
     return lambda mb: train_step(engine, mb, env, stage, "fp32")[0]
