@@ -580,6 +580,67 @@ CASES += [
          ("run",), files={**TRAIN_FILES, "b/training_data.txt": _corpus(80, 2), "b/validation_data.txt": TEXT}),
 ]
 
+# ---- records that are not text, fine-tuning's inputs, one stage's output dir that is another's ------------------
+DOCS_JSONL = "".join(json.dumps({"text": line}) + "\n" for line in TEXT.splitlines())
+SFT_LINES = ["".join(json.dumps({"messages": [{"role": "user", "content": f"Where is the {a}? {line[:30]}"},
+                                              {"role": "assistant", "content": f"beside the {b}"}]}) + "\n"
+                     for line in _corpus(n, seed).splitlines())
+             for n, seed, a, b in ((16, 3, "river", "castle"), (4, 4, "market", "church"))]
+SFT_FILES = {"base": "<run>", "sft/train.jsonl": SFT_LINES[0], "sft/validation.jsonl": SFT_LINES[1]}
+FINETUNE = "finetune --model_dir base --data sft --max_seq_len 128 --batch_size 2 --max_steps 1"
+SURROGATE_TURN = '{"messages": [{"role": "user", "content": "x \\ud800"}, {"role": "assistant", "content": "y"}]}\n'
+EXPORT_MANIFEST = "# kind: a huggingface export\n# written by: openllm-ds export --format huggingface\nconfig.json\n"
+RUN_MANIFEST = "# kind: a training run\n# written by: openllm-ds train (or finetune)\n"
+
+CASES += [
+    # a record's text is text (text.text_problem, in data/documents._Records): a bad record, never a traceback
+    Case("tokenize", "a JSON Lines text holding a lone surrogate escape", 2,
+         "tokenize --input docs.jsonl --tokenizer_dir tok --num_workers 0",
+         r"docs\.jsonl line 201 field 'text' holds an unpaired UTF-16 surrogate \(U\+D800\) at character 2.*"
+         r"--on_bad_record skip", ("docs.jsonl.tokens",),
+         files={"docs.jsonl": DOCS_JSONL + '{"text": "x \\ud800"}\n', "tok": "<tok>"}),
+    Case("tokenize", "a JSON Lines text holding a NUL escape", 2,
+         "tokenize --input docs.jsonl --tokenizer_dir tok --num_workers 0",
+         r"docs\.jsonl line 1 field 'text' holds a NUL character at character 1", ("docs.jsonl.tokens",),
+         files={"docs.jsonl": '{"text": "a\\u0000b"}\n' + DOCS_JSONL, "tok": "<tok>"}),
+    Case("train-tokenizer", "a JSON Lines text holding a lone surrogate escape", 2,
+         "train-tokenizer --input docs.jsonl --vocab_size 300 --output_dir tk",
+         r"docs\.jsonl line 201 field 'text' holds an unpaired UTF-16 surrogate", ("tk",),
+         files={"docs.jsonl": DOCS_JSONL + '{"text": "x \\ud800"}\n'}),
+    Case("train-tokenizer", "a JSON Lines record past the first that does not parse", 2,
+         "train-tokenizer --input docs.jsonl --vocab_size 300 --output_dir tk",
+         r"docs\.jsonl line 201 is not valid JSON: Unterminated string", ("tk",),
+         files={"docs.jsonl": DOCS_JSONL + '{"text": "cut\n'}),
+    Case("finetune", "conversations holding a lone surrogate escape", 2, f"{FINETUNE} --output_dir ft",
+         r"sft/train\.jsonl line 1: messages\[0\]\.content holds an unpaired UTF-16 surrogate \(U\+D800\)", ("ft",),
+         files={**SFT_FILES, "sft/train.jsonl": SURROGATE_TURN + SFT_LINES[0]}),
+    # a fine-tune's validation conversations are not its training ones (train/validation.check_validation_apart)
+    Case("finetune", "eval_data: the training file", 2, f"{FINETUNE} --eval_data ./sft/train.jsonl --output_dir ft",
+         r"finetune\.eval_data \(--eval_data\) \./sft/train\.jsonl is training data: .*sft/train\.jsonl is what "
+         r"finetune\.data \(--data\) sft/train\.jsonl trains on", ("ft",), files=SFT_FILES),
+    Case("finetune", "eval_data: the folder holding train.jsonl", 2, f"{FINETUNE} --eval_data sft --output_dir ft",
+         r"finetune\.eval_data \(--eval_data\) sft is training data", ("ft",), files=SFT_FILES),
+    Case("finetune", "data under a file", 2, "finetune --model_dir base --data sft/train.jsonl/x --output_dir ft",
+         r"finetune\.data \(--data\) sft/train\.jsonl/x does not exist \(sft/train\.jsonl is a file, not a "
+         r"directory\); run `openllm-ds prepare-sft` first", ("ft",), files=SFT_FILES),
+    # one stage's output dir is never another's (utils.claim_output_dir; a training run's manifest names its kind)
+    Case("finetune", "output_dir an export", 2, f"{FINETUNE} --output_dir exp",
+         r"train\.output_dir \(--output_dir\) exp is the output of `openllm-ds export --format huggingface` \(a "
+         r"huggingface export\)", ("exp/checkpoints", "exp/run_config.yaml", "exp/tokenizer"),
+         files={**SFT_FILES, "exp/.openllm-ds-files": EXPORT_MANIFEST, "exp/config.json": HF_TIED},
+         kept=("exp/config.json", "exp/.openllm-ds-files")),
+    Case("train", "output_dir a tokenizer", 2, "train --config t.yaml --output_dir tok2",
+         r"train\.output_dir \(--output_dir\) tok2 is the output of `openllm-ds train-tokenizer` \(a tokenizer\)",
+         ("tok2/checkpoints", "tok2/run_config.yaml"), files={**TRAIN_FILES, "tok2": "<tok>"},
+         kept=("tok2/tokenizer.model",)),
+    Case("prepare-sft", "output_dir a training run", 2, "prepare-sft --squad_dir squad --output_dir run",
+         r"--output_dir run is the output of `openllm-ds train \(or finetune\)` \(a training run\)",
+         ("run/train.jsonl", "run/stats.json"), files={"squad/train-v1.1.json": SQUAD,
+                                                        "run/.openllm-ds-files": RUN_MANIFEST,
+                                                        "run/run_config.yaml": MODEL_YAML},
+         kept=("run/run_config.yaml", "run/.openllm-ds-files")),
+]
+
 # train --dry_run makes every check the run makes before its work: each train case the run refuses before work
 # (past its config: a case with a tokenizer), as a dry run, stops with the same line and writes nothing at all
 CASES += [dataclasses.replace(c, what=f"{c.what} (--dry_run)", argv=f"{c.argv} --dry_run", leaves=())
@@ -591,7 +652,9 @@ CASES += [dataclasses.replace(c, what=f"{c.what} (--dry_run)", argv=f"{c.argv} -
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    from openllm_ds.config import TokenizerConfig
+    from helpers import make_fake_run
+
+    from openllm_ds.config import ModelConfig, TokenizerConfig
     from openllm_ds.tokenizer import tokenize_corpus, train_tokenizer
 
     root = tmp_path_factory.mktemp("bad_input_assets")
@@ -603,7 +666,10 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     val = root / "validation_data.txt"  # a shards dir records its source: validation_data.tokens is built from this
     val.write_text(TEXT, encoding="utf-8")
     val_shards = Path(tokenize_corpus(val, tok, num_workers=0)["shards_dir"])
-    return {"<tok>": tok, "<shards>": shards, "<val_shards>": val_shards}
+    run = root / "run"  # a training output to fine-tune: MODEL_YAML's model at context 64
+    make_fake_run(run, tok, steps=(2,), cfg=ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                                                        max_seq_len=64), seed=0, val_loss=None, tokens_per_step=None)
+    return {"<tok>": tok, "<shards>": shards, "<val_shards>": val_shards, "<run>": run}
 
 
 def write_files(run_dir: Path, files: dict, assets: dict[str, Path]) -> None:
@@ -631,8 +697,8 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 
 def test_the_table_covers_every_stage():
     assert len(CASES) >= 30
-    assert {c.stage for c in CASES} == {"prepare", "train-tokenizer", "tokenize", "train", "evaluate", "generate",
-                                        "score-squad", "export", "serve", "pipeline"}
+    assert {c.stage for c in CASES} == {"prepare", "train-tokenizer", "tokenize", "train", "prepare-sft", "finetune",
+                                        "evaluate", "generate", "score-squad", "export", "serve", "pipeline"}
     assert len({c.id for c in CASES}) == len(CASES)
     assert {c.code for c in CASES} == {EXIT_USER_ERROR}  # one exit code for every kind of bad input
 

@@ -10,15 +10,15 @@ with layout.py's names.
 """
 
 from openllm_ds.checkpoint.layout import (ANY_STEP_DIR, CHECKPOINTS, EXPORT_INFO, HF_INDEX, LATEST, PYTORCH_WEIGHTS,
-                                          STEP_DIR, TRAIN_STATE, WEIGHTS, checkpoint_step, is_export_file,
+                                          RUN_OUTPUTS, STEP_DIR, TRAIN_STATE, WEIGHTS, checkpoint_step, is_export_file,
                                           is_hf_export, is_onnx_export, is_pytorch_export, list_checkpoints,
                                           read_latest, read_train_state, resolve_checkpoint, step_tag)
 from openllm_ds.checkpoint.loader import LoadedModel, WeightsSource, load_model, weights_source
 from openllm_ds.checkpoint.weights import load_hf_weights, load_state_dict, refusing_pickled_code, weights_only_loads
 
 __all__ = [
-    "ANY_STEP_DIR", "CHECKPOINTS", "EXPORT_INFO", "HF_INDEX", "LATEST", "PYTORCH_WEIGHTS", "STEP_DIR", "TRAIN_STATE",
-    "WEIGHTS", "checkpoint_step", "is_export_file", "is_hf_export", "is_onnx_export", "is_pytorch_export",
+    "ANY_STEP_DIR", "CHECKPOINTS", "EXPORT_INFO", "HF_INDEX", "LATEST", "PYTORCH_WEIGHTS", "RUN_OUTPUTS", "STEP_DIR",
+    "TRAIN_STATE", "WEIGHTS", "checkpoint_step", "is_export_file", "is_hf_export", "is_onnx_export", "is_pytorch_export",
     "list_checkpoints", "read_latest", "read_train_state", "resolve_checkpoint", "step_tag", "LoadedModel", "WeightsSource",
     "load_model", "weights_source", "load_hf_weights", "load_state_dict", "refusing_pickled_code",
     "weights_only_loads",

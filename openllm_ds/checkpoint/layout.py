@@ -37,6 +37,8 @@ from openllm_ds.paths import check_path
 from openllm_ds.utils import read_json, read_text
 
 CHECKPOINTS = "checkpoints"
+RUN_OUTPUTS = (CHECKPOINTS, "run_config.yaml", "tokenizer", "tensorboard", "train_log.jsonl", "eval")  # what train and
+# finetune write into their --output_dir (pipeline --force replaces these, and only these)
 LATEST = "latest"
 WEIGHTS = "model.safetensors"  # a checkpoint's consolidated weights; an HF export's weights
 TRAIN_STATE = "train_state.json"

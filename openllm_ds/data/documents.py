@@ -13,7 +13,8 @@ same whatever the unit size (a unit edge may fall on any byte, inside a characte
 
 Bad input is a ``DataError`` naming the file (and line or row) and the fix: a file that is not
 UTF-8, looks binary, is a truncated or corrupt archive, a record that is not valid JSON, lacks the
-text field or holds no string there. With ``on_bad_record="skip"`` bad records are skipped and
+text field or holds no string there, or one that is not text (a NUL or a lone surrogate escape, as
+``text.text_problem`` says). With ``on_bad_record="skip"`` bad records are skipped and
 counted instead (``bad_records``); the others stay errors.
 """
 
@@ -25,6 +26,7 @@ from typing import Iterator
 from openllm_ds.data.units import (TABLE_BATCH_ROWS, ReadOptions, SourceFile, Unit, UnitCounts, archive_error,
                                    arrow_batches, open_stream, open_table, plan_units, resolve_sources)
 from openllm_ds.errors import DataError, UserError
+from openllm_ds.text import text_problem
 from openllm_ds.utils import decode_text, json_of_text
 
 
@@ -250,6 +252,10 @@ class _Records:
         if is_blank(value):
             self.counts.empty += 1
             return None
+        problem = text_problem(value)  # a lone surrogate escape or a NUL: nothing a tokenizer can take
+        if problem:
+            self.bad(where_fn(), f"field {self.options.text_field!r} {problem}")
+            return None
         return value
 
 
@@ -297,7 +303,8 @@ def _json_array_documents(f: SourceFile, options: ReadOptions, counts: UnitCount
 def parse_json(raw: bytes, name: str, fix: str):
     """A whole JSON document by the one reader policy (``utils.decode_text``, then ``utils.json_of_text``): a
     DataError naming ``name`` and ``fix`` when it holds NUL bytes, is not UTF-8, does not parse (truncated?) or
-    nests too deeply to read. A lone surrogate escape is kept: cleaning replaces it, as in every document."""
+    nests too deeply to read. A lone surrogate escape is kept: the document that holds it is a bad record
+    (``_Records``), and `prepare`'s cleaning replaces it in SQuAD contexts."""
     return json_of_text(decode_text(raw, name, fix, DataError), name, fix, error=DataError, lone_surrogates=True)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from openllm_ds.errors import DataError
+from openllm_ds.text import text_problem
 from openllm_ds.tokenizer.chat import IGNORE_INDEX, ROLES, SpecialTokens, encode_conversation
 from openllm_ds.train.data import DataPosition
 from openllm_ds.train.distributed import DistEnv
@@ -57,8 +58,8 @@ def conversation_of(obj, where: str) -> list[dict]:
             raise DataError(f"{where}: messages[{i}].content is {kind}, not a string")
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(f"{where}: messages[{i}] is an empty assistant turn: nothing to learn; fill it or drop it")
-        if "\x00" in m["content"]:
-            raise DataError(f"{where}: messages[{i}].content holds a NUL character")
+        if problem := text_problem(m["content"]):  # a NUL or a lone surrogate escape
+            raise DataError(f"{where}: messages[{i}].content {problem}")
         out.append({"role": ROLES[m["role"]], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant turn: nothing to learn")

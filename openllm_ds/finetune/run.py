@@ -36,6 +36,7 @@ def sft_files(data: str, eval_data: str | None) -> tuple[str, str | None]:
 def finetune_run_config(cfg: RunConfig) -> RunConfig:
     """The run config of a fine-tune (idempotent: a resolved config resolves to itself)."""
     from openllm_ds.checkpoint import weights_source
+    from openllm_ds.train.preflight import check_source_exists
 
     ft = cfg.finetune
     if not ft.model_dir:
@@ -52,6 +53,10 @@ def finetune_run_config(cfg: RunConfig) -> RunConfig:
         if out.resolve() == b or b in out.resolve().parents or out.resolve() in b.parents:
             raise ConfigError(f"--output_dir {out} is (or holds, or lies in) the base model {b}: a fine-tune never "
                               "writes into the run it starts from; pass a new --output_dir, e.g. models/NAME-sft")
+    for key, spec in (("finetune.data (--data)", ft.data), ("finetune.eval_data (--eval_data)", ft.eval_data)):
+        if spec:  # before sft_files looks beside it for validation.jsonl
+            check_source_exists(key, spec, "run `openllm-ds prepare-sft` first or pass an existing JSON Lines file, "
+                                "a folder or a glob of them")
     data, eval_data = sft_files(ft.data, ft.eval_data)
     if eval_data is None:
         raise ConfigError(f"finetune.data {ft.data}: no validation conversations (validation.jsonl beside it); pass "

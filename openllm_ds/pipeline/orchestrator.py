@@ -89,14 +89,13 @@ def uses_prepare(cfg: RunConfig) -> bool:
 CONTINUABLE = {"max_steps", "eval_every", "save_every", "log_every", "keep_last", "eval_batches", "resume",
                "num_workers", "max_failures", "eval_tasks", "allow_data_change", "output_dir", "ds_config",
                "micro_batch_size", "gradient_accumulation_steps", "init_from"}
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "tokenizer", "eval", "run_config.yaml", "train_log.jsonl")
 
 
 def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: bool, launch: Callable) -> dict:
     """The pipeline's training: go on with the run in train.output_dir when only continuable settings changed
     (nothing to do when it is already at train.max_steps); otherwise say what differs. --force trains from
     step 0, replacing the outputs of a run this pipeline trained (and only those)."""
-    from openllm_ds.checkpoint import list_checkpoints
+    from openllm_ds.checkpoint import RUN_OUTPUTS, list_checkpoints
     from openllm_ds.config import run_config_from_dict
     from openllm_ds.errors import UserError
     from openllm_ds.train.ray_launcher import absolute_paths

@@ -146,6 +146,8 @@ def run_sentencepiece(cfg: TokenizerConfig, input_file: str, verbose: bool, *, i
     try:
         spm.SentencePieceTrainer.train(**sentencepiece_args(cfg, verbose), **where, model_writer=model)
     except RuntimeError as e:
+        if sentences is not None and sentences.error is not None:
+            raise sentences.error from None
         msg = str(e)
         if sentences is not None and sentences.num_lines == sentences.num_long:
             raise DataError(f"--input {input_file} has no line SentencePiece can train on ({sentences.num_lines:,} "
@@ -162,6 +164,8 @@ def run_sentencepiece(cfg: TokenizerConfig, input_file: str, verbose: bool, *, i
                 f"--vocab_size {m.group(1)} or more, or lower --character_coverage (now {cfg.character_coverage})"
             ) from None
         raise
+    if sentences is not None and sentences.error is not None:  # SentencePiece trained on the lines before it
+        raise sentences.error
     return model.getvalue()
 
 
@@ -213,21 +217,29 @@ def scan_corpus(path: Path, max_sentence_length: int) -> dict:
 
 
 class SourceLines:
-    """The non-blank lines of every document of ``files``, in order, for SentencePiece; counts them as it goes."""
+    """The non-blank lines of every document of ``files``, in order, for SentencePiece; counts them as it goes.
+
+    Bad input met while SentencePiece reads (a record that is not JSON, not text, a file that is not UTF-8) ends the
+    lines and is kept in ``error``: SentencePiece would turn it into its own RuntimeError with a traceback, or train
+    on the lines before it; ``run_sentencepiece`` raises it instead."""
 
     def __init__(self, files, options, max_sentence_length: int, unit_bytes: int = UNIT_BYTES):
         self.units = plan_units(files, unit_bytes)
         self.options, self.max_bytes = options, max_sentence_length
         self.num_lines = self.num_long = 0
+        self.error: UserError | None = None
 
     def __iter__(self):
-        for unit in tqdm(self.units, desc="reading for SentencePiece", unit="unit", disable=len(self.units) < 2):
-            for doc in read_unit(unit, self.options):
-                for line in doc.split("\n"):
-                    if line.strip():
-                        self.num_lines += 1
-                        self.num_long += len(line.encode("utf-8")) > self.max_bytes
-                        yield line
+        try:
+            for unit in tqdm(self.units, desc="reading for SentencePiece", unit="unit", disable=len(self.units) < 2):
+                for doc in read_unit(unit, self.options):
+                    for line in doc.split("\n"):
+                        if line.strip():
+                            self.num_lines += 1
+                            self.num_long += len(line.encode("utf-8")) > self.max_bytes
+                            yield line
+        except UserError as e:
+            self.error = e
 
 
 def first_documents(files, options, limit: int) -> list[str]:

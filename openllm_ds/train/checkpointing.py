@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, STEP_DIR, TRAIN_STATE, WEIGHTS, list_checkpoints,
+from openllm_ds.checkpoint import (CHECKPOINTS, LATEST, RUN_OUTPUTS, STEP_DIR, TRAIN_STATE, WEIGHTS, list_checkpoints,
                                    read_latest, step_tag, weights_only_loads)
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import CheckpointWriteError, ConfigError, UserError
@@ -192,6 +192,9 @@ def is_checkpoint_entry(name: str) -> bool:
 
 
 CHECKPOINT = OutputKind("a checkpoint", "openllm-ds train", is_checkpoint_entry)
+# What `train` and `finetune` write into --output_dir; its manifest names this kind, so that no other stage writes
+# there, and neither stage writes into another stage's output (claim_output_dir, in preflight.check_output_dir).
+TRAINING_RUN = OutputKind("a training run", "openllm-ds train (or finetune)", RUN_OUTPUTS.__contains__)
 
 
 def not_a_checkpoint(tag_dir: Path) -> str | None:

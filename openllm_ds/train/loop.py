@@ -20,7 +20,7 @@ import torch
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import TrainingError, UserError
 from openllm_ds.model import Transformer
-from openllm_ds.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from openllm_ds.train.checkpointing import TRAINING_RUN, TrainState, load_checkpoint, save_checkpoint
 from openllm_ds.train.data import DataPosition, DataSource, EvalWindows, TrainBatches, load_sources
 from openllm_ds.train.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, import_deepspeed,
                                          init_distributed)
@@ -30,7 +30,7 @@ from openllm_ds.train.optim import build_lr_scheduler, param_groups
 from openllm_ds.train.preflight import RunInputs, RunLock, check_lengths, check_run_inputs
 from openllm_ds.train.spikes import SpikeGuard
 from openllm_ds.tokenizer.chat import IGNORE_INDEX
-from openllm_ds.utils import OutputKind, atomic_dir, keep_freed_memory
+from openllm_ds.utils import OutputKind, atomic_dir, keep_freed_memory, write_manifest
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -272,7 +272,9 @@ def roll_back(engine, state: TrainState, last_ckpt: Path | None, guard: SpikeGua
 RUN_TOKENIZER = OutputKind("the run's copy of its tokenizer", "openllm-ds train", lambda name: not name.startswith("."))
 
 def prepare_output_dir(cfg: RunConfig, out: Path) -> None:
-    """The resolved config and a copy of the tokenizer, beside the checkpoints (rank 0)."""
+    """The manifest that marks a training run, the resolved config and a copy of the tokenizer, beside the
+    checkpoints (rank 0)."""
+    write_manifest(out, TRAINING_RUN, [e.name for e in out.iterdir() if TRAINING_RUN.ours(e.name)])
     cfg.save(out / "run_config.yaml")
     dst = out / "tokenizer"
     if not dst.is_dir():

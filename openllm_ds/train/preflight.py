@@ -12,13 +12,13 @@ from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
 from openllm_ds.output_lock import OutputLock
 from openllm_ds.paths import check_path, missing_reason
-from openllm_ds.train.checkpointing import check_fresh_output_dir, find_resume_checkpoint
+from openllm_ds.train.checkpointing import TRAINING_RUN, check_fresh_output_dir, find_resume_checkpoint
 from openllm_ds.train.elastic import UNIVERSAL, ZERO0, needs_universal, saved_layout
 from openllm_ds.train.data import num_windows, windows_needed
 from openllm_ds.train.distributed import DistEnv, broadcast_object
 from openllm_ds.train.ds_config import build_ds_config, resolve_precision, zero_stage
 from openllm_ds.train.validation import check_validation_apart
-from openllm_ds.utils import ensure_writable_dir, read_yaml
+from openllm_ds.utils import claim_output_dir, ensure_writable_dir, read_yaml
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv, dry_run: bool = False) -> tup
                           "(or train the tokenizer with that --vocab_size)")
     for key, spec in data_keys(cfg):
         check_source_exists(key, spec)
-    if not cfg.finetune.model_dir:  # a fine-tune's validation conversations are its own (prepare-sft splits them)
-        check_validation_apart(cfg)
+    check_validation_apart(cfg)
     eval_tasks = load_eval_tasks(t.eval_tasks)
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is None and t.init_from:  # a resumed run goes on from its own checkpoint instead
@@ -238,8 +237,10 @@ def load_eval_tasks(names) -> tuple:
 
 
 def check_output_dir(cfg: RunConfig, tokenizer, create: bool = True) -> None:
-    """Writable (created unless ``create`` is false), and not a run trained with another tokenizer."""
+    """Writable (created unless ``create`` is false), not another stage's output (an export, a tokenizer, token shards,
+    prepared data: ``utils.claim_output_dir``), and not a run trained with another tokenizer."""
     what = "train.output_dir (--output_dir)"
+    claim_output_dir(cfg.output_dir, TRAINING_RUN, what)
     out = ensure_writable_dir(cfg.output_dir, what) if create else check_creatable_dir(cfg.output_dir, what)
     if holds_other_tokenizer(out / "tokenizer", tokenizer):
         raise ConfigError(f"output dir {out} holds a run trained with another tokenizer ({out / 'tokenizer'}) than "
@@ -278,15 +279,17 @@ def data_keys(cfg: RunConfig) -> list[tuple[str, str]]:
     return keys
 
 
-def check_source_exists(key: str, spec: str) -> None:
+def check_source_exists(key: str, spec: str, fix: str = "run `openllm-ds prepare` first or pass an existing file, "
+                        "folder, glob pattern or hf:NAME") -> None:
+    """Something is at the source ``spec`` (a path, a glob that matches, an hf: dataset): else a DataError naming
+    ``key`` and why (missing, under a file, a broken link), before anything else is said about it."""
     import glob
 
     from openllm_ds.data.units import is_glob, is_hub_source
 
     if is_hub_source(spec) or Path(spec).exists() or is_glob(spec) and glob.glob(spec, recursive=True):
         return
-    raise DataError(f"{key} {spec} {missing_reason(spec)}; run `openllm-ds prepare` first or pass an existing file, "
-                    "folder, glob pattern or hf:NAME")
+    raise DataError(f"{key} {spec} {missing_reason(spec)}; {fix}")
 
 
 def check_lengths(cfg: RunConfig, sources: list, world_size: int) -> None:

@@ -10,7 +10,8 @@ training source:
 - a byte-identical copy of a training file.
 
 Without ``--eval_data`` there is always a way on: the run holds out ``train.holdout_fraction`` of each source's
-documents (chosen by hash, never trained on).
+documents (chosen by hash, never trained on). A fine-tune's conversations are checked alike (``--data`` against
+``--eval_data``; `openllm-ds prepare-sft` splits them by passage).
 """
 
 from __future__ import annotations
@@ -26,8 +27,16 @@ from openllm_ds.utils import read_json, sha256_file
 def check_validation_apart(cfg: RunConfig) -> None:
     t = cfg.train
     training = [spec for spec, _ in t.sources]
+    if cfg.finetune.model_dir:  # a fine-tune: its conversations (finetune_run_config put them in train.*)
+        eval_name, key_name = "finetune.eval_data (--eval_data)", "finetune.data (--data)"
+        fix = "pass held-out conversations as --eval_data (`openllm-ds prepare-sft` writes validation.jsonl)"
+    else:
+        eval_name = "train.eval_data (--eval_data)" if t.eval_data else "the validation file"
+        key_name = "train.data_files (--data_files)" if t.data_files else "train.data_file (--data_file)"
+        fix = ("pass held-out data as --eval_data, or leave --eval_data out to hold out train.holdout_fraction of the "
+               "documents")
     if cfg.eval_data:
-        validation = [("train.eval_data (--eval_data)" if t.eval_data else "the validation file", cfg.eval_data)]
+        validation = [(eval_name, cfg.eval_data)]
     else:
         validation = [("the validation file of --data_files", v) for spec in training if (v := validation_source(spec))]
     if not validation:
@@ -52,11 +61,8 @@ def check_validation_apart(cfg: RunConfig) -> None:
                         found = f"{path} (a byte-identical copy of {trained})"
                         break
             if found:
-                key_name = "train.data_files (--data_files)" if t.data_files else "train.data_file (--data_file)"
-                raise ConfigError(
-                    f"{name} {spec} is training data: {found} is what {key_name} {source} trains on; validation "
-                    "on training data measures memorisation, not generalisation: pass held-out data as --eval_data, "
-                    "or leave --eval_data out to hold out train.holdout_fraction of the documents")
+                raise ConfigError(f"{name} {spec} is training data: {found} is what {key_name} {source} trains on; "
+                                  f"validation on training data measures memorisation, not generalisation: {fix}")
 
 
 def files_of(spec: str, options) -> list[tuple[tuple, str, int | None]]:
