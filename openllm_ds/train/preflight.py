@@ -11,7 +11,7 @@ from openllm_ds.checkpoint import read_train_state
 from openllm_ds.config import RunConfig, validation_source
 from openllm_ds.errors import ConfigError, DataError, UserError
 from openllm_ds.output_lock import OutputLock
-from openllm_ds.paths import check_path, missing_reason
+from openllm_ds.paths import check_path, missing_reason, same_path
 from openllm_ds.train.checkpointing import TRAINING_RUN, check_fresh_output_dir, find_resume_checkpoint
 from openllm_ds.train.elastic import UNIVERSAL, ZERO0, needs_universal, saved_layout
 from openllm_ds.train.data import num_windows, windows_needed
@@ -102,6 +102,7 @@ def check_run_inputs(cfg: RunConfig, env: DistEnv, dry_run: bool = False) -> tup
                               f"checkpoint it resumes ({resume_from}); pass --max_steps above {resume_step} to train "
                               "on, or --resume none with a new --output_dir to start over")
         check_resumed_tokenizer(resume_from, saved.get("tokenizer_sha256"), tokenizer, t.tokenizer_dir)
+        check_resumed_base(resume_from, t.init_from)
         new_cfg, universal, note = plan_layout_change(cfg, resume_from, saved, env.world_size, zero_stage(ds_config),
                                                       resolve_precision(t.precision, env.device))
         if new_cfg is not cfg:
@@ -195,6 +196,22 @@ def check_resumed_tokenizer(tag_dir: Path, recorded: str | None, tokenizer, toke
         raise ConfigError(f"checkpoint {tag_dir} was trained with another tokenizer ({run_dir / 'tokenizer'}) than "
                           f"train.tokenizer_dir {tokenizer_dir}; resume with --tokenizer_dir {run_dir / 'tokenizer'}, "
                           "or start a new run (--resume none, a new --output_dir)")
+
+
+def check_resumed_base(tag_dir: Path, init_from: str | None) -> None:
+    """A checkpoint goes on only as the run it belongs to: a run that names starting weights (train.init_from, a
+    fine-tune's --model_dir) resumes a checkpoint only if that run started from the same weights. Two fine-tunes of
+    different bases given one output dir (the default models/NAME-sft) are two runs, never one."""
+    saved = tag_dir / "run_config.yaml"
+    if not init_from or not saved.is_file():
+        return
+    train = read_yaml(saved, "pass another checkpoint with --resume PATH", expect=dict).get("train")
+    started = train.get("init_from") if isinstance(train, dict) else None
+    if started and same_path(started, init_from):
+        return
+    raise ConfigError(f"checkpoint {tag_dir} belongs to a run started from {started or 'scratch (no init_from)'}, not "
+                      f"from {init_from} (train.init_from, a fine-tune's --model_dir); pass a new --output_dir for a run "
+                      f"from these weights, or resume that run with its own {'--init_from/--model_dir ' + started if started else 'config'}")
 
 
 class RunLock:

@@ -5,6 +5,7 @@ base model it never writes into."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -88,3 +89,24 @@ def test_finetune_refuses_to_write_into_its_base_and_long_conversations(trained_
     assert finetune(hf, sft_dir, tmp_path / "short", "--max_steps", "2", "--max_seq_len", "8") == 2
     err = capsys.readouterr().err
     assert "train.jsonl line 1: the conversation is" in err and "--truncate" in err
+
+
+def test_a_fine_tune_of_another_base_never_resumes_a_run_in_its_output_dir(trained_export, sft_dir, tmp_path,
+                                                                           capsys):
+    hf, _ = trained_export
+    assert finetune(hf, sft_dir, tmp_path / "ft", "--max_steps", "2") == 0
+    def tree(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = tree(tmp_path / "ft")
+    other = tmp_path / "other-base"  # the same weights under another path: another base as far as a run can tell
+    shutil.copytree(hf, other)
+    capsys.readouterr()
+    assert finetune(other, sft_dir, tmp_path / "ft", "--max_steps", "4") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"belongs to a run started from {hf}, not from {other}" in err, err
+    assert "pass a new --output_dir" in err
+    assert tree(tmp_path / "ft") == before  # nothing written
+    assert finetune(hf, sft_dir, tmp_path / "ft", "--max_steps", "4") == 0  # its own base resumes it
+    out = capsys.readouterr().out
+    assert json.loads(out[out.rindex("\n{") + 1:])["resumed_from_step"] == 2
