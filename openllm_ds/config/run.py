@@ -290,8 +290,9 @@ class FinetuneConfig:
     max_seq_len: int | None = setting(None, "context in tokens (default the base model's; RoPE lets it be longer: "
                                       "the fine-tuned model and its exports carry it)")
     truncate: bool = setting(False, "keep the head of a conversation longer than the context (default: refused)")
-    copy_drill: float = setting(0.0, "share of extra copy-drill sequences per epoch: a random run of tokens, then "
-                                "the same run again, loss on the second copy only (default 0)")
+    copy_drill: float = setting(0.0, "share of extra copy-drill sequences per epoch: a run of 20-60 tokens of a "
+                                "training conversation, then the same run again, loss on the second copy only; it "
+                                "teaches a small model to copy from its context (default 0; tiny preset 1)")
     # the pipeline's SFT stage (pipeline/sft_stage.py): on in the tiny preset; squad_v1_chat questions asked before/after
     in_pipeline: bool = False
     pipeline_questions: int = 200

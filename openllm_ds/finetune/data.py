@@ -8,7 +8,10 @@ conversation longer than the context (unless ``finetune.truncate``: its head is 
 
 Examples. ``tokenizer.chat.encode_conversation``: the ids of the rendered conversation and labels that keep only
 the answers (each assistant turn's content and its closing EOS). ``finetune.copy_drill`` adds that share of
-synthetic examples to every epoch: a run of 20-60 ordinary tokens, then the same run again, loss on the second copy.
+synthetic examples to every epoch: a run of 20-60 tokens of a training conversation, then the same run again, loss on
+the second copy. Extractive answers are copied from the passage; a small model that has not learned to copy from its
+context (tiny: the loss on a repeated run equals the first pass's) learns it from this drill within a few hundred steps
+when the runs are real text (runs of random pieces teach it far more slowly).
 
 Batches. An epoch is a seeded permutation of its examples, cut into chunks of 64 global batches; each chunk is
 sorted by length and cut into global batches, and the batches are shuffled: every batch holds examples of about
@@ -113,20 +116,16 @@ def load_examples(source: str, template, special: SpecialTokens, max_len: int, t
     return SftExamples(ids, labels, source, digest.hexdigest(), truncated, dropped)
 
 
-def drill_pieces(tokenizer) -> np.ndarray:
-    """The ids a copy drill draws from: the tokenizer's ordinary pieces (no control, unknown, unused or byte ones)."""
-    sp = tokenizer.sp
-    return np.asarray([i for i in range(sp.vocab_size()) if not (sp.is_control(i) or sp.is_unknown(i)
-                                                                 or sp.is_unused(i) or sp.is_byte(i))], dtype=np.int32)
-
-
-def copy_drill(rng: np.random.Generator, pieces: np.ndarray, prefix_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """One drill example: the prompt prefix, a random run of ordinary tokens, the same run again; labels on the
-    second copy only."""
-    run = rng.choice(pieces, size=int(rng.integers(DRILL_LENGTHS[0], DRILL_LENGTHS[1] + 1)))
+def copy_drill(rng: np.random.Generator, texts: list[np.ndarray], prefix_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One drill example: the prompt prefix, a run of 20-60 tokens from one of ``texts`` (conversations' ids, each
+    longer than the shortest run), the same run again; labels on the second copy only."""
+    source = texts[int(rng.integers(len(texts)))]
+    n = int(rng.integers(DRILL_LENGTHS[0], min(DRILL_LENGTHS[1], len(source) - 1) + 1))
+    start = int(rng.integers(1, len(source) - n + 1))  # past the conversation's opening token
+    run = source[start:start + n]
     ids = np.concatenate([[prefix_id], run, run]).astype(np.int32)
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
-    labels[1 + len(run):] = run
+    labels[1 + n:] = run
     return ids, labels
 
 
@@ -135,12 +134,16 @@ class SftBatches:
     interface of ``train.data.TrainBatches``: ``next_batch(position)``)."""
 
     def __init__(self, examples: SftExamples, micro_batch: int, grad_accum: int, env: DistEnv, seed: int,
-                 pad_id: int, drill_share: float = 0.0, drill_pieces_: np.ndarray | None = None,
-                 prefix_id: int = 0):
+                 pad_id: int, drill_share: float = 0.0, prefix_id: int = 0):
         self.examples, self.micro, self.accum, self.env, self.seed = examples, micro_batch, grad_accum, env, seed
-        self.pad_id, self.prefix_id, self.pieces = pad_id, prefix_id, drill_pieces_
+        self.pad_id, self.prefix_id = pad_id, prefix_id
         self.global_batch = micro_batch * grad_accum * env.world_size
         self.num_drill = round(drill_share * len(examples.ids))
+        self.drill_texts = [x for x in examples.ids if len(x) > DRILL_LENGTHS[0] + 1] if self.num_drill else []
+        if self.num_drill and not self.drill_texts:
+            raise DataError(f"{examples.source}: finetune.copy_drill copies runs of {DRILL_LENGTHS[0]}-{DRILL_LENGTHS[1]} "
+                            f"tokens of the conversations, and none is longer than {DRILL_LENGTHS[0] + 1} tokens; pass "
+                            "--copy_drill 0")
         self.steps_per_epoch = (len(examples.ids) + self.num_drill) // self.global_batch
         if self.steps_per_epoch < 1:
             raise DataError(f"{examples.source} holds {len(examples.ids)} conversations, fewer than one global batch "
@@ -155,7 +158,7 @@ class SftBatches:
             if self.num_drill:
                 rng = np.random.default_rng([self.seed, epoch, 1])
                 for _ in range(self.num_drill):
-                    x, y = copy_drill(rng, self.pieces, self.prefix_id)
+                    x, y = copy_drill(rng, self.drill_texts, self.prefix_id)
                     ids.append(x)
                     labels.append(y)
             order = np.random.default_rng([self.seed, epoch]).permutation(len(ids))

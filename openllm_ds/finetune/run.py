@@ -16,7 +16,7 @@ from pathlib import Path
 
 from openllm_ds.config import RunConfig
 from openllm_ds.errors import ConfigError, UserError
-from openllm_ds.finetune.data import SftBatches, SftEvalBatches, SftExamples, drill_pieces, load_examples
+from openllm_ds.finetune.data import SftBatches, SftEvalBatches, SftExamples, load_examples
 from openllm_ds.train.distributed import DistEnv
 
 TRAIN_FILE, VALIDATION_FILE = "train.jsonl", "validation.jsonl"
@@ -122,7 +122,7 @@ def sft_data(cfg: RunConfig, tokenizer, env: DistEnv, sft: SftData):
     t, ft = cfg.train, cfg.finetune
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
     batches = SftBatches(sft.train, t.micro_batch_size, t.gradient_accumulation_steps, env, t.seed, pad,
-                         ft.copy_drill, drill_pieces(tokenizer) if ft.copy_drill else None, tokenizer.prompt_prefix_id)
+                         ft.copy_drill, tokenizer.prompt_prefix_id)
     evals = SftEvalBatches(sft.val, t.eval_batches * t.micro_batch_size, t.micro_batch_size, env, pad)
     source = DataSource("sft", ft.data, 1.0, sft.train, sft.val, ft.eval_data)
     fingerprint = hashlib.sha256(f"{sft.train.sha256} {ft.copy_drill}".encode()).hexdigest()

@@ -11,7 +11,7 @@ import torch
 
 from openllm_ds.config import PrepareSftConfig
 from openllm_ds.errors import DataError
-from openllm_ds.finetune.data import (SftBatches, collate, conversation_of, copy_drill, drill_pieces,
+from openllm_ds.finetune.data import (SftBatches, SftExamples, collate, conversation_of, copy_drill,
                                       load_examples)
 from openllm_ds.finetune.prepare import NO_ANSWER, prepare_sft
 from openllm_ds.model import Transformer
@@ -130,14 +130,21 @@ def test_both_shapes_gz_and_truncation(chat, tmp_path):
     assert len(ex.ids[2]) == 64 and (ex.labels[2] != IGNORE_INDEX).any()
 
 
-def test_copy_drill_labels_only_the_second_copy(chat):
+def test_copy_drill_repeats_a_run_of_a_conversation_and_labels_only_the_second_copy(chat):
     tok = chat[0]
-    pieces = drill_pieces(tok)
-    assert not any(tok.sp.is_byte(int(i)) or tok.sp.is_control(int(i)) for i in pieces)
-    ids, labels = copy_drill(np.random.default_rng(0), pieces, tok.prompt_prefix_id)
-    n = (len(ids) - 1) // 2
-    assert 20 <= n <= 60 and ids[0] == tok.prompt_prefix_id and ids[1:1 + n].tolist() == ids[1 + n:].tolist()
-    assert (labels[:1 + n] == IGNORE_INDEX).all() and labels[1 + n:].tolist() == ids[1 + n:].tolist()
+    texts = [np.arange(100, 100 + k, dtype=np.int32) for k in (30, 80)]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids, labels = copy_drill(rng, texts, tok.prompt_prefix_id)
+        n = (len(ids) - 1) // 2
+        run = ids[1:1 + n]
+        assert 20 <= n <= 60 and ids[0] == tok.prompt_prefix_id and run.tolist() == ids[1 + n:].tolist()
+        # a run of one conversation, past its opening token
+        assert any(run.tolist() == t[s:s + n].tolist() for t in texts for s in range(1, len(t) - n + 1))
+        assert (labels[:1 + n] == IGNORE_INDEX).all() and labels[1 + n:].tolist() == run.tolist()
+    with pytest.raises(DataError, match="none is longer than 21 tokens; pass --copy_drill 0"):
+        SftBatches(SftExamples([np.arange(5)] * 8, [np.arange(5)] * 8, "short.jsonl", "", 0, 0), 2, 1,
+                   DistEnv(0, 0, 1, "cpu"), seed=0, pad_id=0, drill_share=0.5)
 
 
 def test_length_buckets_pad_little_and_resume_at_their_position(chat, tmp_path):
@@ -146,7 +153,7 @@ def test_length_buckets_pad_little_and_resume_at_their_position(chat, tmp_path):
     records = [{"prompt": " ".join(["word"] * int(rng.integers(1, 40))), "completion": "A."} for _ in range(300)]
     ex = load_examples(str(write_jsonl(tmp_path / "t.jsonl", records)), template, special, 256, truncate=False)
     env = DistEnv(0, 0, 1, "cpu")
-    b = SftBatches(ex, 4, 2, env, seed=1, pad_id=0, drill_share=0.1, drill_pieces_=drill_pieces(chat[0]), prefix_id=2)
+    b = SftBatches(ex, 4, 2, env, seed=1, pad_id=0, drill_share=0.1, prefix_id=2)
     assert b.num_drill == 30 and b.steps_per_epoch == 330 // 8
     assert b.padding_share() < 0.05
     pos, seen = DataPosition.start(1), []
@@ -154,7 +161,7 @@ def test_length_buckets_pad_little_and_resume_at_their_position(chat, tmp_path):
         mbs, pos, tokens = b.next_batch(pos)
         seen.append([x.tolist() for x, _ in mbs])
     assert pos.sources == [[1, 2, b.steps_per_epoch + 2]]
-    again = SftBatches(ex, 4, 2, env, seed=1, pad_id=0, drill_share=0.1, drill_pieces_=drill_pieces(chat[0]), prefix_id=2)
+    again = SftBatches(ex, 4, 2, env, seed=1, pad_id=0, drill_share=0.1, prefix_id=2)
     mbs, _, _ = again.next_batch(DataPosition([[0, 5, 5]]))
     assert [x.tolist() for x, _ in mbs] == seen[5]
 
