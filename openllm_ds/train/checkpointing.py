@@ -55,6 +55,7 @@ class TrainState:
     source_eval_losses: list = dataclasses.field(default_factory=list)
     nonfinite_skipped: int = 0  # steps whose update was dropped for non-finite gradients
     loss_avg: float | None = None  # running average of the training loss (spike detection)
+    loss_var: float | None = None  # its running variance (spike detection)
     rollbacks: int = 0  # rollbacks to an earlier checkpoint after a loss spike
     world_size: int | None = None  # the layout the checkpoint was written in (a resume in another one converts it)
     zero_stage: int | None = None
