@@ -218,7 +218,8 @@ class TrainConfig:
                                "N DeepSpeed ranks under Ray Train", stages=TRAIN_AND_FINETUNE)
     max_failures: int = 3  # Ray Train: worker-group restarts (resuming from latest) after a failure; -1 = no limit
     # loss spikes: spike_steps consecutive steps whose loss is non-finite or above spike_factor x its
-    # running average (and 3 running standard deviations above it: train/spikes.py) roll the run back to the last good checkpoint and skip the batches since it;
+    # running average (and 3 running standard deviations above it: train/spikes.py) roll the run back to
+    # the last good checkpoint and skip the batches since it;
     # after max_rollbacks rollbacks the run stops instead. spike_factor 0 watches non-finite losses only.
     spike_factor: float = 2.0
     spike_steps: int = 3
