@@ -70,7 +70,7 @@ def plan_from(a: argparse.Namespace, gpus: int) -> Plan:
         return Plan(True, 1, a.steps or 4, a.resume_steps or 4, a.medium_steps or 2, a.new_tokens or 8,
                     PROMPTS[: a.prompts or 2], a.vllm or "off", a.budget_s or 1800, small="tiny", medium="tiny",
                     fp16="fp32", bf16="fp32", micro_batch=4, compile=False, finetune_steps=a.finetune_steps or 4,
-                    questions=a.questions or 8)
+                    questions=a.questions or 4)
     return Plan(False, gpus, a.steps or 200, a.resume_steps or 40, a.medium_steps or 30, a.new_tokens or 32,
                 PROMPTS[: a.prompts or 3], a.vllm or ("off" if a.offline else "auto"), a.budget_s or 450,
                 compile=not a.no_compile, finetune_steps=a.finetune_steps or 300, questions=a.questions or 200)
@@ -99,7 +99,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no_compile", action="store_true", help="the medium runs without torch.compile")
     p.add_argument("--finetune_steps", type=int, help="steps of the fine-tune (default 300; dry run 4)")
     p.add_argument("--questions", type=int, help="squad_v1_chat questions before and after the fine-tune "
-                   "(default 200; dry run 8)")
+                   "(default 200; dry run 4)")
     p.add_argument("--new_tokens", type=int, help="greedy tokens per prompt (default 32; dry run 8)")
     p.add_argument("--prompts", type=int, help=f"how many of the {len(PROMPTS)} prompts (default 3; dry run 2)")
     p.add_argument("--vllm", choices=("auto", "off"),

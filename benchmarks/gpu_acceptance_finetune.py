@@ -88,11 +88,12 @@ def finetune_command(ctx: Ctx, r: TrainRun, base: Path, data: Path) -> list[str]
             "--max_steps", str(r.steps), "--warmup_steps", str(max(1, r.steps // 10)),
             "--lr", str(recipe.get("lr") or cfg["train"]["learning_rate"]),
             "--copy_drill", str(recipe.get("copy_drill", 1.0)), "--truncate", "--eval_every", str(every),
-            "--save_every", str(r.steps), "--resume", "none",
-            f"train.precision={r.precision}", f"train.gradient_accumulation_steps={grad_accum(plan, r.preset)}",
-            "train.log_every=1", "train.keep_last=1", "train.gradient_checkpointing=false"]
+            "--save_every", str(r.steps), "--resume", "none"]
     if plan.micro_batch:
         args += ["--batch_size", str(plan.micro_batch)]
+    # section.key=value last: argparse takes them as one positional list, after every flag
+    args += [f"train.precision={r.precision}", f"train.gradient_accumulation_steps={grad_accum(plan, r.preset)}",
+             "train.log_every=1", "train.keep_last=1", "train.gradient_checkpointing=false"]
     if plan.dry_run:
         args += ["train.eval_batches=1"]
     return launched(plan, "finetune", args)
@@ -115,12 +116,17 @@ def learned(ctx: Ctx, ft: dict) -> None:
 
 
 def task_file(ctx: Ctx) -> Path:
-    """eval/squad_v1_chat.yaml with its data in the run's SQuAD dir (the task's own path is ../shared/data)."""
+    """eval/squad_v1_chat.yaml with its data in the run's SQuAD dir (the task's own path is ../shared/data); the
+    dry run's answers are --new_tokens long (a CPU decodes the tiny preset's 24 tokens in about a second)."""
     import yaml
 
     spec = yaml.safe_load((ROOT / "eval" / f"{CHAT_TASK}.yaml").read_text(encoding="utf-8"))
     spec.update(name=CHAT_TASK, data=str((ctx.squad / DEV_FILE).resolve()))
+    if ctx.plan.dry_run:
+        spec["max_new_tokens"] = ctx.plan.new_tokens
+    ctx.stages[ctx.stage]["max_new_tokens"] = spec["max_new_tokens"]
     path = ctx.work / "data" / f"{CHAT_TASK}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 

@@ -234,8 +234,8 @@ def finetune_rows(res: dict) -> list[str]:
     L = ["", "## Fine-tune (squad_v1_chat)", "",
          f"`openllm-ds prepare-sft` of the SQuAD dir, `openllm-ds finetune` of the small run for {res['steps']} steps "
          f"({ft.get('precision', '-')}, ZeRO-2, loss on the answers), then `openllm-ds evaluate --tasks squad_v1_chat "
-         f"--limit {res['questions']}` (SQuAD v1.1 dev through the chat template, zero-shot, greedy, official EM/F1) "
-         "on the base and on the fine-tuned run.", ""]
+         f"--limit {res['questions']}` (SQuAD v1.1 dev through the chat template, zero-shot, greedy up to "
+         f"{res.get('max_new_tokens', '-')} tokens, official EM/F1) on the base and on the fine-tuned run.", ""]
     if ft.get("ok"):
         evals = ft.get("val_losses") or []
         curve = " -> ".join(f"{fmt(v, '.3f')} (step {s})" for s, v in evals[:1] + evals[-1:]) or "-"
