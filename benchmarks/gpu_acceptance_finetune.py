@@ -41,7 +41,7 @@ def stage_finetune(ctx: Ctx) -> None:
     if not ctx.check("finetune: openllm-ds prepare-sft", p.returncode == 0,
                      error_tail(p) if p.returncode else f"{conversations(data)} conversations, {p.wall_s:.0f} s"):
         return
-    r = TrainRun(f"{base.name}-sft", plan.small, zero(2), plan.fp16, False, plan.finetune_steps)
+    r = TrainRun(f"small-{plan.fp16}-zero2-sft", plan.small, zero(2), plan.fp16, False, plan.finetune_steps)
     ft = train(ctx, r, finetune_command(ctx, r, base, data), timeout=360 if not plan.dry_run else 300)
     res["runs"].append(ft)
     learned(ctx, ft)

@@ -68,7 +68,7 @@ def test_offline_rehearsal_runs_every_stage_on_the_gpu_machines_packages(prepare
     assert res["environment"]["ray"] == "not installed" and res["environment"]["deepspeed"] == "0.19.8"
     runs = {r["name"]: r for s in stages.values() for r in s["runs"]}
     assert list(runs) == ["small-fp32-zero2-ckpt", "resume-a", "resume-b", "medium-fp32-zero2",
-                          "small-fp32-zero2-ckpt-sft", "medium-fp32-zero2-ckpt"]
+                          "small-fp32-zero2-sft", "medium-fp32-zero2-ckpt"]
     assert stages["medium_ckpt"]["runs"][0]["checkpointing"] and not stages["medium"]["runs"][0]["checkpointing"]
     for r in runs.values():
         assert r["ok"] and r["params"] == 1_877_120 and r["precision"] == "fp32" and r["mfu"] > 0
@@ -88,7 +88,7 @@ def test_offline_rehearsal_runs_every_stage_on_the_gpu_machines_packages(prepare
                                             "sides": ["cpu, float32", "cpu, float32"]}
     # the small run fine-tuned for 4 steps (validated after each), and scored before and after on 4 questions
     finetune = stages["finetune"]
-    sft = runs["small-fp32-zero2-ckpt-sft"]
+    sft = runs["small-fp32-zero2-sft"]
     assert finetune["steps"] == 4 and sft["summary"]["final_step"] == 4 and sft["nonfinite_losses"] == 0
     assert sft["summary"]["finetune"]["conversations"] > 1000 and sft["tokens_per_sec"] > 0
     assert [s for s, _ in sft["val_losses"]] == [1, 2, 3, 4] and sft["val_losses"][-1][1] < sft["val_losses"][0][1]
