@@ -16,6 +16,10 @@ On a machine with NVIDIA GPUs, in under 8 minutes, through the project's own com
                MFU (target: >= 35% on one H100)
   serve        `export --format huggingface` of the small model; greedy text of `generate`, the built-in server
                and vLLM (when installed), compared on equal devices and dtypes
+  finetune     the small run fine-tuned (`prepare-sft` of the SQuAD dir, `finetune` through the launcher in the
+               small run's precision, --finetune_steps steps), and `evaluate --tasks squad_v1_chat --limit
+               --questions` on the base and the result: F1/EM before and after; skipped when the small run is
+               missing or failed
   medium_ckpt  the medium run with activation checkpointing, for its cost
 A stage that fails does not stop the others; each prints its time, and --stages / --skip run some of them again
 (the results of the others are kept from the work dir's results.json). MFU is model FLOPs
@@ -41,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpu_acceptance_finetune import stage_finetune  # noqa: E402
 from gpu_acceptance_machine import describe_gpus, probe  # noqa: E402
 from gpu_acceptance_report import all_runs, loss_plot, versions, write_report  # noqa: E402
 from gpu_acceptance_serve import stage_serve  # noqa: E402
@@ -54,8 +59,9 @@ MARKER = ".gpu_acceptance"  # marks a work dir this script made: a rerun may rep
 PROMPTS = ("The Normans were", "Super Bowl 50 was", "The University of Chicago", "Oxygen is a chemical element")
 # in the order they run: the one that matters least last, where a spent budget leaves it out
 STAGES = {"small": stage_small, "resume": stage_resume, "medium": lambda ctx: stage_medium(ctx, False),
-          "serve": stage_serve, "medium_ckpt": lambda ctx: stage_medium(ctx, True)}
+          "serve": stage_serve, "finetune": stage_finetune, "medium_ckpt": lambda ctx: stage_medium(ctx, True)}
 BUNDLE_DATA = ("data/clean", "data/tokenizer")  # scripts/gpu_wheels.sh writes these beside the wheels
+BUNDLE_SQUAD = "data/squad"  # and SQuAD v1.1's train and dev files, for the finetune stage
 OUT_FILES = ("report.md", "results.json", "loss.png")
 
 
@@ -63,10 +69,11 @@ def plan_from(a: argparse.Namespace, gpus: int) -> Plan:
     if a.dry_run:
         return Plan(True, 1, a.steps or 4, a.resume_steps or 4, a.medium_steps or 2, a.new_tokens or 8,
                     PROMPTS[: a.prompts or 2], a.vllm or "off", a.budget_s or 1800, small="tiny", medium="tiny",
-                    fp16="fp32", bf16="fp32", micro_batch=4, compile=False)
+                    fp16="fp32", bf16="fp32", micro_batch=4, compile=False, finetune_steps=a.finetune_steps or 4,
+                    questions=a.questions or 4)
     return Plan(False, gpus, a.steps or 200, a.resume_steps or 40, a.medium_steps or 30, a.new_tokens or 32,
                 PROMPTS[: a.prompts or 3], a.vllm or ("off" if a.offline else "auto"), a.budget_s or 450,
-                compile=not a.no_compile)
+                compile=not a.no_compile, finetune_steps=a.finetune_steps or 300, questions=a.questions or 200)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -77,8 +84,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "data/tokenizer are the data (no prepare: it needs Ray), vLLM is off")
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "gpu_acceptance"), help="outputs, report.md, logs/")
     p.add_argument("--out", help="also copy report.md, results.json, loss.png and logs.tar.gz here")
-    p.add_argument("--squad_dir", default=str(SHARED_SQUAD),
-                   help="SQuAD JSON files for `prepare` (default ../shared/data/squad)")
+    p.add_argument("--squad_dir", help="SQuAD JSON files for `prepare` and the finetune stage (default: --offline "
+                   "DIR's data/squad, else ../shared/data/squad)")
     p.add_argument("--clean_dir", help="reuse `prepare` output (training_data.txt, validation_data.txt) instead")
     p.add_argument("--tokenizer_dir", help="reuse a tokenizer of the preset's vocabulary instead of training one")
     p.add_argument("--num_gpus", type=int, help="GPUs to train on (default: all visible)")
@@ -90,12 +97,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resume_steps", type=int, help="steps of each resume-check run (default 40; dry run 4)")
     p.add_argument("--medium_steps", type=int, help="steps of each medium run (default 30; dry run 2)")
     p.add_argument("--no_compile", action="store_true", help="the medium runs without torch.compile")
+    p.add_argument("--finetune_steps", type=int, help="steps of the fine-tune (default 300; dry run 4)")
+    p.add_argument("--questions", type=int, help="squad_v1_chat questions before and after the fine-tune "
+                   "(default 200; dry run 4)")
     p.add_argument("--new_tokens", type=int, help="greedy tokens per prompt (default 32; dry run 8)")
     p.add_argument("--prompts", type=int, help=f"how many of the {len(PROMPTS)} prompts (default 3; dry run 2)")
     p.add_argument("--vllm", choices=("auto", "off"),
                    help="serve with vLLM too when installed (default auto; dry run and --offline: off)")
     a = p.parse_args(argv)
-    for k in ("steps", "resume_steps", "medium_steps", "new_tokens", "prompts", "num_gpus"):
+    for k in ("steps", "resume_steps", "medium_steps", "finetune_steps", "questions", "new_tokens", "prompts",
+              "num_gpus"):
         v = getattr(a, k)
         if v is not None and v < (4 if k == "resume_steps" else 1):
             p.error(f"--{k} must be >= {4 if k == 'resume_steps' else 1}, got {v}")
@@ -181,6 +192,9 @@ def check_inputs(a: argparse.Namespace) -> None:
                             "(its data step), or pass --clean_dir and --tokenizer_dir")
         a.clean_dir = a.clean_dir or str(bundle / BUNDLE_DATA[0])
         a.tokenizer_dir = a.tokenizer_dir or str(bundle / BUNDLE_DATA[1])
+        if not a.squad_dir and (bundle / BUNDLE_SQUAD).is_dir():
+            a.squad_dir = str(bundle / BUNDLE_SQUAD)
+    a.squad_dir = a.squad_dir or str(SHARED_SQUAD)
     if not a.clean_dir and not Path(a.squad_dir).is_dir():
         raise UserError(f"--squad_dir {a.squad_dir} does not exist; pass a directory of SQuAD JSON files "
                         "(e.g. ../shared/data/squad) or --clean_dir with `openllm-ds prepare` output")
@@ -255,7 +269,7 @@ def acceptance(a: argparse.Namespace) -> int:
     gpus = describe_gpus(machine["gpus"])
     ctx = Ctx(plan, work, Path(a.clean_dir).resolve() if a.clean_dir else work / "data" / "clean",
               Path(a.tokenizer_dir).resolve() if a.tokenizer_dir else work / "data" / "tokenizer", gpus,
-              machine["peaks"], started=t0)
+              machine["peaks"], started=t0, squad=Path(a.squad_dir).resolve())
     env = {**versions(), **{k: machine.get(k) for k in ("torch", "cuda_runtime", "cudnn", "nccl")},
            "driver": gpus[0]["driver"] if gpus else None}
     print(f"[env] {json.dumps(env)}\n[gpus] {json.dumps(gpus)}", flush=True)

@@ -132,6 +132,9 @@ def targets(results: dict) -> list[str]:
         L.append(f"| activation checkpointing's cost (medium; reported) | {ckpt['tokens_per_sec']:,.0f} vs "
                  f"{medium['tokens_per_sec']:,.0f} tokens/s: x{ckpt['tokens_per_sec'] / medium['tokens_per_sec']:.2f}"
                  f" | - |")
+    f1 = finetune_f1(results["stages"].get("finetune", {}))
+    if f1:
+        L.append(f"| small fine-tuned, squad_v1_chat F1 (reported, no target) | {f1} | - |")
     small = stage_run(results, "small")
     if small and small["ok"]:
         L.append(f"| small fp16 + activation checkpointing (reported, no target: too narrow to fill an H100) | "
@@ -213,6 +216,49 @@ def serve_rows(res: dict, plan: dict) -> list[str]:
     return L
 
 
+def finetune_f1(res: dict) -> str | None:
+    """"F1 before -> after (N questions)", from what the finetune stage scored."""
+    scores = res.get("scores") or {}
+    if not scores:
+        return None
+    before, after = (fmt((scores.get(w) or {}).get("f1"), ".2f") for w in ("before", "after"))
+    n = next((s["questions"] for s in scores.values() if "questions" in s), None)
+    return f"{before} -> {after}" + (f" ({fmt(n, '.0f')} questions)" if n is not None else "")
+
+
+def finetune_rows(res: dict) -> list[str]:
+    if "steps" not in res:
+        return []
+    ft = (res.get("runs") or [{}])[0]
+    scores = res.get("scores", {})
+    L = ["", "## Fine-tune (squad_v1_chat)", "",
+         f"`openllm-ds prepare-sft` of the SQuAD dir, `openllm-ds finetune` of the small run for {res['steps']} steps "
+         f"({ft.get('precision', '-')}, ZeRO-2, loss on the answers), then `openllm-ds evaluate --tasks squad_v1_chat "
+         f"--limit {res['questions']}` (SQuAD v1.1 dev through the chat template, zero-shot, greedy up to "
+         f"{res.get('max_new_tokens', '-')} tokens, official EM/F1) on the base and on the fine-tuned run.", ""]
+    if ft.get("ok"):
+        evals = ft.get("val_losses") or []
+        curve = " -> ".join(f"{fmt(v, '.3f')} (step {s})" for s, v in evals[:1] + evals[-1:]) or "-"
+        L += [f"- fine-tune: {ft['steps']} steps, {fmt(ft['tokens_per_sec'], ',.0f')} tokens/s, "
+              f"{fmt(ft['tokens_per_step'], ',')} tokens/step, {ft['wall_s']} s; validation answer loss {curve}", ""]
+    L += ["| | F1 | EM | random-span F1 | questions (prompts truncated) | seconds |", "|---|---|---|---|---|---|"]
+    for when in ("before", "after"):
+        s = scores.get(when)
+        if s is None:
+            continue
+        if "error" in s:
+            L.append(f"| {when} | **failed**: {str(s['error'])[:200]} | | | | {s['wall_s']} |")
+            continue
+        L.append(f"| {when} | {s['f1']:.2f} | {s['exact_match']:.2f} | {fmt(s['baseline_f1'], '.2f')} | "
+                 f"{s['questions']} ({fmt(s['truncated_prompts'], 'd')}) | {s['wall_s']} |")
+    examples = (scores.get("after") or {}).get("examples") or []
+    if examples:
+        L += ["", "Greedy answers after the fine-tune:", ""]
+        L += [f"- {cell(e['question'])} -> {cell(e['prediction'])} (gold {cell((e['gold'] or [''])[0])})"
+              for e in examples]
+    return L
+
+
 def write_report(results: dict, path: Path) -> Path:
     plan = results["plan"]
     checks = [c for s in results["stages"].values() for c in s.get("checks", [])]
@@ -255,6 +301,7 @@ def write_report(results: dict, path: Path) -> Path:
         L += ["", "## Loss curves", "", "![train loss](loss.png)"]
     L += resume_rows(results["stages"].get("resume", {}))
     L += serve_rows(results["stages"].get("serve", {}), plan)
+    L += finetune_rows(results["stages"].get("finetune", {}))
     L += ["", "## Commands", "", "Run from the repository root; logs in `logs/`.", "", "```"]
     L += [f"# {name}\n{cmd}" for name, s in results["stages"].items() for cmd in s.get("commands", [])]
     L += ["```", ""]

@@ -59,6 +59,8 @@ class Plan:
     bf16: str = "bf16"
     micro_batch: int | None = None  # None: the preset's own
     compile: bool = True  # torch.compile the medium runs (train.compile: DeepSpeed's engine.compile())
+    finetune_steps: int = 300  # the fine-tune of the small run
+    questions: int = 200  # squad_v1_chat questions before and after it
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Ctx:
     started: float = field(default_factory=time.perf_counter)
     stage: str = ""
     stages: dict = field(default_factory=dict)  # {stage: {ok, wall_s, checks, runs, commands, ...}}
+    squad: Path | None = None  # SQuAD JSON files (train*.json, dev-v1.1.json) for the fine-tune stage
 
     def check(self, name: str, ok: bool | None, result: str) -> bool | None:
         """A verdict of the current stage: True passed, False failed, None skipped or only reported."""
@@ -201,15 +204,25 @@ def train_command(ctx: Ctx, r: TrainRun) -> list[str]:
              "tokenizer.num_workers=0"]  # token shards, if missing, in this process: no Ray on this path
     if plan.dry_run:
         args += ["train.eval_batches=1"]
-    entry = ([str(Path(__file__).resolve()), DETERMINISTIC_FLAG] if r.deterministic else ["openllm_ds", "train"])
+    if r.deterministic:
+        script = [str(Path(__file__).resolve()), DETERMINISTIC_FLAG]
+        head = launcher(plan)
+        return [*(head or [sys.executable]), *script, *args]
+    return launched(plan, "train", args)
+
+
+def launched(plan: Plan, subcommand: str, args: list[str]) -> list[str]:
+    """``openllm-ds SUBCOMMAND ARGS`` through the deepspeed launcher (``--module openllm_ds``), or in one process
+    where the launcher cannot pass the device on (``launcher`` gives None)."""
     head = launcher(plan)
     if head is None:
-        return [sys.executable, *(entry if r.deterministic else ["-m", *entry]), *args]
-    return [*head, *([] if r.deterministic else ["--module"]), *entry, *args]
+        return [sys.executable, "-m", "openllm_ds", subcommand, *args]
+    return [*head, "--module", "openllm_ds", subcommand, *args]
 
 
-def train(ctx: Ctx, r: TrainRun) -> dict:
-    """Run one training job; its summary, log rows and derived figures (or its error)."""
+def train(ctx: Ctx, r: TrainRun, cmd: list[str] | None = None, timeout: float | None = None) -> dict:
+    """Run one training job (``train_command``'s, or ``cmd`` writing into models/NAME, e.g. a fine-tune); its
+    summary, log rows and derived figures (or its error)."""
     import shutil
 
     out = ctx.work / "models" / r.name
@@ -218,7 +231,8 @@ def train(ctx: Ctx, r: TrainRun) -> dict:
     if r.deterministic and ctx.plan.dry_run:  # on the CPU: MKL's results otherwise depend on the buffers'
         env.update(MKL_CBWR="AUTO,STRICT", OMP_NUM_THREADS="1")  # alignment and on how threads split a reduction
     with GpuMemory([g["uuid"] for g in ctx.gpus[:ctx.plan.gpus]]) as mem:
-        p = run(ctx, f"train-{r.name}", train_command(ctx, r), ctx.timeout(420 if not ctx.plan.dry_run else 300), env)
+        p = run(ctx, f"train-{r.name}", cmd or train_command(ctx, r),
+                ctx.timeout(timeout or (420 if not ctx.plan.dry_run else 300)), env)
     res = {"name": r.name, "preset": r.preset, "precision": r.precision, "ds_config": Path(r.ds_config).name,
            "checkpointing": r.checkpointing, "compile": r.compile, "steps": r.steps, "gpus": ctx.plan.gpus,
            "wall_s": round(p.wall_s, 1), "deterministic": r.deterministic, "ok": p.returncode == 0,

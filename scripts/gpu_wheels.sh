@@ -11,7 +11,9 @@
 # images have), zstandard, fastapi, starlette, uvicorn and opentelemetry-api (fastapi requires it).
 # Data (--data PRESET, default small): `openllm-ds prepare` of --squad_dir (default $OPENLLM_SHARED_DATA/squad, else
 # ../shared/data/squad) into DEST/data/clean and a tokenizer of the preset's vocabulary into DEST/data/tokenizer:
-# `prepare` runs on Ray, which the GPU machine does not have. --data none: wheels only.
+# `prepare` runs on Ray, which the GPU machine does not have; and the SQuAD v1.1 files the finetune stage reads
+# (train*-v1.1*.json for `prepare-sft`, dev-v1.1.json for `squad_v1_chat`) into DEST/data/squad. --data none: wheels
+# only.
 # DEST (default .whl) is git-ignored; the script prints its size (a device call carries at most 64 MiB). A DEST
 # whose MANIFEST says the same pins, Python and data is left as it is (--force rebuilds it).
 set -euo pipefail
@@ -36,6 +38,16 @@ done
     echo "scripts/gpu_wheels.sh: --data $data: no configs/$data.yaml (small, tiny, ... or none)" >&2; exit 2; }
 [[ $data == none || -d $squad_dir ]] || {
     echo "scripts/gpu_wheels.sh: --squad_dir $squad_dir does not exist; pass a dir of SQuAD JSON files" >&2; exit 2; }
+squad_files=()
+if [[ $data != none ]]; then  # the finetune stage's SQuAD v1.1 files
+    shopt -s nullglob
+    squad_files=("$squad_dir"/train*v1.1*.json)
+    shopt -u nullglob
+    [[ ${#squad_files[@]} -ge 1 && -f $squad_dir/dev-v1.1.json ]] || {
+        echo "scripts/gpu_wheels.sh: --squad_dir $squad_dir lacks train*v1.1*.json or dev-v1.1.json (the finetune" \
+             "stage's data)" >&2; exit 2; }
+    squad_files+=("$squad_dir/dev-v1.1.json")
+fi
 
 DEEPSPEED=deepspeed==0.19.8
 BINARY=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
@@ -45,6 +57,7 @@ PY=${PYTHON:-.venv/bin/python}
 command -v "$PY" >/dev/null || PY=python3
 
 manifest="python $pyver; $DEEPSPEED ${BINARY[*]}; data $data"
+[[ $data == none ]] || manifest+=" with data/squad"
 [[ $data == none ]] || manifest+=" from $(cd "$squad_dir" && pwd) ($(ls "$squad_dir" | tr '\n' ' '))"
 if [[ $force == 0 && -f $dest/MANIFEST && "$(cat "$dest/MANIFEST")" == "$manifest" ]]; then
     echo "$dest is up to date ($manifest)"
@@ -70,6 +83,8 @@ else
               --output_dir "$dest/data/tokenizer"; } >"$log" 2>&1 || {
             tail -20 "$log" >&2; echo "scripts/gpu_wheels.sh: the data step failed (log above)" >&2; exit 1; }
         rm -f "$log"
+        mkdir -p "$dest/data/squad"
+        cp "${squad_files[@]}" "$dest/data/squad/"
         echo "data ($data preset: vocabulary $vocab) in $((SECONDS - t0)) s"
     fi
     echo "$manifest" >"$dest/MANIFEST"

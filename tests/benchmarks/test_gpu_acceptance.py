@@ -42,12 +42,12 @@ def rehearsal_wheels() -> Path:
 
 @pytest.mark.slow
 def test_offline_rehearsal_runs_every_stage_on_the_gpu_machines_packages(prepared_data, tokenizer_dir, token_shards,
-                                                                           tmp_path):
+                                                                           squad_dir, tmp_path):
     wheels = rehearsal_wheels()
     site, work, out = tmp_path / "site", tmp_path / "acceptance", tmp_path / "out"
     cmd = ["bash", str(ROOT / "scripts/gpu_acceptance.sh"), "--offline", str(wheels), "--rehearse", "--site", str(site),
            "--work_dir", str(work), "--out", str(out), "--clean_dir", str(prepared_data), "--tokenizer_dir",
-           str(tokenizer_dir)]
+           str(tokenizer_dir), "--squad_dir", str(squad_dir)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
@@ -62,12 +62,13 @@ def test_offline_rehearsal_runs_every_stage_on_the_gpu_machines_packages(prepare
 
     res = json.loads((work / "results.json").read_text())
     stages = res["stages"]
-    assert list(stages) == ["data", "small", "resume", "medium", "serve", "medium_ckpt"]
+    assert list(stages) == ["data", "small", "resume", "medium", "serve", "finetune", "medium_ckpt"]
     assert all(s["ok"] for s in stages.values()), json.dumps({k: s["checks"] for k, s in stages.items()})[:3000]
     assert all(s["wall_s"] > 0 for s in stages.values())
     assert res["environment"]["ray"] == "not installed" and res["environment"]["deepspeed"] == "0.19.8"
     runs = {r["name"]: r for s in stages.values() for r in s["runs"]}
-    assert list(runs) == ["small-fp32-zero2-ckpt", "resume-a", "resume-b", "medium-fp32-zero2", "medium-fp32-zero2-ckpt"]
+    assert list(runs) == ["small-fp32-zero2-ckpt", "resume-a", "resume-b", "medium-fp32-zero2",
+                          "small-fp32-zero2-sft", "medium-fp32-zero2-ckpt"]
     assert stages["medium_ckpt"]["runs"][0]["checkpointing"] and not stages["medium"]["runs"][0]["checkpointing"]
     for r in runs.values():
         assert r["ok"] and r["params"] == 1_877_120 and r["precision"] == "fp32" and r["mfu"] > 0
@@ -85,17 +86,36 @@ def test_offline_rehearsal_runs_every_stage_on_the_gpu_machines_packages(prepare
     assert all(generated[p] and served[p] == generated[p] for p in served), (generated, served)
     assert serve["builtin_vs_generate"] == {"identical": 2, "of": 2, "first_divergence": None,
                                             "sides": ["cpu, float32", "cpu, float32"]}
+    # the small run fine-tuned for 4 steps (validated after each), and scored before and after on 4 questions
+    finetune = stages["finetune"]
+    sft = runs["small-fp32-zero2-sft"]
+    assert finetune["steps"] == 4 and sft["summary"]["final_step"] == 4 and sft["nonfinite_losses"] == 0
+    assert sft["summary"]["finetune"]["conversations"] > 1000 and sft["tokens_per_sec"] > 0
+    assert [s for s, _ in sft["val_losses"]] == [1, 2, 3, 4] and sft["val_losses"][-1][1] < sft["val_losses"][0][1]
+    assert sft["val_losses"][-1][1] == pytest.approx(sft["summary"]["val_loss"])
+    for when in ("before", "after"):
+        score = finetune["scores"][when]
+        assert score["questions"] == 4 and 0 <= score["exact_match"] <= score["f1"] <= 100, score
+        assert len(score["examples"]) == 3 and all(e["gold"] for e in score["examples"])
+    assert finetune["scores"]["before"]["step"] == 4 and finetune["scores"]["after"]["step"] == 4
+
     commands = "\n".join(c for s in stages.values() for c in s["commands"])
-    assert commands.count("--num_workers 0") == 1  # tokenize in this process: no Ray
+    assert commands.count("--num_workers 0") == 3  # tokenize and both evaluations in this process: no Ray
     for part in ("-m deepspeed.launcher.runner --master_port", "--log_level=warning --num_gpus 1 --module openllm_ds "
                  "train", "gpu_acceptance_train.py --deterministic_train", "-m openllm_ds export",
-                 "-m openllm_ds generate", "-m openllm_ds serve"):
+                 "-m openllm_ds generate", "-m openllm_ds serve", "-m openllm_ds prepare-sft",
+                 "--module openllm_ds finetune", "--tasks " + str(work / "data" / "squad_v1_chat.yaml") + " --limit 4"):
         assert part in commands, part
     assert all(c.startswith(f"{python} ") for c in commands.splitlines()), commands[:500]
 
     report = (out / "report.md").read_text()
     assert "# GPU acceptance run (CPU dry run)" in report and "![train loss](loss.png)" in report
     assert f"| {small['tokens_per_sec']:,.0f} | {small['mfu']:.1%} |" in report
+    before, after = finetune["scores"]["before"], finetune["scores"]["after"]
+    assert "## Fine-tune (squad_v1_chat)" in report
+    assert f"- fine-tune: 4 steps, {sft['tokens_per_sec']:,.0f} tokens/s" in report
+    assert f"| before | {before['f1']:.2f} | {before['exact_match']:.2f} |" in report
+    assert f"| after | {after['f1']:.2f} | {after['exact_match']:.2f} |" in report
     assert (out / "loss.png").stat().st_size > 10_000 and json.loads((out / "results.json").read_text()) == res
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert "logs/train-resume-b.out" in tar.getnames()
@@ -265,3 +285,45 @@ def test_object_collectives_wait_longer_than_the_process_group_timeout():
     assert "broadcast ok gathered [0, 10]" in outs[1][0], outs[1]
     assert "broadcast ok gathered [0, 10]" in outs[0][0], outs[0]
     assert "default group: timed out" in outs[1][0], outs[1]
+
+
+def test_finetune_stage_is_skipped_with_its_reason_without_the_small_run(squad_dir, tmp_path):
+    from gpu_acceptance_finetune import stage_finetune
+    from gpu_acceptance_report import finetune_rows
+    from gpu_acceptance_train import Ctx, Plan
+
+    plan = Plan(True, 1, 4, 4, 2, 8, ("a",), "off", 600, small="tiny", medium="tiny", fp16="fp32", bf16="fp32")
+    ctx = Ctx(plan, tmp_path, tmp_path / "clean", tmp_path / "tok", [], {}, squad=squad_dir)
+    for small in ({"ok": False, "runs": [{"ok": False}]}, {"ok": True, "runs": [{"ok": True}]}, None):
+        ctx.stages = {"small": small} if small else {}
+        ctx.stage, ctx.stages["finetune"] = "finetune", {"checks": [], "runs": [], "commands": []}
+        stage_finetune(ctx)  # a failed small run, a passed one whose run dir is gone, none at all
+        [check] = ctx.stages["finetune"]["checks"]
+        assert check["ok"] is None and "small stage's run" in check["result"] and "--stages small,finetune" in \
+            check["result"], check
+        assert ctx.stages["finetune"]["commands"] == [] and finetune_rows(ctx.stages["finetune"]) == []
+    (tmp_path / "models" / "small-fp32-zero2-ckpt" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "small-fp32-zero2-ckpt" / "checkpoints" / "latest").write_text("step_4")
+    ctx.squad = tmp_path / "no-squad"
+    ctx.stages = {"small": {"ok": True, "runs": [{"ok": True}]}, "finetune": {"checks": [], "runs": [],
+                                                                             "commands": []}}
+    stage_finetune(ctx)
+    [check] = ctx.stages["finetune"]["checks"]
+    assert check["ok"] is None and f"--squad_dir {tmp_path / 'no-squad'}" in check["result"]
+
+
+def test_report_shows_the_finetune_stage_and_a_failed_evaluation():
+    from gpu_acceptance_report import finetune_f1, finetune_rows
+
+    run = {"ok": True, "precision": "fp16", "steps": 300, "tokens_per_sec": 123456.7, "tokens_per_step": 32768,
+           "wall_s": 61.5, "val_losses": [[30, 3.25], [60, 2.5], [300, 1.875]]}
+    res = {"steps": 300, "questions": 200, "runs": [run], "scores": {
+        "before": {"f1": 0.5, "exact_match": 0.0, "baseline_f1": 3.99, "questions": 200, "truncated_prompts": 0,
+                   "wall_s": 20.1, "examples": []},
+        "after": {"error": "error: out of memory", "wall_s": 3.0}}}
+    text = "\n".join(finetune_rows(res))
+    assert "- fine-tune: 300 steps, 123,457 tokens/s, 32,768 tokens/step, 61.5 s; validation answer loss 3.250 " \
+           "(step 30) -> 1.875 (step 300)" in text
+    assert "| before | 0.50 | 0.00 | 3.99 | 200 (0) | 20.1 |" in text
+    assert "| after | **failed**: error: out of memory | | | | 3.0 |" in text
+    assert finetune_f1(res) == "0.50 -> - (200 questions)" and finetune_f1({}) is None
