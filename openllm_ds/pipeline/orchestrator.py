@@ -88,7 +88,8 @@ def uses_prepare(cfg: RunConfig) -> bool:
 # of ranks, ZeRO stage or micro batch: the trainer keeps the checkpoint's global batch, or says which flag does)
 CONTINUABLE = {"max_steps", "eval_every", "save_every", "log_every", "keep_last", "eval_batches", "resume",
                "num_workers", "max_failures", "eval_tasks", "allow_data_change", "output_dir", "ds_config",
-               "micro_batch_size", "gradient_accumulation_steps", "init_from"}
+               "micro_batch_size", "gradient_accumulation_steps"}  # not init_from: a run resumes only from the
+# weights it started from (train/preflight.check_resumed_base)
 
 
 def train_stage(cfg: RunConfig, previous: dict | None, tok_dir: Path, force: bool, launch: Callable) -> dict:

@@ -209,9 +209,10 @@ def check_resumed_base(tag_dir: Path, init_from: str | None) -> None:
     started = train.get("init_from") if isinstance(train, dict) else None
     if started and same_path(started, init_from):
         return
+    own = f"--init_from/--model_dir {started}" if started else "config (no --init_from)"
     raise ConfigError(f"checkpoint {tag_dir} belongs to a run started from {started or 'scratch (no init_from)'}, not "
-                      f"from {init_from} (train.init_from, a fine-tune's --model_dir); pass a new --output_dir for a run "
-                      f"from these weights, or resume that run with its own {'--init_from/--model_dir ' + started if started else 'config'}")
+                      f"from {init_from} (train.init_from, a fine-tune's --model_dir); pass a new --output_dir for a "
+                      f"run from these weights, or resume that run with its own {own}")
 
 
 class RunLock:

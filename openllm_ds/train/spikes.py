@@ -5,8 +5,8 @@ good steps before it and that average plus ``SPREAD`` running standard deviation
 losses that vary from batch to batch by their nature from counting as spikes: a fine-tune's length-bucketed
 batches hold either short copy drills (loss near 0 once learned) or SQuAD answers (loss about 2), so three
 answer batches in a row sit at twice the average without anything going wrong; pretraining's losses vary
-little, and there the factor is the bound. ``spike_steps`` bad steps in a row trip the guard; the loop then reloads the
-last checkpoint saved before them and skips every batch from that checkpoint through the bad steps
+little, and there the factor is the bound. ``spike_steps`` bad steps in a row trip the guard; the loop then
+reloads the last checkpoint saved before them and skips every batch from that checkpoint through the bad steps
 (as PaLM did: the data that led into a spike is not replayed). The running average and variance live in
 the train state, so a resumed run judges its steps exactly as the uninterrupted one would.
 """
@@ -27,7 +27,7 @@ class SpikeGuard:
         self.streak: list[float] = []  # losses of the current run of bad steps
 
     def observe(self, state: TrainState, loss: float) -> bool:
-        """Record this step's loss; True when it is bad. Good steps update ``state.loss_avg``."""
+        """Record this step's loss; True when it is bad. Good steps update ``state.loss_avg`` and ``loss_var``."""
         avg, var = state.loss_avg, state.loss_var or 0.0
         bad = not math.isfinite(loss) or (self.factor > 0 and avg is not None
                                           and loss > max(self.factor * avg, avg + SPREAD * math.sqrt(var)))
