@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from openllm_ds.train import spikes
 from openllm_ds.train.checkpointing import TrainState
 from openllm_ds.train.spikes import SpikeGuard
 
@@ -19,18 +20,13 @@ def run(losses, factor=2.0, patience=3):
     return None, state
 
 
-def test_batches_that_differ_by_nature_are_no_spike():
+def test_batches_that_differ_by_nature_are_no_spike(monkeypatch):
     # a fine-tune's length buckets: copy-drill batches near 0, answer batches about 2, in runs of a few
     rng = np.random.default_rng(0)
     losses = [float(rng.uniform(0.02, 0.3) if rng.random() < 0.5 else rng.uniform(1.7, 2.6)) for _ in range(3000)]
     assert run(losses)[0] is None
-    # the factor alone (no spread) would have tripped on them
-    avg, tripped, streak = None, False, 0
-    for x in losses:
-        streak = streak + 1 if avg is not None and x > 2 * avg else 0
-        tripped |= streak >= 3
-        avg = x if avg is None else (0.95 * avg + 0.05 * x if streak == 0 else avg)
-    assert tripped
+    monkeypatch.setattr(spikes, "SPREAD", 0.0)  # the factor alone would have tripped on them
+    assert run(losses)[0] is not None
 
 
 def test_a_spike_trips_the_guard_whatever_the_batches():
